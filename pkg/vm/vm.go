@@ -1,0 +1,81 @@
+// Package vm starts, stops and pauses the lightweight Linux VM that hosts a
+// container, and hands out the VM's agent channel. It knows nothing about
+// containers or containerd: a VM is a kernel, an initramfs, some shared
+// directories and disks, and one byte channel to the guest agent.
+//
+// Backends live in files with build suffixes (QEMU on Linux, Apple's
+// Virtualization.framework on macOS) behind the Machine interface.
+package vm
+
+import (
+	"context"
+	"net"
+	"time"
+)
+
+// Share is a host directory exported to the guest under a tag (9p under
+// QEMU, virtiofs under Virtualization.framework).
+type Share struct {
+	// Tag is how the guest names the share when mounting it; shorter than
+	// 32 bytes so every backend accepts it.
+	Tag      string
+	HostPath string
+	ReadOnly bool
+}
+
+// Disk is a raw disk image attached as a virtio block device; disks appear
+// in the guest as /dev/vda, /dev/vdb, ... in the order given.
+type Disk struct {
+	Path     string
+	ReadOnly bool
+}
+
+// Config describes one VM.
+type Config struct {
+	// ID names the VM in logs; it is not interpreted.
+	ID string
+	// StateDir holds the VM's sockets and console log; the caller creates
+	// it and removes it after the VM has exited.
+	StateDir string
+	// Kernel is the kernel image (an uncompressed vmlinux boots fastest
+	// under QEMU through PVH); Initrd is the initramfs holding the agent.
+	Kernel string
+	Initrd string
+	// KernelArgs are appended to the backend's own command line.
+	KernelArgs []string
+	CPUs       int
+	MemoryMiB  int
+	Shares     []Share
+	Disks      []Disk
+	// Hypervisor overrides the backend's default binary (QEMU only).
+	Hypervisor string
+}
+
+// Machine is one running (or about to run) VM.
+type Machine interface {
+	// Start launches the VM and returns once the hypervisor runs it; the
+	// guest may still be booting. Call AgentConn to reach the agent.
+	Start(ctx context.Context) error
+	// AgentConn returns the host end of the agent channel. It is the same
+	// connection for the VM's life; the caller owns framing on top of it.
+	AgentConn(ctx context.Context) (net.Conn, error)
+	// Pause and Resume freeze and thaw the whole VM.
+	Pause(ctx context.Context) error
+	Resume(ctx context.Context) error
+	// Stop waits for the VM to exit by itself until ctx ends (the caller
+	// asks the agent to power off first), then kills it. It returns once
+	// the hypervisor process is gone and is safe to call more than once.
+	Stop(ctx context.Context) error
+	// Done is closed when the VM has exited, for whatever reason.
+	Done() <-chan struct{}
+	// Err tells why the VM exited, once Done is closed (nil for a clean
+	// power-off).
+	Err() error
+	// ConsoleTail returns up to the last n bytes the guest wrote to its
+	// console, for error messages.
+	ConsoleTail(n int) string
+	// Pid is the hypervisor process (for accounting), or 0 in-process.
+	Pid() int
+	// BootStarted is when the hypervisor was started.
+	BootStarted() time.Time
+}
