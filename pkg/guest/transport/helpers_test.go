@@ -1,0 +1,217 @@
+package transport
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// socketpair returns two connected unix stream sockets, the closest thing
+// to the host's chardev socket that needs no VM.
+func socketpair(t testing.TB) (net.Conn, net.Conn) {
+	t.Helper()
+	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn := func(fd int) net.Conn {
+		f := os.NewFile(uintptr(fd), "socketpair")
+		defer f.Close()
+		c, err := net.FileConn(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	a, b := conn(fds[0]), conn(fds[1])
+	t.Cleanup(func() { a.Close(); b.Close() })
+	return a, b
+}
+
+// fakePort imitates a virtio-serial port and its host chardev socket: the
+// guest end lives as long as the port; hosts come and go through connect.
+// Bytes the guest writes while no host is connected wait and go to the
+// next host, and bytes a host sent that the guest has not read yet stay
+// readable after that host has left, as on the real device.
+type fakePort struct {
+	guest net.Conn // the agent's side, handed to Accept
+	relay net.Conn // the device's side of guest
+
+	mu   sync.Mutex // guards host, done
+	cond *sync.Cond // signalled when host changes
+	host net.Conn   // the device's end of the current host's socket, or nil
+	done bool
+}
+
+func newFakePort(t testing.TB) *fakePort {
+	g, r := socketpair(t)
+	p := &fakePort{guest: g, relay: r}
+	p.cond = sync.NewCond(&p.mu)
+	go p.toHost()
+	t.Cleanup(func() {
+		p.mu.Lock()
+		p.done = true
+		p.cond.Broadcast()
+		p.mu.Unlock()
+	})
+	return p
+}
+
+// toHost carries guest writes to whichever host is connected, keeping a
+// chunk that could not be delivered for the next one.
+func (p *fakePort) toHost() {
+	buf := make([]byte, 64<<10)
+	for {
+		n, err := p.relay.Read(buf)
+		if err != nil {
+			return
+		}
+		chunk := buf[:n]
+		for len(chunk) > 0 {
+			p.mu.Lock()
+			for p.host == nil && !p.done {
+				p.cond.Wait()
+			}
+			h, done := p.host, p.done
+			p.mu.Unlock()
+			if done {
+				return
+			}
+			w, err := h.Write(chunk)
+			chunk = chunk[w:]
+			if err != nil {
+				p.mu.Lock()
+				if p.host == h {
+					p.host = nil
+				}
+				p.mu.Unlock()
+			}
+		}
+	}
+}
+
+// connect plugs in a new host, returning its socket. The previous host, if
+// any, must have disconnected (the chardev accepts one client).
+func (p *fakePort) connect(t testing.TB) net.Conn {
+	hostEnd, dev := socketpair(t)
+	p.mu.Lock()
+	p.host = dev
+	p.cond.Broadcast()
+	p.mu.Unlock()
+	go func() {
+		io.Copy(p.relay, dev)
+		p.mu.Lock()
+		if p.host == dev {
+			p.host = nil
+		}
+		p.mu.Unlock()
+	}()
+	return hostEnd
+}
+
+// guestLoop is what the agent does: Accept sessions on rw forever and hand
+// each accepted stream to handle. It returns a function that stops it.
+func guestLoop(t testing.TB, rw io.ReadWriter, handle func(name string, c net.Conn)) (sessions <-chan *Session, stop func()) {
+	ctx, cancel := context.WithCancel(context.Background())
+	ch := make(chan *Session, 16)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for ctx.Err() == nil {
+			s, err := Accept(ctx, rw)
+			if err != nil {
+				if ctx.Err() == nil {
+					time.Sleep(10 * time.Millisecond)
+				}
+				continue
+			}
+			select {
+			case ch <- s:
+			default:
+			}
+			go func() {
+				<-ctx.Done()
+				s.Close()
+			}()
+			for {
+				name, c, err := s.Accept()
+				if err != nil {
+					break
+				}
+				go handle(name, c)
+			}
+			<-s.Done()
+		}
+	}()
+	return ch, func() {
+		cancel()
+		<-done
+	}
+}
+
+// echo copies what it reads back to the writer, then half-closes.
+func echo(_ string, c net.Conn) {
+	io.Copy(c, c)
+	c.(interface{ CloseWrite() error }).CloseWrite()
+	c.Close()
+}
+
+func mustConnect(t testing.TB, conn net.Conn) *Session {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	s, err := Connect(ctx, conn)
+	if err != nil {
+		t.Fatalf("Connect: %v", err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+// roundTrip sends msg on a new stream to an echoing guest and checks that
+// it comes back, followed by EOF.
+func roundTrip(t testing.TB, s *Session, name string, msg []byte) {
+	t.Helper()
+	c, err := s.Open(name)
+	if err != nil {
+		t.Fatalf("Open(%q): %v", name, err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	errc := make(chan error, 1)
+	go func() {
+		_, err := c.Write(msg)
+		if err == nil {
+			err = c.(interface{ CloseWrite() error }).CloseWrite()
+		}
+		errc <- err
+	}()
+	got, err := io.ReadAll(c)
+	if err != nil {
+		t.Fatalf("stream %q: read: %v", name, err)
+	}
+	if err := <-errc; err != nil {
+		t.Fatalf("stream %q: write: %v", name, err)
+	}
+	if string(got) != string(msg) {
+		t.Fatalf("stream %q: got %d bytes %q, want %d bytes %q", name, len(got), trunc(got), len(msg), trunc(msg))
+	}
+}
+
+func trunc(b []byte) []byte {
+	if len(b) > 40 {
+		return b[:40]
+	}
+	return b
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}

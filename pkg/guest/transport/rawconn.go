@@ -1,0 +1,153 @@
+package transport
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"time"
+)
+
+// rawConn is the channel as one yamux session sees it. Reads go through the
+// handshake's bufio.Reader, which may already hold the first yamux bytes.
+// Closing it detaches the session from the channel: on the host the net.Conn
+// is closed; on the guest the port is kept for the next Accept, so blocked
+// I/O is interrupted with a deadline instead, and Close returns only once no
+// read or write of this session is still in flight, so that none can steal
+// bytes from the next session.
+type rawConn struct {
+	r  *bufio.Reader
+	w  io.Writer
+	rw any // for deadlines; the channel itself
+	// closer is closed by Close; nil on the guest, where the port outlives
+	// the session.
+	closer io.Closer
+	// skipNonce, until the first yamux byte, is the nonce of SYNC copies
+	// that may still follow the one that was answered. Only the session's
+	// single reader goroutine touches it.
+	skipNonce string
+
+	mu       sync.Mutex // guards closed and inflight
+	idle     *sync.Cond // signalled when inflight drops to zero
+	closed   bool
+	inflight int
+	done     chan struct{} // closed when Close has detached the channel
+}
+
+func newRawConn(r *bufio.Reader, rw io.Writer, closer io.Closer, skipNonce string) *rawConn {
+	c := &rawConn{r: r, w: rw, rw: rw, closer: closer, skipNonce: skipNonce, done: make(chan struct{})}
+	c.idle = sync.NewCond(&c.mu)
+	return c
+}
+
+func (c *rawConn) begin() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return false
+	}
+	c.inflight++
+	return true
+}
+
+func (c *rawConn) end() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.inflight--
+	if c.inflight == 0 {
+		c.idle.Broadcast()
+	}
+}
+
+func (c *rawConn) Read(p []byte) (int, error) {
+	if !c.begin() {
+		return 0, net.ErrClosed
+	}
+	defer c.end()
+	if c.skipNonce != "" {
+		if err := c.skipSyncs(); err != nil {
+			return 0, err
+		}
+	}
+	return c.r.Read(p)
+}
+
+// skipSyncs drops the copies of the answered SYNC that the host sent before
+// it saw READY. Any other token means a different host has connected since:
+// the session is over.
+func (c *rawConn) skipSyncs() error {
+	for {
+		b, err := c.r.Peek(2)
+		if err != nil {
+			return err
+		}
+		if b[0] != tokenPrefix[0] || b[1] != tokenPrefix[1] {
+			c.skipNonce = ""
+			return nil
+		}
+		kind, nonce, err := readToken(c.r)
+		if err != nil {
+			return err
+		}
+		if kind != kindSync || nonce != c.skipNonce {
+			return fmt.Errorf("transport: %s token with nonce %s during session %s: a new host connected", kind, nonce, c.skipNonce)
+		}
+	}
+}
+
+func (c *rawConn) Write(p []byte) (int, error) {
+	if !c.begin() {
+		return 0, net.ErrClosed
+	}
+	defer c.end()
+	return c.w.Write(p)
+}
+
+// Close is called by yamux exactly once per session, when it shuts down.
+func (c *rawConn) Close() error {
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		<-c.done
+		return nil
+	}
+	c.closed = true
+	c.mu.Unlock()
+
+	var err error
+	if c.closer != nil {
+		err = c.closer.Close()
+	} else {
+		err = setDeadline(c.rw, time.Now())
+	}
+	c.mu.Lock()
+	for c.inflight > 0 {
+		c.idle.Wait()
+	}
+	c.mu.Unlock()
+	close(c.done)
+	return err
+}
+
+// LocalAddr and RemoteAddr let yamux streams report the channel's addresses
+// when it has them.
+func (c *rawConn) LocalAddr() net.Addr {
+	if a, ok := c.rw.(interface{ LocalAddr() net.Addr }); ok {
+		return a.LocalAddr()
+	}
+	return addr("macvm-transport")
+}
+
+func (c *rawConn) RemoteAddr() net.Addr {
+	if a, ok := c.rw.(interface{ RemoteAddr() net.Addr }); ok {
+		return a.RemoteAddr()
+	}
+	return addr("macvm-transport")
+}
+
+// addr is a net.Addr for channels and listeners that have no address.
+type addr string
+
+func (a addr) Network() string { return "macvm" }
+func (a addr) String() string  { return string(a) }
