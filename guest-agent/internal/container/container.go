@@ -1,0 +1,548 @@
+// Package container runs OCI containers inside the guest: it mounts each
+// container's root filesystem, creates its cgroup v2, starts its processes
+// through a re-executed helper in fresh (or joined) namespaces, wires their
+// stdio to host streams and tracks their lives until deletion.
+package container
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/containerd/cgroups/v3/cgroup2"
+	"github.com/containerd/cgroups/v3/cgroup2/stats"
+	"github.com/containerd/errdefs"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
+
+	"github.com/macvm/macvm/guest-agent/internal/reaper"
+)
+
+// Streams hands out the stdio streams the host opened, by name, waiting for
+// one that has not arrived yet until ctx ends.
+type Streams interface {
+	Wait(ctx context.Context, name string) (net.Conn, error)
+}
+
+// Mount is one mount of a container's root filesystem; Target is relative
+// to the root ("" is the root itself).
+type Mount struct {
+	Type, Source, Target string
+	Options              []string
+}
+
+// Config locates the agent's state; the zero value is not usable, see
+// DefaultConfig.
+type Config struct {
+	// RunDir holds one directory per container (its rootfs mount point).
+	RunDir string
+	// CgroupRoot is the cgroup2 mount; CgroupParent the group under it
+	// that holds one child per container.
+	CgroupRoot   string
+	CgroupParent string
+}
+
+// DefaultConfig is where the agent keeps containers in the guest.
+func DefaultConfig() Config {
+	return Config{RunDir: "/run/macvm/c", CgroupRoot: "/sys/fs/cgroup", CgroupParent: "macvm"}
+}
+
+// Manager owns every container of the guest.
+type Manager struct {
+	cfg     Config
+	reaper  *reaper.Reaper
+	streams Streams
+	// onOOM is told when a container's cgroup records an OOM kill.
+	onOOM func(containerID string)
+
+	// mu guards containers.
+	mu         sync.Mutex
+	containers map[string]*Container
+}
+
+// NewManager returns a Manager; onOOM may be nil.
+func NewManager(cfg Config, r *reaper.Reaper, streams Streams, onOOM func(string)) *Manager {
+	if onOOM == nil {
+		onOOM = func(string) {}
+	}
+	return &Manager{cfg: cfg, reaper: r, streams: streams, onOOM: onOOM, containers: map[string]*Container{}}
+}
+
+// Container is one container: its root, cgroup, init and exec processes.
+type Container struct {
+	ID     string
+	m      *Manager
+	dir    string
+	rootfs string
+	// mounted are the rootfs mount targets in mount order.
+	mounted []string
+	cg      *cgroup2.Manager
+	cgPath  string
+	cgFD    int
+	init    *Process
+	stopOOM func()
+
+	// mu guards execs and deleted.
+	mu      sync.Mutex
+	execs   map[string]*Process
+	deleted bool
+}
+
+var validID = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$`)
+
+// Get returns the container with id.
+func (m *Manager) Get(id string) (*Container, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	c, ok := m.containers[id]
+	if !ok || c == nil {
+		return nil, fmt.Errorf("container %q: %w", id, errdefs.ErrNotFound)
+	}
+	return c, nil
+}
+
+// List returns every container, in no particular order.
+func (m *Manager) List() []*Container {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var out []*Container
+	for _, c := range m.containers {
+		if c != nil {
+			out = append(out, c)
+		}
+	}
+	return out
+}
+
+// Create mounts the root filesystem, creates the cgroup and starts the init
+// helper, which stops before execve until StartProcess.
+func (m *Manager) Create(ctx context.Context, id string, specJSON []byte, rootfs []Mount, stdio Stdio) (_ *Container, retErr error) {
+	if !validID.MatchString(id) {
+		return nil, fmt.Errorf("container id %q: %w", id, errdefs.ErrInvalidArgument)
+	}
+	spec, err := parseSpec(specJSON)
+	if err != nil {
+		return nil, err
+	}
+	cloneflags, join, newCgroup, newNet, err := initNamespaces(spec)
+	if err != nil {
+		return nil, err
+	}
+	// Reserve the id so a concurrent Create of the same id fails fast.
+	m.mu.Lock()
+	if _, ok := m.containers[id]; ok {
+		m.mu.Unlock()
+		return nil, fmt.Errorf("container %q: %w", id, errdefs.ErrAlreadyExists)
+	}
+	m.containers[id] = nil
+	m.mu.Unlock()
+
+	c := &Container{ID: id, m: m, dir: filepath.Join(m.cfg.RunDir, id), cgFD: -1, execs: map[string]*Process{}}
+	c.rootfs = filepath.Join(c.dir, "rootfs")
+	defer func() {
+		if retErr != nil {
+			c.teardown()
+			m.mu.Lock()
+			delete(m.containers, id)
+			m.mu.Unlock()
+		}
+	}()
+	if err := c.mountRootfs(rootfs); err != nil {
+		return nil, err
+	}
+	if err := c.createCgroup(spec); err != nil {
+		return nil, err
+	}
+	if spec.Process.Terminal {
+		stdio.Terminal = true
+	}
+	c.init, err = spawn(ctx, m.reaper, m.streams, spawnSpec{
+		cfg:        &helperConfig{Init: true, Rootfs: c.rootfs, Spec: spec, Process: spec.Process, NewCgroupNS: newCgroup, NewNetNS: newNet},
+		stdio:      stdio,
+		cloneflags: cloneflags,
+		join:       join,
+		cgroupFD:   c.cgFD,
+		onExit:     c.initExited,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("create container %s: %w", id, err)
+	}
+	c.stopOOM = watchOOM(c.cgPath, func() { m.onOOM(id) })
+	m.mu.Lock()
+	m.containers[id] = c
+	m.mu.Unlock()
+	return c, nil
+}
+
+// mountRootfs mounts the rootfs mounts in order under the container's dir.
+func (c *Container) mountRootfs(mounts []Mount) error {
+	if err := os.MkdirAll(c.rootfs, 0o755); err != nil {
+		return fmt.Errorf("rootfs dir: %w", err)
+	}
+	for _, mt := range mounts {
+		target, err := securePath(c.rootfs, mt.Target)
+		if err != nil {
+			return err
+		}
+		if err := os.MkdirAll(target, 0o755); err != nil {
+			return fmt.Errorf("rootfs mount point %s: %w", mt.Target, err)
+		}
+		opts := parseMountOptions(mt.Options)
+		if mt.Type == "bind" || opts.bind {
+			if err := bindMount(mt.Source, target, opts); err != nil {
+				return fmt.Errorf("rootfs bind %s: %w", mt.Source, err)
+			}
+		} else if err := unix.Mount(mt.Source, target, mt.Type, opts.flags, opts.data); err != nil {
+			return fmt.Errorf("mount rootfs %s (%s) on %s: %w", mt.Source, mt.Type, target, err)
+		}
+		c.mounted = append(c.mounted, target)
+	}
+	return nil
+}
+
+// createCgroup makes /sys/fs/cgroup/macvm/<id> with every controller the
+// guest offers enabled (stats need them even without limits), then applies
+// the spec's resources.
+func (c *Container) createCgroup(spec *specs.Spec) error {
+	group := "/" + c.m.cfg.CgroupParent + "/" + c.ID
+	cg, err := cgroup2.NewManager(c.m.cfg.CgroupRoot, group, &cgroup2.Resources{})
+	if err != nil {
+		return fmt.Errorf("create cgroup %s: %w", group, err)
+	}
+	c.cg = cg
+	c.cgPath = filepath.Join(c.m.cfg.CgroupRoot, group)
+	if avail, err := cg.RootControllers(); err == nil {
+		var want []string
+		for _, ctl := range avail {
+			switch ctl {
+			case "cpu", "cpuset", "io", "memory", "pids", "hugetlb":
+				want = append(want, ctl)
+			}
+		}
+		if err := cg.ToggleControllers(want, cgroup2.Enable); err != nil {
+			return fmt.Errorf("enable controllers %v: %w", want, err)
+		}
+	}
+	if spec.Linux != nil && spec.Linux.Resources != nil {
+		if err := c.update(spec.Linux.Resources); err != nil {
+			return err
+		}
+	}
+	fd, err := unix.Open(c.cgPath, unix.O_DIRECTORY|unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("open cgroup: %w", err)
+	}
+	c.cgFD = fd
+	return nil
+}
+
+// update applies OCI resources, leaving out what this guest kernel cannot
+// enforce (swap accounting, BFQ weights, device rules: the VM itself is the
+// device boundary).
+func (c *Container) update(r *specs.LinuxResources) error {
+	res := cgroup2.ToResources(r)
+	res.Devices = nil
+	exists := func(f string) bool {
+		_, err := os.Stat(filepath.Join(c.cgPath, f))
+		return err == nil
+	}
+	if res.Memory != nil && res.Memory.Swap != nil && !exists("memory.swap.max") {
+		res.Memory.Swap = nil
+	}
+	if res.IO != nil && res.IO.BFQ.Weight != 0 && !exists("io.bfq.weight") {
+		res.IO.BFQ.Weight = 0
+	}
+	if res.HugeTlb != nil && !exists("hugetlb.2MB.max") {
+		res.HugeTlb = nil
+	}
+	if res.RDMA != nil && !exists("rdma.max") {
+		res.RDMA = nil
+	}
+	if err := c.cg.Update(res); err != nil {
+		return fmt.Errorf("update cgroup resources: %v: %w", err, errdefs.ErrInvalidArgument)
+	}
+	return nil
+}
+
+// Init returns the container's init process.
+func (c *Container) Init() *Process { return c.init }
+
+// Process returns the init ("" id) or an exec process.
+func (c *Container) Process(execID string) (*Process, error) {
+	if execID == "" {
+		return c.init, nil
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	p, ok := c.execs[execID]
+	if !ok {
+		return nil, fmt.Errorf("exec %q in container %q: %w", execID, c.ID, errdefs.ErrNotFound)
+	}
+	return p, nil
+}
+
+// Exec creates an exec process in the init's namespaces and the container's
+// cgroup; it runs after StartProcess.
+func (c *Container) Exec(ctx context.Context, execID string, processJSON []byte, stdio Stdio) (*Process, error) {
+	if execID == "" {
+		return nil, fmt.Errorf("exec id is empty: %w", errdefs.ErrInvalidArgument)
+	}
+	proc, err := parseProcess(processJSON)
+	if err != nil {
+		return nil, err
+	}
+	if proc.Terminal {
+		stdio.Terminal = true
+	}
+	c.mu.Lock()
+	if c.deleted {
+		c.mu.Unlock()
+		return nil, fmt.Errorf("container %q is being deleted: %w", c.ID, errdefs.ErrFailedPrecondition)
+	}
+	if _, ok := c.execs[execID]; ok {
+		c.mu.Unlock()
+		return nil, fmt.Errorf("exec %q: %w", execID, errdefs.ErrAlreadyExists)
+	}
+	c.execs[execID] = nil // reserved
+	c.mu.Unlock()
+	release := func() {
+		c.mu.Lock()
+		delete(c.execs, execID)
+		c.mu.Unlock()
+	}
+	if st := c.init.State(); st != Running && st != Created {
+		release()
+		return nil, fmt.Errorf("container %q init is %s: %w", c.ID, st, errdefs.ErrFailedPrecondition)
+	}
+	p, err := spawn(ctx, c.m.reaper, c.m.streams, spawnSpec{
+		cfg:      &helperConfig{Process: proc},
+		stdio:    stdio,
+		join:     execJoins(c.init.Pid()),
+		cgroupFD: c.cgFD,
+	})
+	if err != nil {
+		release()
+		return nil, fmt.Errorf("exec %s in %s: %w", execID, c.ID, err)
+	}
+	p.ID = execID
+	c.mu.Lock()
+	c.execs[execID] = p
+	c.mu.Unlock()
+	return p, nil
+}
+
+// DeleteProcess forgets an exec process that has exited (or never started).
+func (c *Container) DeleteProcess(execID string) error {
+	if execID == "" {
+		return fmt.Errorf("the init process is deleted with its container: %w", errdefs.ErrInvalidArgument)
+	}
+	p, err := c.Process(execID)
+	if err != nil {
+		return err
+	}
+	if p == nil {
+		return fmt.Errorf("exec %q is still being created: %w", execID, errdefs.ErrFailedPrecondition)
+	}
+	if err := p.markDeleted(); err != nil {
+		return err
+	}
+	c.mu.Lock()
+	delete(c.execs, execID)
+	c.mu.Unlock()
+	return nil
+}
+
+// Signal signals one process, or every process in the container's cgroup
+// (SIGKILL through cgroup.kill, which also catches processes forked while
+// the signal is under way).
+func (c *Container) Signal(execID string, sig unix.Signal, all bool) error {
+	if !all {
+		p, err := c.Process(execID)
+		if err != nil {
+			return err
+		}
+		if p == nil {
+			return fmt.Errorf("exec %q is still being created: %w", execID, errdefs.ErrFailedPrecondition)
+		}
+		return p.Signal(sig)
+	}
+	if sig == unix.SIGKILL {
+		if err := os.WriteFile(filepath.Join(c.cgPath, "cgroup.kill"), []byte("1"), 0); err == nil {
+			return nil
+		}
+	}
+	pids, err := c.procs()
+	if err != nil {
+		return err
+	}
+	for _, pid := range pids {
+		if err := unix.Kill(pid, sig); err != nil && !errors.Is(err, unix.ESRCH) {
+			return fmt.Errorf("kill %d: %w", pid, err)
+		}
+	}
+	return nil
+}
+
+func (c *Container) procs() ([]int, error) {
+	b, err := os.ReadFile(filepath.Join(c.cgPath, "cgroup.procs"))
+	if err != nil {
+		return nil, fmt.Errorf("read cgroup.procs: %v: %w", err, errdefs.ErrUnavailable)
+	}
+	var pids []int
+	for _, f := range strings.Fields(string(b)) {
+		if pid, err := strconv.Atoi(f); err == nil {
+			pids = append(pids, pid)
+		}
+	}
+	sort.Ints(pids)
+	return pids, nil
+}
+
+// ProcessInfo is a pid in the container, with the exec id it belongs to.
+type ProcessInfo struct {
+	Pid    int
+	ExecID string
+}
+
+// Pids lists the processes in the container's cgroup.
+func (c *Container) Pids() ([]ProcessInfo, error) {
+	pids, err := c.procs()
+	if err != nil {
+		return nil, err
+	}
+	byPid := map[int]string{}
+	c.mu.Lock()
+	for id, p := range c.execs {
+		if p != nil {
+			byPid[p.pid] = id
+		}
+	}
+	c.mu.Unlock()
+	out := make([]ProcessInfo, len(pids))
+	for i, pid := range pids {
+		out[i] = ProcessInfo{Pid: pid, ExecID: byPid[pid]}
+	}
+	return out, nil
+}
+
+// Stats reads the container's cgroup.
+func (c *Container) Stats() (*stats.Metrics, error) {
+	m, err := c.cg.Stat()
+	if err != nil {
+		return nil, fmt.Errorf("cgroup stats: %v: %w", err, errdefs.ErrUnavailable)
+	}
+	return m, nil
+}
+
+// Update applies new resources given as OCI LinuxResources JSON.
+func (c *Container) Update(resourcesJSON []byte) error {
+	var r specs.LinuxResources
+	if err := json.Unmarshal(resourcesJSON, &r); err != nil {
+		return fmt.Errorf("decode resources: %v: %w", err, errdefs.ErrInvalidArgument)
+	}
+	return c.update(&r)
+}
+
+// Pause freezes every process of the container.
+func (c *Container) Pause() error {
+	if err := c.cg.Freeze(); err != nil {
+		return fmt.Errorf("freeze: %v: %w", err, errdefs.ErrUnknown)
+	}
+	return nil
+}
+
+// Resume thaws the container.
+func (c *Container) Resume() error {
+	if err := c.cg.Thaw(); err != nil {
+		return fmt.Errorf("thaw: %v: %w", err, errdefs.ErrUnknown)
+	}
+	return nil
+}
+
+// initExited runs once the init has exited and drained: the kernel has
+// already killed the rest of its PID namespace; execs that share the
+// agent's PID namespace are killed here so nothing outlives the init.
+func (c *Container) initExited(*Process) {
+	if pids, err := c.procs(); err == nil && len(pids) > 0 {
+		os.WriteFile(filepath.Join(c.cgPath, "cgroup.kill"), []byte("1"), 0)
+	}
+}
+
+// Delete kills what remains, removes the cgroup and unmounts the root.
+func (m *Manager) Delete(ctx context.Context, id string) error {
+	c, err := m.Get(id)
+	if err != nil {
+		return err
+	}
+	c.mu.Lock()
+	c.deleted = true
+	execs := make([]*Process, 0, len(c.execs))
+	for _, p := range c.execs {
+		if p != nil {
+			execs = append(execs, p)
+		}
+	}
+	c.mu.Unlock()
+	// A frozen cgroup cannot die.
+	c.cg.Thaw()
+	c.Signal("", unix.SIGKILL, true)
+	unix.Kill(c.init.Pid(), unix.SIGKILL)
+	for _, p := range append(execs, c.init) {
+		select {
+		case <-p.Done():
+		case <-ctx.Done():
+			return fmt.Errorf("delete %s: processes did not exit: %w", id, ctx.Err())
+		}
+		p.release()
+	}
+	c.teardown()
+	m.mu.Lock()
+	delete(m.containers, id)
+	m.mu.Unlock()
+	return nil
+}
+
+// teardown removes the cgroup and unmounts the root (best effort: it is also
+// the cleanup of a failed Create).
+func (c *Container) teardown() {
+	if c.stopOOM != nil {
+		c.stopOOM()
+	}
+	if c.cgFD >= 0 {
+		unix.Close(c.cgFD)
+		c.cgFD = -1
+	}
+	if c.cg != nil {
+		// Exited processes leave the cgroup at once, but a kill may still be
+		// landing: retry for a moment.
+		deadline := time.Now().Add(2 * time.Second)
+		for c.cg.Delete() != nil && time.Now().Before(deadline) {
+			os.WriteFile(filepath.Join(c.cgPath, "cgroup.kill"), []byte("1"), 0)
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	for i := len(c.mounted) - 1; i >= 0; i-- {
+		unix.Unmount(c.mounted[i], unix.MNT_DETACH)
+	}
+	// Never RemoveAll: if an unmount failed, the share's files (the host's)
+	// would be deleted through it.
+	os.Remove(c.rootfs)
+	os.Remove(c.dir)
+}
+
+// Shutdown kills and deletes every container, bounded by ctx.
+func (m *Manager) Shutdown(ctx context.Context) {
+	for _, c := range m.List() {
+		m.Delete(ctx, c.ID)
+	}
+}

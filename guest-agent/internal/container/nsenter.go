@@ -1,0 +1,103 @@
+package container
+
+import (
+	"fmt"
+	"os"
+	"runtime"
+
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
+)
+
+// nsCloneFlag is the setns(2) type argument per namespace type.
+var nsCloneFlag = map[specs.LinuxNamespaceType]int{
+	specs.PIDNamespace:     unix.CLONE_NEWPID,
+	specs.MountNamespace:   unix.CLONE_NEWNS,
+	specs.UTSNamespace:     unix.CLONE_NEWUTS,
+	specs.IPCNamespace:     unix.CLONE_NEWIPC,
+	specs.NetworkNamespace: unix.CLONE_NEWNET,
+	specs.CgroupNamespace:  unix.CLONE_NEWCGROUP,
+}
+
+// joinOrder enters the mount namespace last among those that change what
+// paths mean; the files are all opened before any setns anyway.
+var joinOrder = []specs.LinuxNamespaceType{
+	specs.CgroupNamespace, specs.IPCNamespace, specs.UTSNamespace,
+	specs.NetworkNamespace, specs.PIDNamespace, specs.MountNamespace,
+}
+
+// startInNamespaces runs start on a dedicated OS thread that has first
+// entered the namespaces in join, so the child it forks is born inside them
+// (setns of a PID namespace only affects children). A multithreaded Go
+// process cannot move itself; one locked thread can. The goroutine never
+// unlocks, so the runtime discards the thread instead of reusing it with
+// foreign namespaces. With nothing to join, start runs on the caller's thread.
+func startInNamespaces(join []nsJoin, start func() error) error {
+	if len(join) == 0 {
+		return start()
+	}
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		errc <- enterAndStart(join, start)
+	}()
+	return <-errc
+}
+
+func enterAndStart(join []nsJoin, start func() error) error {
+	byType := map[specs.LinuxNamespaceType]*os.File{}
+	defer func() {
+		for _, f := range byType {
+			f.Close()
+		}
+	}()
+	// Open everything first: after entering the mount namespace, /proc
+	// paths would name the target's view.
+	for _, j := range join {
+		f, err := os.Open(j.Path)
+		if err != nil {
+			return fmt.Errorf("open %s namespace: %w", j.Type, err)
+		}
+		byType[j.Type] = f
+	}
+	// Without a private fs_struct, setns into a mount namespace fails with
+	// EINVAL in a multithreaded process.
+	if err := unix.Unshare(unix.CLONE_FS); err != nil {
+		return fmt.Errorf("unshare fs: %w", err)
+	}
+	for _, t := range joinOrder {
+		f, ok := byType[t]
+		if !ok {
+			continue
+		}
+		if err := unix.Setns(int(f.Fd()), nsCloneFlag[t]); err != nil {
+			return fmt.Errorf("setns %s: %w", t, err)
+		}
+	}
+	return start()
+}
+
+// sameNamespace reports whether pid is in the agent's own namespace of type
+// t (so an exec need not join it).
+func sameNamespace(pid int, t specs.LinuxNamespaceType) bool {
+	var a, b unix.Stat_t
+	if unix.Stat("/proc/self/ns/"+nsFiles[t], &a) != nil {
+		return false
+	}
+	if unix.Stat(fmt.Sprintf("/proc/%d/ns/%s", pid, nsFiles[t]), &b) != nil {
+		return false
+	}
+	return a.Ino == b.Ino && a.Dev == b.Dev
+}
+
+// execJoins lists the namespaces of the init process that an exec must
+// enter: every one that differs from the agent's.
+func execJoins(initPid int) []nsJoin {
+	var join []nsJoin
+	for _, t := range joinOrder {
+		if !sameNamespace(initPid, t) {
+			join = append(join, nsJoin{t, fmt.Sprintf("/proc/%d/ns/%s", initPid, nsFiles[t])})
+		}
+	}
+	return join
+}

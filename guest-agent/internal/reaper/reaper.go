@@ -1,0 +1,194 @@
+// Package reaper is the agent's only waiter for child processes.
+//
+// The agent is PID 1 in the VM, so every orphan in the guest is reparented to
+// it and must be reaped, or zombies pile up. One goroutine turns SIGCHLD into a
+// wait4(-1, WNOHANG) loop and dispatches each exit to whoever registered the
+// pid. Nothing else in the agent may wait for children (no exec.Cmd.Wait): a
+// second waiter would steal exits from the first.
+//
+// Starting a process and registering its pid happen under the same lock that
+// the wait loop holds while it reaps, so an exit can never be reaped between
+// the fork and the registration ("subscribe before start"). Exits of pids that
+// nobody registered (orphans, or a pid registered late through Register) are
+// kept in a bounded table so a late Register still gets its status.
+package reaper
+
+import (
+	"errors"
+	"os"
+	"os/signal"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// maxUnclaimed bounds the table of exits nobody registered; orphans of a busy
+// container would otherwise grow it forever. The oldest entries go first.
+const maxUnclaimed = 4096
+
+// Exit is the end of one process.
+type Exit struct {
+	Pid    int
+	Status unix.WaitStatus
+	At     time.Time
+}
+
+// ExitStatus is the status a shell would report: the exit code, or 128+signal
+// for a process killed by a signal.
+func (e Exit) ExitStatus() uint32 {
+	return ExitStatus(e.Status)
+}
+
+// ExitStatus maps a wait status to the conventional exit status: the code for
+// a normal exit, 128+signal for a killed process.
+func ExitStatus(ws unix.WaitStatus) uint32 {
+	switch {
+	case ws.Exited():
+		return uint32(ws.ExitStatus())
+	case ws.Signaled():
+		return 128 + uint32(ws.Signal())
+	default:
+		// Stopped or continued states are never dispatched as exits; be
+		// explicit rather than return a misleading 0.
+		return 255
+	}
+}
+
+// Reaper reaps every child of the process and dispatches exits.
+type Reaper struct {
+	// mu guards waiters, unclaimed and order, and is held across every
+	// wait4 batch and across Start's fork+register so the two can't interleave.
+	mu        sync.Mutex
+	waiters   map[int]chan Exit
+	unclaimed map[int]Exit
+	// order is the arrival order of unclaimed pids, for eviction.
+	order []int
+
+	// wait4 is replaceable in tests; it has the signature of unix.Wait4.
+	wait4 func(pid int, ws *unix.WaitStatus, options int, ru *unix.Rusage) (int, error)
+	now   func() time.Time
+}
+
+// New returns a Reaper that is not yet running; call Run to start reaping.
+func New() *Reaper {
+	return &Reaper{
+		waiters:   make(map[int]chan Exit),
+		unclaimed: make(map[int]Exit),
+		wait4:     unix.Wait4,
+		now:       time.Now,
+	}
+}
+
+// Run reaps on every SIGCHLD until stop is closed. It reaps once at start in
+// case children exited before the signal handler was installed.
+func (r *Reaper) Run(stop <-chan struct{}) {
+	sigs := make(chan os.Signal, 32)
+	signal.Notify(sigs, syscall.SIGCHLD)
+	defer signal.Stop(sigs)
+	r.Reap()
+	// A periodic sweep covers coalesced or lost signals; SIGCHLD is not queued.
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	for {
+		select {
+		case <-stop:
+			return
+		case <-sigs:
+		case <-tick.C:
+		}
+		r.Reap()
+	}
+}
+
+// Reap collects every child that has exited so far and dispatches it.
+func (r *Reaper) Reap() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for {
+		var ws unix.WaitStatus
+		pid, err := r.wait4(-1, &ws, unix.WNOHANG, nil)
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil || pid <= 0 {
+			// ECHILD: no children at all; 0: none exited yet.
+			return
+		}
+		r.dispatchLocked(Exit{Pid: pid, Status: ws, At: r.now()})
+	}
+}
+
+func (r *Reaper) dispatchLocked(e Exit) {
+	if ch, ok := r.waiters[e.Pid]; ok {
+		delete(r.waiters, e.Pid)
+		ch <- e // buffered with room for exactly this exit
+		close(ch)
+		return
+	}
+	if _, dup := r.unclaimed[e.Pid]; !dup {
+		r.order = append(r.order, e.Pid)
+	}
+	r.unclaimed[e.Pid] = e
+	for len(r.unclaimed) > maxUnclaimed && len(r.order) > 0 {
+		old := r.order[0]
+		r.order = r.order[1:]
+		delete(r.unclaimed, old)
+	}
+}
+
+// Start runs start (which forks a child and returns its pid) with reaping
+// held off, and registers the pid before any exit can be dispatched. The
+// returned channel receives the child's exit once, then is closed.
+func (r *Reaper) Start(start func() (int, error)) (int, <-chan Exit, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	pid, err := start()
+	if err != nil {
+		return 0, nil, err
+	}
+	// The pid is alive now, so any unclaimed exit under it belongs to an
+	// earlier process that happened to have the same pid.
+	r.forgetUnclaimedLocked(pid)
+	ch := make(chan Exit, 1)
+	r.waiters[pid] = ch
+	return pid, ch, nil
+}
+
+// Register asks for the exit of a pid that was started elsewhere. If it was
+// already reaped the exit is delivered at once.
+func (r *Reaper) Register(pid int) <-chan Exit {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	ch := make(chan Exit, 1)
+	if e, ok := r.unclaimed[pid]; ok {
+		r.forgetUnclaimedLocked(pid)
+		ch <- e
+		close(ch)
+		return ch
+	}
+	r.waiters[pid] = ch
+	return ch
+}
+
+func (r *Reaper) forgetUnclaimedLocked(pid int) {
+	if _, ok := r.unclaimed[pid]; !ok {
+		return
+	}
+	delete(r.unclaimed, pid)
+	for i, p := range r.order {
+		if p == pid {
+			r.order = append(r.order[:i], r.order[i+1:]...)
+			break
+		}
+	}
+}
+
+// Unclaimed reports how many exits nobody has asked for (for tests and
+// diagnostics).
+func (r *Reaper) Unclaimed() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return len(r.unclaimed)
+}
