@@ -1,0 +1,99 @@
+// Package run is the agent's main: it boots the guest when the agent is
+// PID 1, starts the reaper and serves the host on the agent channel.
+package run
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log"
+	"os"
+	"time"
+
+	"github.com/containerd/errdefs"
+	"golang.org/x/sys/unix"
+
+	"github.com/macvm/macvm/guest-agent/internal/boot"
+	"github.com/macvm/macvm/guest-agent/internal/container"
+	"github.com/macvm/macvm/guest-agent/internal/reaper"
+	"github.com/macvm/macvm/guest-agent/internal/service"
+	"github.com/macvm/macvm/pkg/guest/transport"
+)
+
+// channelWait bounds the wait for the agent's virtio-serial port: its driver
+// probes asynchronously after the module is loaded.
+const channelWait = 30 * time.Second
+
+// Main runs the agent and returns its exit code. As PID 1 it never returns
+// normally: a fatal error powers the VM off (the kernel would panic if PID 1
+// exited), so the host sees the VM exit with the reason on the console.
+func Main() int {
+	start := time.Now()
+	logger := log.New(os.Stderr, "macvm-agent: ", log.Lmicroseconds)
+	logf := logger.Printf
+	pid1 := os.Getpid() == 1
+	err := run(start, pid1, logf)
+	logf("fatal: %v", err)
+	if pid1 {
+		boot.PowerOff()
+		select {} // PowerOff failed: PID 1 must not exit
+	}
+	return 1
+}
+
+func run(start time.Time, pid1 bool, logf func(string, ...any)) error {
+	if pid1 {
+		if err := boot.Init(logf); err != nil {
+			return err
+		}
+	} else if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
+		// Outside a VM (tests), orphans must still come to our reaper.
+		return fmt.Errorf("set child subreaper: %w", err)
+	}
+	opts, err := boot.ReadOptions()
+	if err != nil {
+		return err
+	}
+	r := reaper.New()
+	go r.Run(nil)
+
+	events := service.NewEventQueue()
+	streams := service.NewStreams()
+	mgr := container.NewManager(container.DefaultConfig(), r, streams, events.OOM)
+	powerOff := func() {
+		if pid1 {
+			boot.PowerOff()
+		} else {
+			os.Exit(0)
+		}
+	}
+	svc := service.New(mgr, events, boot.CgroupRoot, powerOff)
+
+	ch, err := openChannel(opts.Channel)
+	if err != nil {
+		return err
+	}
+	defer ch.Close()
+	logf("channel %s:%s open %.3fs after start", opts.Channel.Kind, opts.Channel.Name, time.Since(start).Seconds())
+	return svc.Serve(context.Background(), ch, streams, logf, func() {
+		logf("host connected %.3fs after start", time.Since(start).Seconds())
+	})
+}
+
+func openChannel(c boot.Channel) (interface {
+	Read([]byte) (int, error)
+	Write([]byte) (int, error)
+	Close() error
+}, error) {
+	deadline := time.Now().Add(channelWait)
+	for {
+		ch, err := transport.OpenVirtioSerial(c.Name)
+		if err == nil {
+			return ch, nil
+		}
+		if !errors.Is(err, errdefs.ErrNotFound) || time.Now().After(deadline) {
+			return nil, fmt.Errorf("open agent channel %s:%s: %w", c.Kind, c.Name, err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
