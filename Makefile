@@ -58,8 +58,9 @@ fmt-check:
 
 test: check-generated fmt-check vet test-unit test-vm test-e2e
 
-test-unit:
-	go test -count=1 ./pkg/... ./guest-agent/... ./cmd/...
+# pkg/vm's tests boot the Debian kernel (with a test init), so they need `make kernel` (cached after the first run).
+test-unit: kernel
+	MACVM_KERNEL=$(KERNEL_DIR)/debian/vmlinux go test -count=1 ./pkg/... ./guest-agent/... ./cmd/...
 
 # Real VMs under QEMU with the guest agent: needs `make boot`.
 test-vm: boot

@@ -55,11 +55,11 @@ type CPIOEntry struct {
 }
 
 // IsDir reports whether the entry is a directory.
-func (e *CPIOEntry) IsDir() bool { return e.Mode&modeTypeMask == modeDir }
+func (e CPIOEntry) IsDir() bool { return e.Mode&modeTypeMask == modeDir }
 
 // FileMode converts the entry's Linux mode to an io/fs mode, for callers
 // that compare with files on disk.
-func (e *CPIOEntry) FileMode() fs.FileMode {
+func (e CPIOEntry) FileMode() fs.FileMode {
 	m := fs.FileMode(e.Mode & 0o777)
 	switch e.Mode & modeTypeMask {
 	case modeDir:
