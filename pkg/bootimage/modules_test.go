@@ -52,7 +52,7 @@ func writeFakeModule(t *testing.T, path string, modinfo ...string) {
 		b.Write(s)
 	}
 	sh(0, 0, 0, 0)
-	sh(1, 1, infoOff, len(info))     // SHT_PROGBITS
+	sh(1, 1, infoOff, len(info))    // SHT_PROGBITS
 	sh(10, 3, shstrOff, len(shstr)) // SHT_STRTAB
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		t.Fatal(err)
