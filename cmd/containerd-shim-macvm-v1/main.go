@@ -1,0 +1,23 @@
+// Command containerd-shim-macvm-v1 is containerd's runtime v2 shim for
+// io.containerd.macvm.v1: every container runs in its own lightweight VM.
+package main
+
+import (
+	"context"
+
+	"github.com/containerd/containerd/v2/pkg/shim"
+
+	"github.com/macvm/macvm/pkg/service"
+	_ "github.com/macvm/macvm/pkg/service/plugin"
+)
+
+func main() {
+	// The shim reaps only its own children (the hypervisors, logging
+	// drivers and hooks it starts and waits for): containerd's implicit
+	// reaper would steal their exit statuses, and as a subreaper it would
+	// collect orphans it never waits for.
+	shim.RunShim(context.Background(), service.NewManager("io.containerd.macvm.v1"), func(c *shim.Config) {
+		c.NoReaper = true
+		c.NoSubreaper = true
+	})
+}

@@ -1,0 +1,198 @@
+package service
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	bootapi "github.com/containerd/containerd/api/runtime/bootstrap/v1"
+	"github.com/containerd/containerd/api/types"
+	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/containerd/v2/defaults"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/containerd/v2/pkg/shim"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+	"github.com/containerd/typeurl/v2"
+)
+
+// Manager implements containerd's shim lifecycle for macvm: the `start`
+// action (spawn the daemon, answer the bootstrap), the `delete` action
+// (clean up after a shim that died) and `-info`.
+type Manager struct {
+	name string
+}
+
+var _ shim.Shim = Manager{}
+
+// NewManager returns the manager for the runtime called name
+// (io.containerd.macvm.v1).
+func NewManager(name string) Manager { return Manager{name: name} }
+
+// Name is the runtime's name.
+func (m Manager) Name() string { return m.name }
+
+// Start spawns the long-running shim (this binary without an action) with
+// the listening socket as fd 3 and returns its address. The daemon gets
+// /dev/null for stdin, stdout and stderr: containerd reads this process's
+// stdout and stderr to EOF, so an inherited descriptor would hang it. If a
+// shim already serves the socket, its address is returned instead.
+func (m Manager) Start(ctx context.Context, params *bootapi.BootstrapParams) (_ *bootapi.BootstrapResult, retErr error) {
+	ns := params.GetNamespace()
+	if ns == "" {
+		ns, _ = namespaces.Namespace(ctx)
+	}
+	ctx = namespaces.WithNamespace(ctx, ns)
+	id := params.GetInstanceID()
+	socketDir := params.GetSocketDir()
+	if socketDir == "" {
+		socketDir = filepath.Join(defaults.DefaultStateDir, "s")
+	}
+	result := &bootapi.BootstrapResult{Version: 3, Protocol: "ttrpc"}
+
+	address, err := shim.CreateSocketAddress(ctx, socketDir, params.GetContainerdGrpcAddress(), id, false)
+	if err != nil {
+		return nil, err
+	}
+	l, err := shim.NewSocket(address)
+	if err != nil {
+		if !shim.SocketEaddrinuse(err) {
+			return nil, fmt.Errorf("create shim socket: %w", err)
+		}
+		if shim.CanConnect(address) {
+			result.Address = address
+			return result, nil
+		}
+		// A dead shim's socket: replace it.
+		if err := shim.RemoveSocket(address); err != nil {
+			return nil, fmt.Errorf("remove stale shim socket: %w", err)
+		}
+		if l, err = shim.NewSocket(address); err != nil {
+			return nil, fmt.Errorf("create shim socket: %w", err)
+		}
+	}
+	f, err := l.File()
+	l.Close()
+	if err != nil {
+		_ = shim.RemoveSocket(address)
+		return nil, err
+	}
+	defer f.Close()
+	defer func() {
+		if retErr != nil {
+			_ = shim.RemoveSocket(address)
+		}
+	}()
+
+	self, err := os.Executable()
+	if err != nil {
+		return nil, err
+	}
+	cwd, err := os.Getwd()
+	if err != nil {
+		return nil, err
+	}
+	args := []string{"-namespace", ns, "-id", id, "-address", params.GetContainerdGrpcAddress()}
+	if params.GetLogLevel() <= bootapi.LogLevel_LOG_LEVEL_DEBUG {
+		args = append(args, "-debug")
+	}
+	cmd := exec.Command(self, args...)
+	cmd.Dir = cwd
+	cmd.Env = os.Environ()
+	if a := params.GetContainerdTtrpcAddress(); a != "" {
+		cmd.Env = append(cmd.Env, "TTRPC_ADDRESS="+a)
+	}
+	cmd.ExtraFiles = []*os.File{f}
+	// Its own process group: signals to containerd's group (a Ctrl-C in a
+	// foreground containerd) must not reach the shim and its VMs.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start shim daemon: %w", err)
+	}
+	// The daemon outlives this process; releasing it avoids a zombie if
+	// this process lingers.
+	pid := cmd.Process.Pid
+	_ = cmd.Process.Release()
+	if err := shim.AdjustOOMScore(pid); err != nil {
+		log.G(ctx).WithError(err).Debug("adjust shim OOM score")
+	}
+	result.Address = address
+	return result, nil
+}
+
+// Stop is the `delete` action: containerd runs it when a shim is gone
+// (crashed, killed) to release what it held. It kills the VM the dead shim
+// left behind, unmounts the rootfs and returns the init's recorded exit
+// (137 if none was recorded).
+func (m Manager) Stop(ctx context.Context, id string) (shim.StopStatus, error) {
+	bundle := ""
+	if opts, ok := ctx.Value(shim.OptsKey{}).(shim.Opts); ok {
+		bundle = opts.BundlePath
+	}
+	if bundle == "" {
+		cwd, err := os.Getwd()
+		if err != nil {
+			return shim.StopStatus{}, err
+		}
+		bundle = cwd
+	}
+	st, err := readBundleState(bundle)
+	if err != nil {
+		log.G(ctx).WithError(err).Warn("read shim state from bundle")
+		st = &bundleState{}
+	}
+	if killed, err := killLeftoverVM(st); err != nil {
+		log.G(ctx).WithError(err).Warn("kill leftover VM")
+	} else if killed {
+		log.G(ctx).WithField("vm_pid", st.VMPid).Info("killed the VM of a dead shim")
+	}
+	exitedAt := time.Now()
+	rootfs := st.Rootfs
+	if rootfs == "" {
+		rootfs = filepath.Join(bundle, "rootfs")
+	}
+	if err := mount.UnmountRecursive(rootfs, 0); err != nil {
+		log.G(ctx).WithError(err).Warn("unmount rootfs")
+	}
+	if st.VMStateDir != "" {
+		if err := os.RemoveAll(st.VMStateDir); err != nil {
+			log.G(ctx).WithError(err).Warn("remove VM state dir")
+		}
+	}
+	if st.Exit != nil {
+		return shim.StopStatus{Pid: int(st.Exit.Pid), ExitStatus: int(st.Exit.Status), ExitedAt: st.Exit.ExitedAt}, nil
+	}
+	return shim.StopStatus{ExitStatus: exitKilled, ExitedAt: exitedAt}, nil
+}
+
+// Info describes the runtime; the options containerd passes are echoed
+// back after a check that they parse.
+func (m Manager) Info(ctx context.Context, optionsR io.Reader) (*types.RuntimeInfo, error) {
+	info := &types.RuntimeInfo{
+		Name:    m.name,
+		Version: &types.RuntimeVersion{Version: Version},
+	}
+	data, err := io.ReadAll(optionsR)
+	if err != nil {
+		return nil, err
+	}
+	if len(data) > 0 {
+		opts, err := shim.ReadRuntimeOptions[any](bytes.NewReader(data))
+		if err != nil && !errors.Is(err, errdefs.ErrNotFound) {
+			return nil, fmt.Errorf("runtime options: %w", err)
+		}
+		if opts != nil {
+			if info.Options, err = typeurl.MarshalAnyToProto(opts); err != nil {
+				return nil, err
+			}
+		}
+	}
+	return info, nil
+}

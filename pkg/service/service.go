@@ -1,0 +1,567 @@
+// Package service is the containerd side of macvm: the shim manager (the
+// start and delete actions) and the Task API v3 served over ttrpc, with one
+// VM per container. It speaks containerd (bootstrap, tasks, events, FIFOs,
+// host mounts, OCI hooks) and drives a VM through pkg/vm.Machine and the
+// guest agent through its RPC client; it knows no hypervisor.
+package service
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+
+	taskAPI "github.com/containerd/containerd/api/runtime/task/v3"
+	"github.com/containerd/containerd/api/types/runc/options"
+	"github.com/containerd/containerd/api/types/runtimeoptions/v1"
+	"github.com/containerd/containerd/api/types/task"
+	"github.com/containerd/containerd/v2/core/events"
+	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/containerd/v2/pkg/shutdown"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/errdefs/pkg/errgrpc"
+	"github.com/containerd/log"
+	"github.com/containerd/ttrpc"
+	"github.com/containerd/typeurl/v2"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"google.golang.org/protobuf/types/known/emptypb"
+
+	eventstypes "github.com/containerd/containerd/api/events"
+
+	agent "github.com/macvm/macvm/pkg/guest/api/v1"
+	"github.com/macvm/macvm/pkg/vm"
+)
+
+// Version is reported by Connect and Info.
+const Version = "0.1.0"
+
+var empty = &emptypb.Empty{}
+
+// Service implements containerd's Task API v3 with one VM per container.
+type Service struct {
+	ctx     context.Context
+	events  *eventQueue
+	sd      shutdown.Service
+	backend backend
+	// exeDir is where the shim binary lives; default boot files are found
+	// relative to it.
+	exeDir string
+
+	// mu guards containers and creating.
+	mu         sync.Mutex
+	containers map[string]*container
+	// creating reserves IDs whose Create is in flight.
+	creating map[string]bool
+}
+
+var _ taskAPI.TTRPCTaskService = (*Service)(nil)
+
+// NewTaskService returns the task service; publisher carries its events to
+// containerd, and sd ends the shim process.
+func NewTaskService(ctx context.Context, publisher Publisher, sd shutdown.Service) (*Service, error) {
+	return newService(ctx, publisher, sd, platformBackend())
+}
+
+// Publisher is the publishing half of containerd's shim.Publisher.
+type Publisher = events.Publisher
+
+func newService(ctx context.Context, publisher Publisher, sd shutdown.Service, b backend) (*Service, error) {
+	exe, err := os.Executable()
+	if err != nil {
+		return nil, err
+	}
+	s := &Service{
+		ctx:        ctx,
+		events:     newEventQueue(ctx, publisher),
+		sd:         sd,
+		backend:    b,
+		exeDir:     filepath.Dir(exe),
+		containers: map[string]*container{},
+		creating:   map[string]bool{},
+	}
+	sd.RegisterCallback(s.shutdownAll)
+	return s, nil
+}
+
+// RegisterTTRPC serves the task API on server.
+func (s *Service) RegisterTTRPC(server *ttrpc.Server) error {
+	taskAPI.RegisterTTRPCTaskService(server, s)
+	return nil
+}
+
+// shutdownAll runs when the shim exits: any VM still running goes with it,
+// and queued events are flushed.
+func (s *Service) shutdownAll(ctx context.Context) error {
+	s.mu.Lock()
+	cs := make([]*container, 0, len(s.containers))
+	for _, c := range s.containers {
+		cs = append(cs, c)
+	}
+	s.mu.Unlock()
+	for _, c := range cs {
+		c.destroy(ctx)
+	}
+	s.events.close(ctx)
+	return nil
+}
+
+func (s *Service) get(id string) (*container, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	c, ok := s.containers[id]
+	if !ok {
+		return nil, fmt.Errorf("container %s: %w", id, errdefs.ErrNotFound)
+	}
+	return c, nil
+}
+
+func (s *Service) getProcess(id, execID string) (*container, *process, error) {
+	c, err := s.get(id)
+	if err != nil {
+		return nil, nil, err
+	}
+	p, err := c.process(execID)
+	if err != nil {
+		return nil, nil, err
+	}
+	return c, p, nil
+}
+
+// runtimeConfig reads the shim configuration named by the task's runtime
+// options, if any.
+func runtimeConfig(ctx context.Context, opts typeurl.Any) (*Config, error) {
+	var path string
+	var body []byte
+	if opts != nil && opts.GetValue() != nil {
+		v, err := typeurl.UnmarshalAny(opts)
+		if err != nil {
+			log.G(ctx).WithError(err).WithField("type_url", opts.GetTypeUrl()).Debug("ignoring unknown runtime options")
+		} else if o, ok := v.(*runtimeoptions.Options); ok {
+			path, body = o.GetConfigPath(), o.GetConfigBody()
+		}
+	}
+	return loadConfig(path, body)
+}
+
+// Create boots the container's VM and creates the container in it.
+func (s *Service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *taskAPI.CreateTaskResponse, retErr error) {
+	c, err := s.create(ctx, r)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	pid, _, _ := c.init.exitInfo()
+	return &taskAPI.CreateTaskResponse{Pid: pid}, nil
+}
+
+func (s *Service) create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *container, retErr error) {
+	if r.Checkpoint != "" || r.ParentCheckpoint != "" {
+		return nil, fmt.Errorf("restoring from a checkpoint is not supported by macvm: %w", errdefs.ErrInvalidArgument)
+	}
+	s.mu.Lock()
+	if _, ok := s.containers[r.ID]; ok || s.creating[r.ID] {
+		s.mu.Unlock()
+		return nil, fmt.Errorf("container %s: %w", r.ID, errdefs.ErrAlreadyExists)
+	}
+	s.creating[r.ID] = true
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		delete(s.creating, r.ID)
+		s.mu.Unlock()
+	}()
+
+	cfg, err := runtimeConfig(ctx, r.Options)
+	if err != nil {
+		return nil, err
+	}
+	if err := cfg.resolve(s.exeDir, s.backend.lookupHypervisor); err != nil {
+		return nil, err
+	}
+	spec, err := readSpec(r.Bundle)
+	if err != nil {
+		return nil, err
+	}
+	ns, _ := namespaces.Namespace(ctx)
+	vmCtx, vmCancel := context.WithCancel(context.WithoutCancel(s.ctx))
+	c := &container{
+		id:          r.ID,
+		bundle:      r.Bundle,
+		namespace:   ns,
+		spec:        spec,
+		cfg:         cfg,
+		events:      s.events,
+		stateDir:    vmStateDir(r.Bundle, ns, r.ID),
+		vmCtx:       log.WithLogger(vmCtx, log.G(s.ctx).WithField("container_id", r.ID)),
+		vmCancel:    vmCancel,
+		tearingDown: make(chan struct{}),
+		execs:       map[string]*process{},
+	}
+	defer func() {
+		if retErr != nil {
+			c.destroy(ctx)
+		}
+	}()
+
+	rootfs := filepath.Join(r.Bundle, "rootfs")
+	if len(r.Rootfs) > 0 {
+		if err := os.MkdirAll(rootfs, 0o711); err != nil {
+			return nil, err
+		}
+		if err := mount.All(mount.FromProto(r.Rootfs), rootfs); err != nil {
+			return nil, fmt.Errorf("mount rootfs: %w", err)
+		}
+		c.rootfs = rootfs
+	} else if spec.Root != nil && spec.Root.Path != "" {
+		rootfs = spec.Root.Path
+		if !filepath.IsAbs(rootfs) {
+			rootfs = filepath.Join(r.Bundle, rootfs)
+		}
+	}
+	gspec, binds, err := guestSpec(spec)
+	if err != nil {
+		return nil, err
+	}
+	shares := append([]vm.Share{{Tag: rootfsTag, HostPath: rootfs}}, binds...)
+	stdio := stdioSpec{stdin: r.Stdin, stdout: r.Stdout, stderr: r.Stderr, terminal: r.Terminal}
+	if err := c.start(ctx, s.backend, shares, gspec, stdio); err != nil {
+		return nil, err
+	}
+
+	s.mu.Lock()
+	s.containers[r.ID] = c
+	s.mu.Unlock()
+	pid, _, _ := c.init.exitInfo()
+	s.events.send(&eventstypes.TaskCreate{
+		ContainerID: r.ID,
+		Bundle:      r.Bundle,
+		Rootfs:      r.Rootfs,
+		IO:          &eventstypes.TaskIO{Stdin: r.Stdin, Stdout: r.Stdout, Stderr: r.Stderr, Terminal: r.Terminal},
+		Checkpoint:  r.Checkpoint,
+		Pid:         pid,
+	})
+	return c, nil
+}
+
+func readSpec(bundle string) (*specs.Spec, error) {
+	data, err := os.ReadFile(filepath.Join(bundle, "config.json"))
+	if err != nil {
+		return nil, fmt.Errorf("read OCI spec: %w", err)
+	}
+	var spec specs.Spec
+	if err := json.Unmarshal(data, &spec); err != nil {
+		return nil, fmt.Errorf("parse OCI spec: %v: %w", err, errdefs.ErrInvalidArgument)
+	}
+	return &spec, nil
+}
+
+// Start runs a created init or exec process.
+func (s *Service) Start(ctx context.Context, r *taskAPI.StartRequest) (*taskAPI.StartResponse, error) {
+	c, p, err := s.getProcess(r.ID, r.ExecID)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	pid, err := p.start(ctx)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	if r.ExecID == "" && c.spec.Hooks != nil && len(c.spec.Hooks.Poststart) > 0 {
+		// A failing poststart hook is a warning in the OCI spec.
+		if err := runHooks(ctx, "poststart", c.spec.Hooks.Poststart, c.ociState(specs.StateRunning)); err != nil {
+			log.G(ctx).WithError(err).WithField("container_id", c.id).Warn("poststart hook")
+		}
+	}
+	return &taskAPI.StartResponse{Pid: pid}, nil
+}
+
+// Delete forgets an exited exec, or tears down an exited container and its
+// VM.
+func (s *Service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAPI.DeleteResponse, error) {
+	c, p, err := s.getProcess(r.ID, r.ExecID)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	if r.ExecID != "" {
+		resp, err := c.deleteExec(ctx, p)
+		if err != nil {
+			return nil, errgrpc.ToGRPC(err)
+		}
+		return resp, nil
+	}
+	resp, err := c.deleteInit(ctx)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	s.mu.Lock()
+	delete(s.containers, r.ID)
+	s.mu.Unlock()
+	return resp, nil
+}
+
+// Exec adds a process to a running container.
+func (s *Service) Exec(ctx context.Context, r *taskAPI.ExecProcessRequest) (*emptypb.Empty, error) {
+	c, err := s.get(r.ID)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	if r.Spec == nil || len(r.Spec.GetValue()) == 0 {
+		return nil, errgrpc.ToGRPC(fmt.Errorf("exec %s: no process spec: %w", r.ExecID, errdefs.ErrInvalidArgument))
+	}
+	// The Any holds the OCI Process as JSON, which is what the agent takes.
+	var proc specs.Process
+	if err := json.Unmarshal(r.Spec.GetValue(), &proc); err != nil {
+		return nil, errgrpc.ToGRPC(fmt.Errorf("exec %s: process spec: %v: %w", r.ExecID, err, errdefs.ErrInvalidArgument))
+	}
+	stdio := stdioSpec{stdin: r.Stdin, stdout: r.Stdout, stderr: r.Stderr, terminal: r.Terminal}
+	if err := c.exec(ctx, r.ExecID, r.Spec.GetValue(), stdio); err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	return empty, nil
+}
+
+// ResizePty resizes a process's terminal (also before it starts).
+func (s *Service) ResizePty(ctx context.Context, r *taskAPI.ResizePtyRequest) (*emptypb.Empty, error) {
+	c, p, err := s.getProcess(r.ID, r.ExecID)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	if p.isExited() {
+		return empty, nil
+	}
+	if _, err := c.client.ResizePty(ctx, &agent.ResizePtyRequest{ContainerId: c.id, ExecId: r.ExecID, Width: r.Width, Height: r.Height}); err != nil {
+		return nil, errgrpc.ToGRPC(fmt.Errorf("resize pty: %w", err))
+	}
+	return empty, nil
+}
+
+// State reports a process as the shim knows it.
+func (s *Service) State(ctx context.Context, r *taskAPI.StateRequest) (*taskAPI.StateResponse, error) {
+	c, p, err := s.getProcess(r.ID, r.ExecID)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	return p.stateResponse(c.bundle), nil
+}
+
+// Pause freezes the container (its cgroup in the guest).
+func (s *Service) Pause(ctx context.Context, r *taskAPI.PauseRequest) (*emptypb.Empty, error) {
+	c, err := s.get(r.ID)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	p := c.init
+	if _, err := p.currentState().next(evPause); err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	if _, err := c.client.Pause(ctx, &agent.PauseRequest{ContainerId: c.id}); err != nil {
+		return nil, errgrpc.ToGRPC(fmt.Errorf("pause: %w", err))
+	}
+	if err := p.transition(evPause); err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	s.events.send(&eventstypes.TaskPaused{ContainerID: c.id})
+	return empty, nil
+}
+
+// Resume thaws a paused container.
+func (s *Service) Resume(ctx context.Context, r *taskAPI.ResumeRequest) (*emptypb.Empty, error) {
+	c, err := s.get(r.ID)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	p := c.init
+	if _, err := p.currentState().next(evResume); err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	if _, err := c.client.Resume(ctx, &agent.ResumeRequest{ContainerId: c.id}); err != nil {
+		return nil, errgrpc.ToGRPC(fmt.Errorf("resume: %w", err))
+	}
+	if err := p.transition(evResume); err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	s.events.send(&eventstypes.TaskResumed{ContainerID: c.id})
+	return empty, nil
+}
+
+// Checkpoint is not supported: a VM's container cannot be checkpointed
+// with CRIU from the host.
+func (s *Service) Checkpoint(ctx context.Context, r *taskAPI.CheckpointTaskRequest) (*emptypb.Empty, error) {
+	return nil, errgrpc.ToGRPC(fmt.Errorf("checkpoint is not supported by macvm: %w", errdefs.ErrNotImplemented))
+}
+
+// Kill signals a process, or all of the container's processes. Killing a
+// process that already exited succeeds, as containerd expects.
+func (s *Service) Kill(ctx context.Context, r *taskAPI.KillRequest) (*emptypb.Empty, error) {
+	c, p, err := s.getProcess(r.ID, r.ExecID)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	switch p.currentState() {
+	case stateDeleted:
+		return nil, errgrpc.ToGRPC(fmt.Errorf("process %s: %w", p.id(), errdefs.ErrNotFound))
+	case stateStopped:
+		if !r.All {
+			return empty, nil
+		}
+	}
+	if c.vmCtx.Err() != nil {
+		// The VM is gone: everything in it is dead already and its exit is
+		// being reported.
+		return empty, nil
+	}
+	_, err = c.client.SignalProcess(ctx, &agent.SignalProcessRequest{ContainerId: c.id, ExecId: r.ExecID, Signal: r.Signal, All: r.All})
+	if err != nil {
+		if errdefs.IsNotFound(err) || c.vmCtx.Err() != nil || p.isExited() {
+			return empty, nil
+		}
+		return nil, errgrpc.ToGRPC(fmt.Errorf("kill: %w", err))
+	}
+	return empty, nil
+}
+
+// Pids lists the container's processes (guest pids). For a live task the
+// list is never empty: containerd treats an empty list as a leaked task.
+func (s *Service) Pids(ctx context.Context, r *taskAPI.PidsRequest) (*taskAPI.PidsResponse, error) {
+	c, err := s.get(r.ID)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	var procs []*task.ProcessInfo
+	seen := map[uint32]bool{}
+	if c.vmCtx.Err() == nil {
+		resp, err := c.client.Pids(ctx, &agent.PidsRequest{ContainerId: c.id})
+		if err != nil && c.vmCtx.Err() == nil {
+			return nil, errgrpc.ToGRPC(fmt.Errorf("pids: %w", err))
+		}
+		for _, pi := range resp.GetProcesses() {
+			info := &task.ProcessInfo{Pid: pi.GetPid()}
+			if pi.GetExecId() != "" {
+				if a, err := typeurl.MarshalAnyToProto(&options.ProcessDetails{ExecID: pi.GetExecId()}); err == nil {
+					info.Info = a
+				}
+			}
+			seen[pi.GetPid()] = true
+			procs = append(procs, info)
+		}
+	}
+	if pid, _, _ := c.init.exitInfo(); pid != 0 && !seen[pid] {
+		switch c.init.currentState() {
+		case stateCreated, stateRunning, statePaused:
+			procs = append([]*task.ProcessInfo{{Pid: pid}}, procs...)
+		}
+	}
+	return &taskAPI.PidsResponse{Processes: procs}, nil
+}
+
+// CloseIO closes a process's stdin once what the client wrote is delivered.
+func (s *Service) CloseIO(ctx context.Context, r *taskAPI.CloseIORequest) (*emptypb.Empty, error) {
+	c, p, err := s.getProcess(r.ID, r.ExecID)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	if !r.Stdin || p.pio == nil {
+		return empty, nil
+	}
+	p.pio.closeStdin(ctx)
+	if c.vmCtx.Err() == nil && !p.isExited() {
+		if _, err := c.client.CloseStdin(ctx, &agent.CloseStdinRequest{ContainerId: c.id, ExecId: r.ExecID}); err != nil &&
+			!errdefs.IsNotFound(err) && c.vmCtx.Err() == nil {
+			return nil, errgrpc.ToGRPC(fmt.Errorf("close stdin: %w", err))
+		}
+	}
+	return empty, nil
+}
+
+// Update changes the container's resources (its cgroup in the guest).
+func (s *Service) Update(ctx context.Context, r *taskAPI.UpdateTaskRequest) (*emptypb.Empty, error) {
+	c, err := s.get(r.ID)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	if r.Resources == nil {
+		return empty, nil
+	}
+	var res specs.LinuxResources
+	if err := json.Unmarshal(r.Resources.GetValue(), &res); err != nil {
+		return nil, errgrpc.ToGRPC(fmt.Errorf("update: resources: %v: %w", err, errdefs.ErrInvalidArgument))
+	}
+	data, err := json.Marshal(&res)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	if _, err := c.client.UpdateResources(ctx, &agent.UpdateResourcesRequest{ContainerId: c.id, Resources: data}); err != nil {
+		return nil, errgrpc.ToGRPC(fmt.Errorf("update: %w", err))
+	}
+	return empty, nil
+}
+
+// Wait blocks until a process has exited and its output is delivered.
+func (s *Service) Wait(ctx context.Context, r *taskAPI.WaitRequest) (*taskAPI.WaitResponse, error) {
+	_, p, err := s.getProcess(r.ID, r.ExecID)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	resp, err := p.wait(ctx)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	return resp, nil
+}
+
+// Stats returns the container's cgroup v2 metrics, from the guest while the
+// VM runs and from the last snapshot after the init exited.
+func (s *Service) Stats(ctx context.Context, r *taskAPI.StatsRequest) (*taskAPI.StatsResponse, error) {
+	c, err := s.get(r.ID)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	var m any
+	if c.vmCtx.Err() == nil {
+		resp, err := c.client.Stats(ctx, &agent.StatsRequest{ContainerId: c.id})
+		if err == nil && resp.GetMetrics() != nil {
+			c.mu.Lock()
+			c.stats = resp.GetMetrics()
+			c.mu.Unlock()
+			m = resp.GetMetrics()
+		} else if err != nil && !c.init.isExited() {
+			return nil, errgrpc.ToGRPC(fmt.Errorf("stats: %w", err))
+		}
+	}
+	if m == nil {
+		c.mu.Lock()
+		cached := c.stats
+		c.mu.Unlock()
+		if cached == nil {
+			return nil, errgrpc.ToGRPC(fmt.Errorf("stats of %s: the VM is gone and no snapshot was taken: %w", c.id, errdefs.ErrUnavailable))
+		}
+		m = cached
+	}
+	a, err := typeurl.MarshalAnyToProto(m)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	return &taskAPI.StatsResponse{Stats: a}, nil
+}
+
+// Connect tells containerd (after its restart) who serves the task.
+func (s *Service) Connect(ctx context.Context, r *taskAPI.ConnectRequest) (*taskAPI.ConnectResponse, error) {
+	resp := &taskAPI.ConnectResponse{ShimPid: uint32(os.Getpid()), Version: Version}
+	if c, err := s.get(r.ID); err == nil {
+		resp.TaskPid, _, _ = c.init.exitInfo()
+	}
+	return resp, nil
+}
+
+// Shutdown ends the shim once it serves no container.
+func (s *Service) Shutdown(ctx context.Context, r *taskAPI.ShutdownRequest) (*emptypb.Empty, error) {
+	s.mu.Lock()
+	busy := len(s.containers) > 0 || len(s.creating) > 0
+	s.mu.Unlock()
+	if busy && !r.Now {
+		return empty, nil
+	}
+	s.sd.Shutdown()
+	return empty, nil
+}
