@@ -79,6 +79,9 @@ func (m Manager) Start(ctx context.Context, params *bootapi.BootstrapParams) (_ 
 		}
 	}
 	f, err := l.File()
+	// The daemon serves the socket through the duplicate in f; closing our
+	// listener must not unlink the path.
+	l.SetUnlinkOnClose(false)
 	l.Close()
 	if err != nil {
 		_ = shim.RemoveSocket(address)
