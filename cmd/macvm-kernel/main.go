@@ -79,7 +79,7 @@ func modules(args []string) error {
 		return err
 	}
 	for _, m := range mods {
-		if err := copyFile(m.Path, filepath.Join(*out, m.Name+".ko")); err != nil {
+		if err := copyModule(m.Path, filepath.Join(*out, m.Name+".ko")); err != nil {
 			return err
 		}
 		fmt.Println(m.Name)
@@ -87,8 +87,10 @@ func modules(args []string) error {
 	return nil
 }
 
-func copyFile(src, dst string) error {
-	data, err := os.ReadFile(src)
+// copyModule writes the module uncompressed: the guest loads it with
+// plain finit_module.
+func copyModule(src, dst string) error {
+	data, err := bootimage.ReadModuleFile(src)
 	if err != nil {
 		return err
 	}

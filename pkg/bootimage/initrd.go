@@ -83,7 +83,7 @@ func WriteInitrd(w io.Writer, spec InitrdSpec) error {
 	}
 	var list strings.Builder
 	for _, m := range order {
-		data, err := os.ReadFile(m.Path)
+		data, err := ReadModuleFile(m.Path)
 		if err != nil {
 			return fmt.Errorf("reading module %s: %w", m.Name, err)
 		}

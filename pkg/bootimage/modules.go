@@ -33,9 +33,34 @@ type Module struct {
 	Aliases []string
 }
 
-// ReadModule parses the .modinfo section of a .ko file.
+// ReadModuleFile returns a module's ELF object: .ko files as they are,
+// .ko.xz files (how Debian 13 and later ship modules) decompressed, since
+// the guest loads modules with plain finit_module.
+func ReadModuleFile(path string) ([]byte, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	switch {
+	case strings.HasSuffix(path, ".ko"):
+		return data, nil
+	case strings.HasSuffix(path, ".ko.xz"):
+		out, err := DecompressXZ(data)
+		if err != nil {
+			return nil, fmt.Errorf("module %s: %w", path, err)
+		}
+		return out, nil
+	}
+	return nil, fmt.Errorf("module %s: compression not supported (only .ko and .ko.xz): %w", path, ErrUnsupported)
+}
+
+// ReadModule parses the .modinfo section of a .ko or .ko.xz file.
 func ReadModule(path string) (*Module, error) {
-	f, err := elf.Open(path)
+	data, err := ReadModuleFile(path)
+	if err != nil {
+		return nil, err
+	}
+	f, err := elf.NewFile(bytes.NewReader(data))
 	if err != nil {
 		return nil, fmt.Errorf("module %s: %w: %w", path, ErrCorrupt, err)
 	}
@@ -44,12 +69,12 @@ func ReadModule(path string) (*Module, error) {
 	if sec == nil {
 		return nil, fmt.Errorf("module %s has no .modinfo section: %w", path, ErrCorrupt)
 	}
-	data, err := sec.Data()
+	info, err := sec.Data()
 	if err != nil {
 		return nil, fmt.Errorf("module %s: .modinfo: %w: %w", path, ErrCorrupt, err)
 	}
 	m := &Module{Path: path, Name: ModuleNameFromPath(path)}
-	for _, kv := range bytes.Split(data, []byte{0}) {
+	for _, kv := range bytes.Split(info, []byte{0}) {
 		k, v, ok := strings.Cut(string(kv), "=")
 		if !ok {
 			continue
@@ -102,12 +127,17 @@ func ModuleNameFromPath(path string) string {
 	return NormalizeModuleName(base)
 }
 
-// ReadModuleDir reads every .ko file directly under dir.
+// ReadModuleDir reads every .ko and .ko.xz file directly under dir.
 func ReadModuleDir(dir string) ([]*Module, error) {
 	matches, err := filepath.Glob(filepath.Join(dir, "*.ko"))
 	if err != nil {
 		return nil, err
 	}
+	xz, err := filepath.Glob(filepath.Join(dir, "*.ko.xz"))
+	if err != nil {
+		return nil, err
+	}
+	matches = append(matches, xz...)
 	mods := make([]*Module, 0, len(matches))
 	for _, p := range matches {
 		m, err := ReadModule(p)
@@ -214,7 +244,7 @@ func ResolveModules(tree string, names []string) ([]*Module, error) {
 		if err != nil {
 			return err
 		}
-		if !d.IsDir() && strings.HasSuffix(p, ".ko") {
+		if !d.IsDir() && (strings.HasSuffix(p, ".ko") || strings.HasSuffix(p, ".ko.xz")) {
 			index[ModuleNameFromPath(p)] = p
 		}
 		return nil

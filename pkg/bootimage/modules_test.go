@@ -210,3 +210,44 @@ func TestResolveModules(t *testing.T) {
 		t.Errorf("missing dependency: got %v, want ErrNotFound naming the dependent", err)
 	}
 }
+
+func TestCompressedModules(t *testing.T) {
+	dir := t.TempDir()
+	plain := filepath.Join(dir, "src", "virtio.ko")
+	writeFakeModule(t, plain, "depends=virtio_ring", "name=virtio")
+	orig, err := os.ReadFile(plain)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mods := filepath.Join(dir, "mods")
+	if err := os.MkdirAll(mods, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	// kmod's style: CRC32, no BCJ.
+	if err := os.WriteFile(filepath.Join(mods, "virtio.ko.xz"), xzCompress(t, orig, "--check=crc32", "--lzma2=dict=1MiB"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	writeFakeModule(t, filepath.Join(mods, "virtio_ring.ko"), "name=virtio_ring")
+	if err := os.WriteFile(filepath.Join(mods, "other.ko.zst"), []byte{0x28, 0xb5, 0x2f, 0xfd}, 0o644); err != nil {
+		t.Fatal(err)
+	}
+
+	got, err := ReadModuleDir(mods)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ordered, err := LoadOrder(got)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if names(ordered) != "virtio_ring virtio" {
+		t.Errorf("got %q, want %q (.ko.zst ignored)", names(ordered), "virtio_ring virtio")
+	}
+	data, err := ReadModuleFile(filepath.Join(mods, "virtio.ko.xz"))
+	if err != nil || !bytes.Equal(data, orig) {
+		t.Errorf("ReadModuleFile(.ko.xz): %v, equal=%v", err, bytes.Equal(data, orig))
+	}
+	if _, err := ReadModuleFile(filepath.Join(mods, "other.ko.zst")); !errdefs.IsNotImplemented(err) {
+		t.Errorf(".ko.zst: got %v, want ErrNotImplemented", err)
+	}
+}

@@ -281,13 +281,28 @@ func (q *QEMU) AgentConn(ctx context.Context) (net.Conn, error) {
 	if !started {
 		return nil, fmt.Errorf("vm %s: not started: %w", q.cfg.ID, errdefs.ErrFailedPrecondition)
 	}
-	select {
-	case <-q.agentOpen:
+	give := func() (net.Conn, error) {
 		q.mu.Lock()
 		defer q.mu.Unlock()
 		q.agentGiven = true
 		return q.agent, nil
+	}
+	// An opened channel wins over an exit, so a VM that answered and
+	// then powered off still hands out the data it left in the socket.
+	select {
+	case <-q.agentOpen:
+		return give()
+	default:
+	}
+	select {
+	case <-q.agentOpen:
+		return give()
 	case <-q.done:
+		select {
+		case <-q.agentOpen:
+			return give()
+		default:
+		}
 		return nil, fmt.Errorf("vm %s exited before the agent opened its channel: %w", q.cfg.ID, q.Err())
 	case <-ctx.Done():
 		return nil, fmt.Errorf("vm %s: agent did not open its channel: %w; %s", q.cfg.ID, ctx.Err(),

@@ -336,3 +336,78 @@ func TestNewQEMURejectsMissingFiles(t *testing.T) {
 		t.Fatalf("no state dir: got %v, want ErrInvalidArgument", err)
 	}
 }
+
+// TestHelperProcess is not a test: TestQEMUDiesWithItsParent runs the test
+// binary again with MACVM_VM_HELPER set, to be a parent it can kill.
+func TestHelperProcess(t *testing.T) {
+	if os.Getenv("MACVM_VM_HELPER") != "1" {
+		return
+	}
+	m, err := NewQEMU(Config{
+		ID: "orphan", StateDir: os.Getenv("MACVM_VM_HELPER_STATE"),
+		Kernel: os.Getenv("MACVM_KERNEL"), Initrd: os.Getenv("MACVM_VM_HELPER_INITRD"),
+		KernelArgs: []string{"macvm.test=silent"},
+	})
+	if err == nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		err = m.Start(ctx)
+		cancel()
+	}
+	if err != nil {
+		fmt.Println("error:", err)
+		os.Exit(1)
+	}
+	fmt.Println(m.Pid())
+	time.Sleep(time.Hour)
+}
+
+// processGone reports whether pid has exited (a zombie counts as gone:
+// its reaping is its new parent's business).
+func processGone(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return true
+	}
+	// The state follows the command name in parentheses.
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	return i >= 0 && i+2 < len(s) && s[i+2] == 'Z'
+}
+
+func TestQEMUDiesWithItsParent(t *testing.T) {
+	kernel := testKernel(t)
+	initrd := testInitrd(t, kernel)
+	cmd := exec.Command(os.Args[0], "-test.run=^TestHelperProcess$", "-test.count=1")
+	cmd.Env = append(os.Environ(), "MACVM_VM_HELPER=1", "MACVM_KERNEL="+kernel,
+		"MACVM_VM_HELPER_INITRD="+initrd, "MACVM_VM_HELPER_STATE="+t.TempDir())
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer cmd.Process.Kill()
+	line, err := bufio.NewReader(out).ReadString('\n')
+	if err != nil {
+		t.Fatalf("helper: %v (%q)", err, line)
+	}
+	var pid int
+	if _, err := fmt.Sscanf(line, "%d", &pid); err != nil || pid <= 0 {
+		t.Fatalf("helper said %q", line)
+	}
+	if processGone(pid) {
+		t.Fatalf("qemu %d not running under the helper", pid)
+	}
+	// The shim dies without cleaning up: qemu must not outlive it.
+	_ = cmd.Process.Kill()
+	_ = cmd.Wait()
+	deadline := time.Now().Add(10 * time.Second)
+	for !processGone(pid) {
+		if time.Now().After(deadline) {
+			_ = syscall.Kill(pid, syscall.SIGKILL)
+			t.Fatalf("qemu %d survived its parent's death", pid)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
