@@ -141,14 +141,14 @@ func (s *Session) Open(name string) (net.Conn, error) {
 	}
 	st, err := s.mux.OpenStream()
 	if err != nil {
-		return nil, sessionErr("open stream "+name, err)
+		return nil, s.err("open stream "+name, err)
 	}
 	hdr := make([]byte, 2+len(name))
 	binary.BigEndian.PutUint16(hdr, uint16(len(name)))
 	copy(hdr[2:], name)
 	if _, err := st.Write(hdr); err != nil {
 		st.Close()
-		return nil, sessionErr("open stream "+name, err)
+		return nil, s.err("open stream "+name, err)
 	}
 	return newStreamConn(st, name), nil
 }
@@ -159,7 +159,7 @@ func (s *Session) Accept() (name string, c net.Conn, err error) {
 	for {
 		st, err := s.mux.AcceptStream()
 		if err != nil {
-			return "", nil, sessionErr("accept", err)
+			return "", nil, s.err("accept", err)
 		}
 		name, err := readName(st)
 		if err != nil {
@@ -203,9 +203,12 @@ func (s *Session) Done() <-chan struct{} { return s.done }
 // NumStreams reports how many streams are open, for tests and diagnostics.
 func (s *Session) NumStreams() int { return s.mux.NumStreams() }
 
-func sessionErr(op string, err error) error {
-	if errors.Is(err, yamux.ErrSessionShutdown) || errors.Is(err, net.ErrClosed) || errors.Is(err, io.EOF) {
-		return fmt.Errorf("%w: transport: %s: session closed: %w", errdefs.ErrUnavailable, op, net.ErrClosed)
+// err reports a failed Open or Accept. Once the session is over, whatever
+// the cause (yamux reports the channel's error, e.g. a reset), the error
+// also wraps net.ErrClosed so that loops such as ttrpc's Serve stop.
+func (s *Session) err(op string, err error) error {
+	if s.mux.IsClosed() || errors.Is(err, yamux.ErrSessionShutdown) {
+		return fmt.Errorf("%w: transport: %s: session ended (%v): %w", errdefs.ErrUnavailable, op, err, net.ErrClosed)
 	}
 	return fmt.Errorf("%w: transport: %s: %w", errdefs.ErrUnavailable, op, err)
 }
@@ -233,6 +236,10 @@ func newStreamConn(st *yamux.Stream, name string) *streamConn {
 func (c *streamConn) Name() string { return c.name }
 
 func (c *streamConn) Read(p []byte) (int, error) {
+	// Checked before readMu too: the drain holds it until the peer closes.
+	if c.closed.Load() {
+		return 0, net.ErrClosed
+	}
 	c.readMu.Lock()
 	defer c.readMu.Unlock()
 	if c.closed.Load() {
