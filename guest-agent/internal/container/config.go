@@ -21,6 +21,9 @@ const (
 	helperSyncFd = 3
 	// helperConfigFd is a pipe carrying the JSON helperConfig to EOF.
 	helperConfigFd = 4
+	// helperNSFd is the first of the namespaces an exec's helper joins
+	// itself (helperConfig.Join).
+	helperNSFd = 5
 )
 
 // helperConfig is everything the helper needs, decided by the agent. For an
@@ -40,6 +43,9 @@ type helperConfig struct {
 	NewCgroupNS bool `json:"new_cgroupns,omitempty"`
 	// NewNetNS asks the helper to bring up loopback in its new namespace.
 	NewNetNS bool `json:"new_netns,omitempty"`
+	// Join lists the namespaces (of an exec) the helper enters itself, open
+	// on helperNSFd, helperNSFd+1, ... (see helperJoined for why).
+	Join []specs.LinuxNamespaceType `json:"join,omitempty"`
 }
 
 // helperMsg is one packet on the sync socket.

@@ -68,6 +68,13 @@ type Manager struct {
 	// mu guards containers.
 	mu         sync.Mutex
 	containers map[string]*Container
+
+	// sharesMu guards shares.
+	sharesMu sync.Mutex
+	// shares counts the users of each mounted share tag: a virtio-9p
+	// device serves a single mount at a time, so each tag is mounted once
+	// under RunDir/../shares and bind-mounted into every container using it.
+	shares map[string]int
 }
 
 // NewManager returns a Manager; onOOM may be nil.
@@ -75,7 +82,7 @@ func NewManager(cfg Config, r *reaper.Reaper, streams Streams, onOOM func(string
 	if onOOM == nil {
 		onOOM = func(string) {}
 	}
-	return &Manager{cfg: cfg, reaper: r, streams: streams, onOOM: onOOM, containers: map[string]*Container{}}
+	return &Manager{cfg: cfg, reaper: r, streams: streams, onOOM: onOOM, containers: map[string]*Container{}, shares: map[string]int{}}
 }
 
 // Container is one container: its root, cgroup, init and exec processes.
@@ -84,8 +91,10 @@ type Container struct {
 	m      *Manager
 	dir    string
 	rootfs string
-	// mounted are the rootfs mount targets in mount order.
+	// mounted are the rootfs mount targets in mount order; shares the
+	// share tags it holds a reference on.
 	mounted []string
+	shares  []string
 	cg      *cgroup2.Manager
 	cgPath  string
 	cgFD    int
@@ -198,7 +207,16 @@ func (c *Container) mountRootfs(mounts []Mount) error {
 			return fmt.Errorf("rootfs mount point %s: %w", mt.Target, err)
 		}
 		opts := parseMountOptions(mt.Options)
-		if mt.Type == "bind" || opts.bind {
+		if mt.Type == "9p" || mt.Type == "virtiofs" {
+			src, err := c.m.acquireShare(mt)
+			if err != nil {
+				return err
+			}
+			c.shares = append(c.shares, mt.Source)
+			if err := bindMount(src, target, mountOptions{flags: opts.flags, rec: true}); err != nil {
+				return fmt.Errorf("rootfs bind of share %s: %w", mt.Source, err)
+			}
+		} else if mt.Type == "bind" || opts.bind {
 			if err := bindMount(mt.Source, target, opts); err != nil {
 				return fmt.Errorf("rootfs bind %s: %w", mt.Source, err)
 			}
@@ -208,6 +226,46 @@ func (c *Container) mountRootfs(mounts []Mount) error {
 		c.mounted = append(c.mounted, target)
 	}
 	return nil
+}
+
+func (m *Manager) sharePath(tag string) string {
+	return filepath.Join(filepath.Dir(m.cfg.RunDir), "shares", tag)
+}
+
+// acquireShare mounts a 9p/virtiofs share on first use and returns where.
+func (m *Manager) acquireShare(mt Mount) (string, error) {
+	if !validID.MatchString(mt.Source) {
+		return "", fmt.Errorf("share tag %q: %w", mt.Source, errdefs.ErrInvalidArgument)
+	}
+	m.sharesMu.Lock()
+	defer m.sharesMu.Unlock()
+	p := m.sharePath(mt.Source)
+	if m.shares[mt.Source] == 0 {
+		if err := os.MkdirAll(p, 0o755); err != nil {
+			return "", err
+		}
+		// Mount flags such as ro belong to each container's bind, not to
+		// the shared mount.
+		opts := parseMountOptions(mt.Options)
+		if err := unix.Mount(mt.Source, p, mt.Type, opts.flags&^unix.MS_RDONLY, opts.data); err != nil {
+			return "", fmt.Errorf("mount share %s (%s): %w", mt.Source, mt.Type, err)
+		}
+	}
+	m.shares[mt.Source]++
+	return p, nil
+}
+
+// releaseShare drops a reference and unmounts the share with the last one.
+func (m *Manager) releaseShare(tag string) {
+	m.sharesMu.Lock()
+	defer m.sharesMu.Unlock()
+	if m.shares[tag]--; m.shares[tag] > 0 {
+		return
+	}
+	delete(m.shares, tag)
+	p := m.sharePath(tag)
+	unix.Unmount(p, unix.MNT_DETACH)
+	os.Remove(p)
 }
 
 // createCgroup makes /sys/fs/cgroup/macvm/<id> with every controller the
@@ -324,11 +382,22 @@ func (c *Container) Exec(ctx context.Context, execID string, processJSON []byte,
 		release()
 		return nil, fmt.Errorf("container %q init is %s: %w", c.ID, st, errdefs.ErrFailedPrecondition)
 	}
+	nsTypes, nsFiles, err := helperNamespaces(c.init.Pid())
+	if err != nil {
+		release()
+		return nil, fmt.Errorf("container %q: %v: %w", c.ID, err, errdefs.ErrFailedPrecondition)
+	}
+	defer func() {
+		for _, f := range nsFiles {
+			f.Close()
+		}
+	}()
 	p, err := spawn(ctx, c.m.reaper, c.m.streams, spawnSpec{
-		cfg:      &helperConfig{Process: proc},
+		cfg:      &helperConfig{Process: proc, Join: nsTypes},
 		stdio:    stdio,
 		join:     execJoins(c.init.Pid()),
 		cgroupFD: c.cgFD,
+		helperNS: nsFiles,
 	})
 	if err != nil {
 		release()
@@ -534,6 +603,10 @@ func (c *Container) teardown() {
 	for i := len(c.mounted) - 1; i >= 0; i-- {
 		unix.Unmount(c.mounted[i], unix.MNT_DETACH)
 	}
+	for _, tag := range c.shares {
+		c.m.releaseShare(tag)
+	}
+	c.shares = nil
 	// Never RemoveAll: if an unmount failed, the share's files (the host's)
 	// would be deleted through it.
 	os.Remove(c.rootfs)

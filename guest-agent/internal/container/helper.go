@@ -71,6 +71,21 @@ func runHelper() error {
 	if cfg.Process == nil {
 		return errors.New("helper: no process in config")
 	}
+	if len(cfg.Join) > 0 {
+		// This thread (locked, and the one that will execve) moves into
+		// the container's namespaces; in the mount namespace its root
+		// becomes the container's root. CLONE_FS must be private first.
+		if err := unix.Unshare(unix.CLONE_FS); err != nil {
+			return fmt.Errorf("unshare fs: %w", err)
+		}
+		for i, t := range cfg.Join {
+			fd := helperNSFd + i
+			if err := unix.Setns(fd, nsCloneFlag[t]); err != nil {
+				return fmt.Errorf("enter %s namespace: %w", t, err)
+			}
+			unix.Close(fd)
+		}
+	}
 	if cfg.Init {
 		if err := setupContainer(&cfg); err != nil {
 			return err

@@ -77,6 +77,37 @@ func enterAndStart(join []nsJoin, start func() error) error {
 	return start()
 }
 
+// helperJoined are the namespaces an exec's helper enters itself, in this
+// order, from descriptors the agent passes (helperNSFd onwards):
+//   - cgroup: a process in a cgroup namespace may only fork into cgroups
+//     below that namespace's root (clone3 CLONE_INTO_CGROUP fails with
+//     ENOENT otherwise), so the agent cannot join it before forking;
+//   - mount: the helper must be exec'd from the agent's filesystem (the
+//     container may not even mount /proc), then it moves its thread.
+var helperJoined = map[specs.LinuxNamespaceType]bool{specs.CgroupNamespace: true, specs.MountNamespace: true}
+
+var helperJoinOrder = []specs.LinuxNamespaceType{specs.CgroupNamespace, specs.MountNamespace}
+
+// helperNamespaces opens the init's namespaces that the exec helper must
+// join itself and that differ from the agent's.
+func helperNamespaces(initPid int) (types []specs.LinuxNamespaceType, files []*os.File, err error) {
+	for _, t := range helperJoinOrder {
+		if sameNamespace(initPid, t) {
+			continue
+		}
+		f, err := os.Open(fmt.Sprintf("/proc/%d/ns/%s", initPid, nsFiles[t]))
+		if err != nil {
+			for _, f := range files {
+				f.Close()
+			}
+			return nil, nil, fmt.Errorf("open %s namespace of pid %d: %w", t, initPid, err)
+		}
+		types = append(types, t)
+		files = append(files, f)
+	}
+	return types, files, nil
+}
+
 // sameNamespace reports whether pid is in the agent's own namespace of type
 // t (so an exec need not join it).
 func sameNamespace(pid int, t specs.LinuxNamespaceType) bool {
@@ -91,11 +122,12 @@ func sameNamespace(pid int, t specs.LinuxNamespaceType) bool {
 }
 
 // execJoins lists the namespaces of the init process that an exec must
-// enter: every one that differs from the agent's.
+// enter before it is forked: every one that differs from the agent's, except
+// those the helper enters itself (helperJoined).
 func execJoins(initPid int) []nsJoin {
 	var join []nsJoin
 	for _, t := range joinOrder {
-		if !sameNamespace(initPid, t) {
+		if !helperJoined[t] && !sameNamespace(initPid, t) {
 			join = append(join, nsJoin{t, fmt.Sprintf("/proc/%d/ns/%s", initPid, nsFiles[t])})
 		}
 	}

@@ -76,6 +76,8 @@ type spawnSpec struct {
 	cloneflags uintptr
 	join       []nsJoin
 	cgroupFD   int
+	// helperNS are namespaces the helper joins itself (cfg.Join).
+	helperNS []*os.File
 	// onExit runs after the exit is recorded and output drained.
 	onExit func(*Process)
 }
@@ -151,6 +153,7 @@ func spawn(ctx context.Context, r *reaper.Reaper, streams Streams, ss spawnSpec)
 			CgroupFD:    ss.cgroupFD,
 		},
 	}
+	cmd.ExtraFiles = append(cmd.ExtraFiles, ss.helperNS...)
 	// The child's ends of the pipes, closed in the agent once it runs.
 	var childEnds []*os.File
 	defer func() {

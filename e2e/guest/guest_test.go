@@ -1,0 +1,391 @@
+package guest_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/containerd/errdefs"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
+	"google.golang.org/protobuf/types/known/emptypb"
+
+	agent "github.com/macvm/macvm/pkg/guest/api/v1"
+)
+
+// TestGuestAgent shares one VM across subtests: a boot under TCG costs
+// seconds, a container in a running VM a fraction of that.
+func TestGuestAgent(t *testing.T) {
+	v := bootVM(t)
+	t.Logf("boot time (qemu start -> agent ready): %v", v.boot)
+	info, err := v.client.Info(rpcCtx(t), &emptypb.Empty{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("agent %s, protocol %d, kernel %s, %d cpus, %d MiB, cgroup controllers %v",
+		info.AgentVersion, info.ProtocolVersion, info.KernelRelease, info.Cpus, info.MemoryBytes>>20, info.CgroupControllers)
+	if info.ProtocolVersion != 1 {
+		t.Errorf("protocol version %d, want 1", info.ProtocolVersion)
+	}
+
+	t.Run("stdout stderr and exit code", func(t *testing.T) {
+		out, errOut, status := v.run(t, "exit3", defaultSpec("sh", "-c", "echo out; echo err >&2; exit 3"))
+		if out != "out\n" || errOut != "err\n" || status != 3 {
+			t.Fatalf("got stdout %q stderr %q status %d; want %q %q 3", out, errOut, status, "out\n", "err\n")
+		}
+	})
+
+	t.Run("container view", func(t *testing.T) {
+		// The hostname, PID 1, a private devpts, the masked paths and the
+		// dropped capabilities are what the spec asks for.
+		script := `hostname; echo pid=$$; ls /dev/pts; cat /proc/kcore | wc -c; grep CapEff /proc/self/status; ` +
+			`touch /proc/sys/x 2>/dev/null || echo ro-ok; ip link 2>/dev/null | grep -c LOOPBACK,UP`
+		out, errOut, status := v.run(t, "view", defaultSpec("sh", "-c", script))
+		want := "e2e\npid=1\nptmx\n0\nCapEff:\t00000000a80425fb\nro-ok\n1\n"
+		if out != want || status != 0 {
+			t.Fatalf("got stdout %q (stderr %q) status %d; want %q status 0", out, errOut, status, want)
+		}
+	})
+
+	t.Run("missing executable", func(t *testing.T) {
+		p := v.create(t, "noexe", defaultSpec("/no/such/program"), false)
+		_, err := v.client.StartProcess(rpcCtx(t), &agent.StartProcessRequest{ContainerId: p.cid})
+		if err == nil || !strings.Contains(err.Error(), `exec: "/no/such/program"`) || !strings.Contains(err.Error(), "no such file or directory") {
+			t.Fatalf("StartProcess error = %v, want runc-like exec error", err)
+		}
+		_, err = v.client.StartProcess(rpcCtx(t), &agent.StartProcessRequest{ContainerId: "noexe"})
+		if !errdefs.IsFailedPrecondition(err) {
+			t.Fatalf("second StartProcess error = %v, want FailedPrecondition", err)
+		}
+		p2 := v.create(t, "noexe2", defaultSpec("no-such-program"), false)
+		_, err = v.client.StartProcess(rpcCtx(t), &agent.StartProcessRequest{ContainerId: p2.cid})
+		if err == nil || !strings.Contains(err.Error(), `exec: "no-such-program": executable file not found in $PATH`) {
+			t.Fatalf("StartProcess error = %v, want executable file not found in $PATH", err)
+		}
+	})
+
+	t.Run("sigkill is 137", func(t *testing.T) {
+		p := v.create(t, "kill", defaultSpec("sleep", "1000"), false)
+		v.start(t, p)
+		if _, err := v.client.SignalProcess(rpcCtx(t), &agent.SignalProcessRequest{ContainerId: p.cid, Signal: uint32(unix.SIGKILL)}); err != nil {
+			t.Fatal(err)
+		}
+		if st := v.wait(t, p); st != 137 {
+			t.Fatalf("status %d, want 137", st)
+		}
+		// Waiting again keeps answering; signalling a finished process is NotFound.
+		if st := v.wait(t, p); st != 137 {
+			t.Fatalf("second wait: status %d, want 137", st)
+		}
+		_, err := v.client.SignalProcess(rpcCtx(t), &agent.SignalProcessRequest{ContainerId: p.cid, Signal: uint32(unix.SIGKILL)})
+		if !errdefs.IsNotFound(err) {
+			t.Fatalf("signal after exit: %v, want NotFound", err)
+		}
+	})
+
+	t.Run("stdin round trip", func(t *testing.T) {
+		p := v.create(t, "cat", defaultSpec("cat"), true)
+		v.start(t, p)
+		msg := "hello through stdin\nsecond line\n"
+		if _, err := p.stdin.Write([]byte(msg)); err != nil {
+			t.Fatal(err)
+		}
+		closeWrite(t, p.stdin)
+		if st := v.wait(t, p); st != 0 {
+			t.Fatalf("cat exited %d", st)
+		}
+		if out := p.stdout.wait(t); out != msg {
+			t.Fatalf("stdout %q, want %q", out, msg)
+		}
+	})
+
+	t.Run("close stdin rpc", func(t *testing.T) {
+		p := v.create(t, "cat2", defaultSpec("sh", "-c", "cat; echo eof"), true)
+		v.start(t, p)
+		if _, err := p.stdin.Write([]byte("abc")); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := v.client.CloseStdin(rpcCtx(t), &agent.CloseStdinRequest{ContainerId: p.cid}); err != nil {
+			t.Fatal(err)
+		}
+		if st := v.wait(t, p); st != 0 {
+			t.Fatalf("exited %d", st)
+		}
+		if out := p.stdout.wait(t); out != "abceof\n" {
+			t.Fatalf("stdout %q, want %q", out, "abceof\n")
+		}
+	})
+
+	t.Run("pty and resize", func(t *testing.T) {
+		spec := defaultSpec("sh", "-c", "tty; stty size; read x; stty size")
+		spec.Process.Terminal = true
+		spec.Process.ConsoleSize = &specs.Box{Height: 24, Width: 80}
+		p := v.create(t, "pty", spec, true)
+		v.start(t, p)
+		p.stdout.waitFor(t, "24 80")
+		if _, err := v.client.ResizePty(rpcCtx(t), &agent.ResizePtyRequest{ContainerId: p.cid, Width: 132, Height: 43}); err != nil {
+			t.Fatal(err)
+		}
+		p.stdin.Write([]byte("go\n"))
+		if st := v.wait(t, p); st != 0 {
+			t.Fatalf("exited %d", st)
+		}
+		out := strings.ReplaceAll(p.stdout.wait(t), "\r\n", "\n")
+		lines := strings.Split(out, "\n")
+		if len(lines) < 4 || !strings.HasPrefix(lines[0], "/dev/pts/") || lines[1] != "24 80" || !strings.Contains(out, "go\n43 132\n") {
+			t.Fatalf("terminal output %q: want /dev/pts/N, 24 80, the echoed go, then 43 132", out)
+		}
+	})
+
+	t.Run("exec sees init in its pid namespace", func(t *testing.T) {
+		p := v.create(t, "ns", defaultSpec("sleep", "1000"), false)
+		v.start(t, p)
+		e := v.exec(t, p.cid, "e1", &specs.Process{Args: []string{"sh", "-c", "cat /proc/1/cmdline | tr '\\0' ' '; echo; hostname; echo $PWD"}, Cwd: "/tmp",
+			Env: []string{"PATH=/bin"}}, false)
+		v.start(t, e)
+		if st := v.wait(t, e); st != 0 {
+			t.Fatalf("exec exited %d (stderr %q)", st, e.stderr.wait(t))
+		}
+		if out := e.stdout.wait(t); out != "sleep 1000 \ne2e\n/tmp\n" {
+			t.Fatalf("exec stdout %q, want init's cmdline, the hostname and the cwd", out)
+		}
+		pids, err := v.client.Pids(rpcCtx(t), &agent.PidsRequest{ContainerId: p.cid})
+		if err != nil || len(pids.Processes) != 1 {
+			t.Fatalf("Pids after the exec exited = %v, %v; want only the init", pids, err)
+		}
+		if _, err := v.client.DeleteProcess(rpcCtx(t), &agent.DeleteProcessRequest{ContainerId: p.cid, ExecId: "e1"}); err != nil {
+			t.Fatal(err)
+		}
+		_, err = v.client.WaitProcess(rpcCtx(t), &agent.WaitProcessRequest{ContainerId: p.cid, ExecId: "e1"})
+		if !errdefs.IsNotFound(err) {
+			t.Fatalf("wait after delete: %v, want NotFound", err)
+		}
+	})
+
+	t.Run("kill all", func(t *testing.T) {
+		p := v.create(t, "killall", defaultSpec("sh", "-c", "sleep 1000 & sleep 1000 & wait"), false)
+		v.start(t, p)
+		deadline := time.Now().Add(rpcTimeout)
+		for {
+			pids, err := v.client.Pids(rpcCtx(t), &agent.PidsRequest{ContainerId: p.cid})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(pids.Processes) == 3 {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("pids %v, want 3 processes", pids.Processes)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		if _, err := v.client.SignalProcess(rpcCtx(t), &agent.SignalProcessRequest{ContainerId: p.cid, Signal: uint32(unix.SIGKILL), All: true}); err != nil {
+			t.Fatal(err)
+		}
+		if st := v.wait(t, p); st != 137 {
+			t.Fatalf("init status %d, want 137", st)
+		}
+		pids, err := v.client.Pids(rpcCtx(t), &agent.PidsRequest{ContainerId: p.cid})
+		if err != nil || len(pids.Processes) != 0 {
+			t.Fatalf("pids after kill all = %v, %v; want none", pids, err)
+		}
+	})
+
+	t.Run("stats", func(t *testing.T) {
+		p := v.create(t, "stats", defaultSpec("sh", "-c", "i=0; while [ $i -lt 3000 ]; do i=$((i+1)); done; echo spun; sleep 1000"), false)
+		v.start(t, p)
+		p.stdout.waitFor(t, "spun")
+		resp, err := v.client.Stats(rpcCtx(t), &agent.StatsRequest{ContainerId: p.cid})
+		if err != nil {
+			t.Fatal(err)
+		}
+		m := resp.Metrics
+		if m.GetMemory().GetUsage() == 0 || m.GetCPU().GetUsageUsec() == 0 || m.GetPids().GetCurrent() == 0 {
+			t.Fatalf("stats memory usage %d, cpu usage %d us, pids %d: want all > 0", m.GetMemory().GetUsage(), m.GetCPU().GetUsageUsec(), m.GetPids().GetCurrent())
+		}
+		t.Logf("memory %d bytes, cpu %d us, pids %d", m.GetMemory().GetUsage(), m.GetCPU().GetUsageUsec(), m.GetPids().GetCurrent())
+	})
+
+	t.Run("oom kill", func(t *testing.T) {
+		spec := defaultSpec("sh", "-c", "x=0123456789abcdef; while true; do x=$x$x; done")
+		limit := int64(32 << 20)
+		spec.Linux.Resources = &specs.LinuxResources{Memory: &specs.LinuxMemory{Limit: &limit, Swap: &limit}}
+		p := v.create(t, "oom", spec, false)
+		v.start(t, p)
+		if st := v.wait(t, p); st != 137 {
+			t.Fatalf("status %d, want 137 (OOM kill)", st)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		evs, err := v.client.WaitEvents(ctx, &agent.WaitEventsRequest{})
+		if err != nil {
+			t.Fatalf("WaitEvents: %v", err)
+		}
+		found := false
+		for _, e := range evs.Events {
+			if e.GetOom().GetContainerId() == "oom" {
+				found = true
+			}
+		}
+		if !found {
+			t.Fatalf("events %v: no OOM event for the container", evs.Events)
+		}
+		resp, err := v.client.Stats(rpcCtx(t), &agent.StatsRequest{ContainerId: p.cid})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if k := resp.Metrics.GetMemoryEvents().GetOomKill(); k < 1 {
+			t.Fatalf("MemoryEvents.OomKill = %d, want >= 1", k)
+		}
+		if max := resp.Metrics.GetMemory().GetUsageLimit(); max != uint64(limit) {
+			t.Errorf("memory limit %d, want %d", max, limit)
+		}
+	})
+
+	t.Run("64MiB stdout intact", func(t *testing.T) {
+		data := make([]byte, 64<<20)
+		rand.Read(data)
+		// The file reaches the container through a read-only bind mount of
+		// a guest directory (here, one of the shared rootfs).
+		os.MkdirAll(filepath.Join(v.rootfs, "srv"), 0o755)
+		if err := os.WriteFile(filepath.Join(v.rootfs, "srv", "big.bin"), data, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		defer os.Remove(filepath.Join(v.rootfs, "srv", "big.bin"))
+		spec := defaultSpec("cat", "/data/big.bin")
+		spec.Mounts = append(spec.Mounts, specs.Mount{Destination: "/data", Type: "bind", Source: "/run/macvm/c/big/rootfs/srv", Options: []string{"rbind", "ro"}})
+		start := time.Now()
+		out, errOut, status := v.run(t, "big", spec)
+		if status != 0 {
+			t.Fatalf("cat exited %d: %q", status, errOut)
+		}
+		if len(out) != len(data) || sha256.Sum256([]byte(out)) != sha256.Sum256(data) {
+			t.Fatalf("stdout: %d bytes, sha256 %x; want %d bytes, sha256 %x", len(out), sha256.Sum256([]byte(out)), len(data), sha256.Sum256(data))
+		}
+		t.Logf("64 MiB in %v", time.Since(start))
+	})
+
+	t.Run("no zombies after orphans", func(t *testing.T) {
+		// Without a PID namespace the orphans are reparented to the agent
+		// (PID 1 of the VM), which must reap them.
+		script := `(sleep 0.2 &); (sleep 0.2 &); (sleep 0.3 &); sleep 2; ` +
+			`for s in /proc/[0-9]*/stat; do read -r line < $s 2>/dev/null && case "$line" in *") Z "*) echo "zombie: $line";; esac; done; echo done`
+		out, errOut, status := v.run(t, "orphans", withoutNamespace(defaultSpec("sh", "-c", script), specs.PIDNamespace))
+		if out != "done\n" || status != 0 {
+			t.Fatalf("stdout %q (stderr %q) status %d; want just done", out, errOut, status)
+		}
+	})
+
+	t.Run("pause and resume", func(t *testing.T) {
+		p := v.create(t, "pause", defaultSpec("sh", "-c", "read x; echo got $x"), true)
+		v.start(t, p)
+		if _, err := v.client.Pause(rpcCtx(t), &agent.PauseRequest{ContainerId: p.cid}); err != nil {
+			t.Fatal(err)
+		}
+		p.stdin.Write([]byte("a\n"))
+		time.Sleep(time.Second)
+		if out := p.stdout.String(); out != "" {
+			t.Fatalf("a paused container wrote %q", out)
+		}
+		if _, err := v.client.Resume(rpcCtx(t), &agent.ResumeRequest{ContainerId: p.cid}); err != nil {
+			t.Fatal(err)
+		}
+		if st := v.wait(t, p); st != 0 {
+			t.Fatalf("exited %d", st)
+		}
+		if out := p.stdout.wait(t); out != "got a\n" {
+			t.Fatalf("stdout %q, want %q", out, "got a\n")
+		}
+	})
+
+	t.Run("10 concurrent execs", func(t *testing.T) {
+		p := v.create(t, "conc", defaultSpec("sleep", "1000"), false)
+		v.start(t, p)
+		var wg sync.WaitGroup
+		errs := make(chan error, 10)
+		for i := 0; i < 10; i++ {
+			wg.Add(1)
+			go func(i int) {
+				defer wg.Done()
+				id := fmt.Sprintf("x%d", i)
+				e := v.exec(t, p.cid, id, &specs.Process{Args: []string{"sh", "-c", fmt.Sprintf("echo exec-%d; echo err-%d >&2; exit %d", i, i, i)}, Cwd: "/"}, false)
+				if _, err := v.client.StartProcess(rpcCtx(t), &agent.StartProcessRequest{ContainerId: p.cid, ExecId: id}); err != nil {
+					errs <- err
+					return
+				}
+				resp, err := v.client.WaitProcess(rpcCtx(t), &agent.WaitProcessRequest{ContainerId: p.cid, ExecId: id})
+				if err != nil {
+					errs <- err
+					return
+				}
+				out, errOut := e.stdout.wait(t), e.stderr.wait(t)
+				if resp.ExitStatus != uint32(i) || out != fmt.Sprintf("exec-%d\n", i) || errOut != fmt.Sprintf("err-%d\n", i) {
+					errs <- fmt.Errorf("exec %d: status %d stdout %q stderr %q", i, resp.ExitStatus, out, errOut)
+				}
+			}(i)
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			t.Error(err)
+		}
+	})
+
+	t.Run("exec after init exit is refused", func(t *testing.T) {
+		out, _, _ := v.run(t, "gone", defaultSpec("true"))
+		if out != "" {
+			t.Fatalf("stdout %q", out)
+		}
+		b := []byte(`{"args":["true"],"cwd":"/"}`)
+		_, err := v.client.ExecProcess(rpcCtx(t), &agent.ExecProcessRequest{ContainerId: "gone", ExecId: "late", Process: b})
+		if !errdefs.IsFailedPrecondition(err) {
+			t.Fatalf("exec after exit: %v, want FailedPrecondition", err)
+		}
+	})
+
+	t.Run("delete container", func(t *testing.T) {
+		p := v.create(t, "del", defaultSpec("sleep", "1000"), false)
+		v.start(t, p)
+		if _, err := v.client.DeleteContainer(rpcCtx(t), &agent.DeleteContainerRequest{ContainerId: "del"}); err != nil {
+			t.Fatal(err)
+		}
+		_, err := v.client.Pids(rpcCtx(t), &agent.PidsRequest{ContainerId: "del"})
+		if !errdefs.IsNotFound(err) {
+			t.Fatalf("Pids after delete: %v, want NotFound", err)
+		}
+		// The id can be used again.
+		out, _, status := v.run(t, "del", defaultSpec("echo", "again"))
+		if out != "again\n" || status != 0 {
+			t.Fatalf("re-created container: %q %d", out, status)
+		}
+	})
+}
+
+// TestShutdownPowersOff checks that Shutdown really ends the VM (QEMU
+// exits cleanly, not through a kill).
+func TestShutdownPowersOff(t *testing.T) {
+	v := bootVM(t)
+	t.Logf("boot time (qemu start -> agent ready): %v", v.boot)
+	p := v.create(t, "victim", defaultSpec("sleep", "1000"), false)
+	v.start(t, p)
+	if _, err := v.client.Shutdown(rpcCtx(t), &emptypb.Empty{}); err != nil {
+		t.Fatalf("Shutdown: %v", err)
+	}
+	select {
+	case <-v.m.Done():
+	case <-time.After(30 * time.Second):
+		t.Fatalf("VM still running 30s after Shutdown\nconsole:\n%s", v.m.ConsoleTail(2048))
+	}
+	if err := v.m.Err(); err != nil {
+		t.Fatalf("VM exit: %v, want a clean power-off", err)
+	}
+	_ = bytes.MinRead
+}
