@@ -5,7 +5,7 @@
 //
 // Usage:
 //
-//	macvm-mkinitrd -agent BIN [-modules DIR] [-compress none|gzip] -o FILE
+//	macvm-mkinitrd -agent BIN [-modules DIR] [-first MOD,...] [-compress none|gzip] -o FILE
 //	macvm-mkinitrd -list FILE
 package main
 
@@ -18,6 +18,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/macvm/macvm/pkg/bootimage"
 )
@@ -28,6 +29,8 @@ func main() {
 	out := flag.String("o", "", "initramfs to write")
 	compress := flag.String("compress", string(bootimage.CompressNone), "none or gzip (none boots faster under TCG)")
 	list := flag.String("list", "", "print the members of an existing initramfs and exit")
+	first := flag.String("first", strings.Join(bootimage.DefaultFirstModules, ","),
+		"modules to put first in load.list (with their dependencies): the agent channel's")
 	flag.Parse()
 
 	var err error
@@ -35,7 +38,7 @@ func main() {
 	case *list != "":
 		err = listImage(*list)
 	case *agent != "" && *out != "":
-		err = build(*agent, *modules, *out, bootimage.Compression(*compress))
+		err = build(*agent, *modules, *out, strings.Split(*first, ","), bootimage.Compression(*compress))
 	default:
 		flag.Usage()
 		os.Exit(2)
@@ -46,7 +49,7 @@ func main() {
 	}
 }
 
-func build(agent, modDir, out string, c bootimage.Compression) error {
+func build(agent, modDir, out string, first []string, c bootimage.Compression) error {
 	var mods []*bootimage.Module
 	if modDir != "" {
 		var err error
@@ -64,7 +67,7 @@ func build(agent, modDir, out string, c bootimage.Compression) error {
 		return err
 	}
 	defer os.Remove(tmp.Name())
-	if err := bootimage.WriteInitrd(tmp, bootimage.InitrdSpec{Init: agent, Modules: mods, Compression: c}); err != nil {
+	if err := bootimage.WriteInitrd(tmp, bootimage.InitrdSpec{Init: agent, Modules: mods, First: first, Compression: c}); err != nil {
 		tmp.Close()
 		return err
 	}

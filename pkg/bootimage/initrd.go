@@ -38,14 +38,25 @@ type InitrdSpec struct {
 	Init string
 	// Modules are packed under /lib/modules and listed in LoadList; they
 	// are ordered with LoadOrder, so any order is accepted here.
-	Modules     []*Module
+	Modules []*Module
+	// First names modules to load as early as possible (see
+	// LoadOrderFirst); DefaultFirstModules when nil.
+	First       []string
 	Compression Compression
 }
+
+// DefaultFirstModules are the modules behind the agent channel under
+// QEMU's microvm: with them loaded the agent can talk to the host.
+var DefaultFirstModules = []string{"virtio_mmio", "virtio_console"}
 
 // WriteInitrd writes the initramfs described by spec to w. Entries carry
 // mtime 0 and root ownership so equal inputs give byte-identical images.
 func WriteInitrd(w io.Writer, spec InitrdSpec) error {
-	order, err := LoadOrder(spec.Modules)
+	first := spec.First
+	if first == nil {
+		first = DefaultFirstModules
+	}
+	order, err := LoadOrderFirst(spec.Modules, first)
 	if err != nil {
 		return err
 	}

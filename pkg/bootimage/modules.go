@@ -155,7 +155,14 @@ func ReadModuleDir(dir string) ([]*Module, error) {
 // images are reproducible. A dependency outside the set is an
 // errdefs.ErrNotFound error, a dependency cycle (which the kernel could
 // never satisfy) an errdefs.ErrInvalidArgument one.
-func LoadOrder(mods []*Module) ([]*Module, error) {
+func LoadOrder(mods []*Module) ([]*Module, error) { return LoadOrderFirst(mods, nil) }
+
+// LoadOrderFirst is LoadOrder with the named modules (and what they need)
+// placed as early as the dependencies allow, in the order given. The
+// initramfs puts the agent channel's modules first so the agent can open
+// its channel before it loads the rest (under TCG each module costs tens
+// of milliseconds). Names not in the set are ignored.
+func LoadOrderFirst(mods []*Module, first []string) ([]*Module, error) {
 	byName := make(map[string]*Module, len(mods))
 	names := make([]string, 0, len(mods))
 	for _, m := range mods {
@@ -224,6 +231,14 @@ func LoadOrder(mods []*Module) ([]*Module, error) {
 		state[name] = done
 		order = append(order, m)
 		return nil
+	}
+	for _, n := range first {
+		if _, ok := byName[NormalizeModuleName(n)]; !ok {
+			continue
+		}
+		if err := visit(NormalizeModuleName(n)); err != nil {
+			return nil, err
+		}
 	}
 	for _, n := range names {
 		if err := visit(n); err != nil {

@@ -251,3 +251,17 @@ func TestCompressedModules(t *testing.T) {
 		t.Errorf(".ko.zst: got %v, want ErrNotImplemented", err)
 	}
 }
+
+func TestLoadOrderFirst(t *testing.T) {
+	mods := []*Module{
+		mod("9p", "9pnet", "netfs"), mod("9pnet"), mod("netfs"),
+		mod("virtio_console", "virtio", "virtio_ring"), mod("virtio_mmio", "virtio", "virtio_ring"), mod("virtio"), mod("virtio_ring"),
+	}
+	got, err := LoadOrderFirst(mods, []string{"virtio-mmio", "virtio_console", "absent"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := "virtio virtio_ring virtio_mmio virtio_console 9pnet netfs 9p"; names(got) != want {
+		t.Errorf("got %q, want %q", names(got), want)
+	}
+}
