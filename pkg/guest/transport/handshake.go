@@ -2,6 +2,7 @@ package transport
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -20,8 +21,8 @@ import (
 // connects next, so both ends start by scanning for a token they cannot
 // mistake for stale data: a NUL, a magic word, and a nonce fresh for each
 // Connect. A yamux header starts with version 0 followed by a type byte in
-// 0..3, never 'M', which is how the guest tells a repeated SYNC from the first
-// yamux frame (see rawConn.skipSyncs).
+// 0..3, never 'M', which is how each side tells a repeated token from the
+// first yamux frame (see rawConn.skipSyncs).
 const (
 	tokenPrefix = "\x00MACVM-"
 	kindSync    = "SYNC1"
@@ -33,13 +34,24 @@ const (
 )
 
 // Resend pacing for the host's SYNC. A guest session that is still alive
-// from a previous host reads the first SYNC as a corrupt yamux frame and
-// dies, consuming it; the next copy reaches the guest's fresh Accept. The
-// interval grows so that a slow (TCG) boot is not flooded with copies.
+// from a previous host (it did not notice the hang-up before the new host
+// connected) reads the first SYNC as a corrupt yamux frame and dies,
+// consuming it; a later copy reaches the guest's fresh Accept. The interval
+// grows so that a slow (TCG) boot is not flooded with copies.
 const (
-	syncResendFirst = 100 * time.Millisecond
+	syncResendFirst = 50 * time.Millisecond
 	syncResendMax   = time.Second
 )
+
+// syncPadding precedes the second SYNC copy (one padded copy is enough:
+// once the old session is dead, the guest's scanner reads what follows). A guest session left
+// over from a host that went away while it was sending may be inside a
+// data frame whose body will never come, and read our SYNC as body bytes;
+// frames are at most maxFrameBody long (see streamConn.Write), so this
+// padding completes any such body. Its bytes are not a yamux version (0),
+// so the old session then fails on the first header it reads instead of
+// parsing the padding or the token as frames, and the scanners skip them.
+var syncPadding = bytes.Repeat([]byte{0xff}, maxFrameBody+frameHeaderLen)
 
 func formatToken(kind, nonce string) []byte {
 	return []byte(tokenPrefix + kind + ":" + nonce + "\n")
@@ -59,6 +71,13 @@ func newNonce() (string, error) {
 func readToken(r *bufio.Reader) (kind, nonce string, err error) {
 	matched := 0 // bytes of tokenPrefix matched so far
 	for {
+		if matched == 0 {
+			// Skip to the next NUL without a byte-by-byte loop: stale data
+			// and padding can be long, and the guest runs emulated.
+			if err := skipToNUL(r); err != nil {
+				return "", "", err
+			}
+		}
 		b, err := r.ReadByte()
 		if err != nil {
 			return "", "", err
@@ -95,6 +114,23 @@ func readToken(r *bufio.Reader) (kind, nonce string, err error) {
 				break
 			}
 			body = append(body, b)
+		}
+	}
+}
+
+// skipToNUL discards bytes up to, not including, the next NUL.
+func skipToNUL(r *bufio.Reader) error {
+	for {
+		buf, err := r.Peek(max(r.Buffered(), 1))
+		if len(buf) == 0 {
+			return err
+		}
+		if i := bytes.IndexByte(buf, 0); i >= 0 {
+			_, err := r.Discard(i)
+			return err
+		}
+		if _, err := r.Discard(len(buf)); err != nil {
+			return err
 		}
 	}
 }
@@ -163,22 +199,30 @@ func Connect(ctx context.Context, conn net.Conn, opts ...Option) (*Session, erro
 		conn.Close()
 		return nil, fmt.Errorf("%w: transport: clear deadline: %w", errdefs.ErrInternal, err)
 	}
-	return newSession(newRawConn(br, conn, conn, ""), true, opts)
+	return newSession(newRawConn(br, conn, conn, kindReady, nonce), true, opts)
 }
 
-// resendSync writes token at once and then again at growing intervals until
-// stop is closed.
+// resendSync writes token at once and then again at growing intervals
+// until stop is closed. The first copy goes bare: a fresh guest, or one
+// that saw the previous host hang up, answers it at once. The second is
+// padded (see syncPadding); later ones go bare again so that a slow boot
+// does not queue much for the guest to scan.
 func resendSync(w io.Writer, token []byte, stop <-chan struct{}) error {
 	interval := syncResendFirst
 	timer := time.NewTimer(0)
 	defer timer.Stop()
-	for {
+	padded := append(append([]byte(nil), syncPadding...), token...)
+	for copies := 0; ; copies++ {
 		select {
 		case <-stop:
 			return nil
 		case <-timer.C:
 		}
-		if _, err := w.Write(token); err != nil {
+		msg := token
+		if copies == 1 {
+			msg = padded
+		}
+		if _, err := w.Write(msg); err != nil {
 			return err
 		}
 		timer.Reset(interval)
@@ -226,7 +270,7 @@ func Accept(ctx context.Context, rw io.ReadWriter, opts ...Option) (*Session, er
 	if err != nil {
 		return nil, fmt.Errorf("%w: transport: waiting for the host: %w", errdefs.ErrUnavailable, err)
 	}
-	return newSession(newRawConn(br, rw, nil, nonce), false, opts)
+	return newSession(newRawConn(br, rw, nil, kindSync, nonce), false, opts)
 }
 
 // deadliner is what Close and ctx use to interrupt blocked I/O on a channel

@@ -23,10 +23,10 @@ type rawConn struct {
 	// closer is closed by Close; nil on the guest, where the port outlives
 	// the session.
 	closer io.Closer
-	// skipNonce, until the first yamux byte, is the nonce of SYNC copies
-	// that may still follow the one that was answered. Only the session's
-	// single reader goroutine touches it.
-	skipNonce string
+	// skipKind and skipNonce, until the first yamux byte, name the token
+	// of which repeats may still follow the one that started the session.
+	// Only the session's single reader goroutine touches them.
+	skipKind, skipNonce string
 
 	mu       sync.Mutex // guards closed and inflight
 	idle     *sync.Cond // signalled when inflight drops to zero
@@ -35,8 +35,8 @@ type rawConn struct {
 	done     chan struct{} // closed when Close has detached the channel
 }
 
-func newRawConn(r *bufio.Reader, rw io.Writer, closer io.Closer, skipNonce string) *rawConn {
-	c := &rawConn{r: r, w: rw, rw: rw, closer: closer, skipNonce: skipNonce, done: make(chan struct{})}
+func newRawConn(r *bufio.Reader, rw io.Writer, closer io.Closer, skipKind, skipNonce string) *rawConn {
+	c := &rawConn{r: r, w: rw, rw: rw, closer: closer, skipKind: skipKind, skipNonce: skipNonce, done: make(chan struct{})}
 	c.idle = sync.NewCond(&c.mu)
 	return c
 }
@@ -73,27 +73,46 @@ func (c *rawConn) Read(p []byte) (int, error) {
 	return c.r.Read(p)
 }
 
-// skipSyncs drops the copies of the answered SYNC that the host sent before
-// it saw READY. Any other token means a different host has connected since:
-// the session is over.
+// skipSyncs drops what the peer sent after the answered token and before
+// its first yamux byte: on the guest, the copies of the SYNC (and their
+// padding) that the host resent before it saw READY; on the host, a
+// repeated READY. Any other token means a different host has connected
+// since: the session is over.
 func (c *rawConn) skipSyncs() error {
 	for {
-		b, err := c.r.Peek(2)
+		b, err := c.r.Peek(1)
 		if err != nil {
 			return err
 		}
-		if b[0] != tokenPrefix[0] || b[1] != tokenPrefix[1] {
-			c.skipNonce = ""
-			return nil
+		if b[0] == syncPadding[0] {
+			run, _ := c.r.Peek(c.r.Buffered())
+			n := 0
+			for n < len(run) && run[n] == syncPadding[0] {
+				n++
+			}
+			c.r.Discard(n)
+			continue
+		}
+		if b[0] != tokenPrefix[0] {
+			break
+		}
+		// A yamux header is 12 bytes, so a second byte will come.
+		if b, err = c.r.Peek(2); err != nil {
+			return err
+		}
+		if b[1] != tokenPrefix[1] {
+			break
 		}
 		kind, nonce, err := readToken(c.r)
 		if err != nil {
 			return err
 		}
-		if kind != kindSync || nonce != c.skipNonce {
+		if kind != c.skipKind || nonce != c.skipNonce {
 			return fmt.Errorf("transport: %s token with nonce %s during session %s: a new host connected", kind, nonce, c.skipNonce)
 		}
 	}
+	c.skipNonce = ""
+	return nil
 }
 
 func (c *rawConn) Write(p []byte) (int, error) {

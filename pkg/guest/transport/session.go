@@ -33,6 +33,15 @@ const ControlStream = "ttrpc"
 // allocate or wait for much.
 const maxNameLen = 1024
 
+// maxFrameBody caps the body of the data frames this side sends (yamux
+// would otherwise send up to a whole window in one frame). A receiver cut
+// off in the middle of a frame then waits for at most this many bytes that
+// will never come, which syncPadding can fill; see resendSync.
+const maxFrameBody = 256 << 10
+
+// frameHeaderLen is the size of a yamux frame header.
+const frameHeaderLen = 12
+
 // headerTimeout bounds how long Accept waits for the name header of a
 // stream the host has opened; Open writes it immediately.
 const headerTimeout = 30 * time.Second
@@ -250,6 +259,20 @@ func (c *streamConn) Read(p []byte) (int, error) {
 		return 0, net.ErrClosed
 	}
 	return n, err
+}
+
+// Write sends p in frames of at most maxFrameBody bytes.
+func (c *streamConn) Write(p []byte) (int, error) {
+	var n int
+	for len(p) > 0 {
+		w, err := c.Stream.Write(p[:min(len(p), maxFrameBody)])
+		n += w
+		p = p[w:]
+		if err != nil {
+			return n, err
+		}
+	}
+	return n, nil
 }
 
 // CloseWrite half-closes the stream: the peer reads EOF once it has read

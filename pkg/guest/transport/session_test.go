@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -401,4 +402,102 @@ func TestOpenRejectsBadNames(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Error("Done not closed after Close")
 	}
+}
+
+// A host that dies in the middle of a data frame leaves the guest's
+// session waiting for the rest of the body; if the guest never sees the
+// hang-up (a new host connected first), the new host's SYNC must still get
+// through: its padded resends complete the body and kill that session.
+func TestReconnectMidFrame(t *testing.T) {
+	port := newFakePort(t)
+	held := make(chan struct{}, 1)
+	_, stop := guestLoop(t, port.guest, func(name string, c net.Conn) {
+		if name == "held" {
+			held <- struct{}{}
+			io.Copy(io.Discard, c)
+			return
+		}
+		echo(name, c)
+	})
+	defer stop()
+
+	h1 := port.connect(t)
+	s1 := mustConnect(t, h1)
+	c, err := s1.Open("held") // stream 1: the host's first
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Write([]byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	<-held
+	// A data frame for stream 1 announcing a full-size body, of which only
+	// a little arrives.
+	hdr := make([]byte, frameHeaderLen)
+	hdr[1] = 0 // typeData
+	binary.BigEndian.PutUint32(hdr[4:], 1)
+	binary.BigEndian.PutUint32(hdr[8:], maxFrameBody)
+	if _, err := h1.Write(append(hdr, make([]byte, 1000)...)); err != nil {
+		t.Fatal(err)
+	}
+	s1.Close()
+
+	s2 := mustConnect(t, port.connect(t))
+	roundTrip(t, s2, "after-cut-frame", []byte("through"))
+}
+
+// A guest slower than the host's resend interval (a TCG boot) finds
+// several SYNC copies, padded, queued behind the first: it answers once
+// and its session must skip the rest, not die on them.
+func TestSlowGuestSkipsResentSyncs(t *testing.T) {
+	host, guest := socketpair(t)
+	connected := make(chan *Session, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		s, err := Connect(ctx, host)
+		if err != nil {
+			t.Error(err)
+		}
+		connected <- s
+	}()
+	time.Sleep(3*syncResendFirst + 50*time.Millisecond) // three resends queued
+	sessions, stop := guestLoop(t, guest, echo)
+	defer stop()
+	s := <-connected
+	if s == nil {
+		t.FailNow()
+	}
+	defer s.Close()
+	roundTrip(t, s, "slow", []byte("guest"))
+	if n := len(sessions); n != 1 {
+		t.Errorf("guest accepted %d sessions, want 1", n)
+	}
+}
+
+// A guest that answers the same SYNC twice (its first session died before
+// the host's first frame) must not break the host's session.
+func TestHostSkipsRepeatedReady(t *testing.T) {
+	host, guest := socketpair(t)
+	go func() {
+		br := bufio.NewReader(guest)
+		_, nonce, err := readToken(br)
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		ready := formatToken(kindReady, nonce)
+		guest.Write(append(append([]byte("stale"), ready...), ready...))
+		s, err := newSession(newRawConn(br, guest, nil, kindSync, nonce), false, nil)
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		name, c, err := s.Accept()
+		if err == nil {
+			echo(name, c)
+		}
+	}()
+	s := mustConnect(t, host)
+	roundTrip(t, s, "once", []byte("twice"))
 }
