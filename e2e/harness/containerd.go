@@ -567,6 +567,7 @@ func (c *Containerd) DeleteAll(ctx context.Context) error {
 // not poison the next.
 func (c *Containerd) Cleanup(ctx context.Context) error {
 	var errs []error
+	t0 := time.Now()
 	if c.Pid() != 0 {
 		dctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 		if err := c.DeleteAll(dctx); err != nil {
@@ -574,14 +575,18 @@ func (c *Containerd) Cleanup(ctx context.Context) error {
 		}
 		cancel()
 	}
+	t1 := time.Now()
 	if err := c.stop(30 * time.Second); err != nil {
 		errs = append(errs, err)
 	}
+	t2 := time.Now()
 	// Shims exit on their own once their last task is deleted; give them (and their VMs) a moment.
 	left, err := c.WaitClean(15*time.Second, false)
 	if err != nil {
 		errs = append(errs, err)
 	}
+	c.opts.Logf("cleanup: containers deleted in %v, containerd stopped in %v, clean after %v more",
+		t1.Sub(t0).Round(time.Millisecond), t2.Sub(t1).Round(time.Millisecond), time.Since(t2).Round(time.Millisecond))
 	if !left.Empty() {
 		errs = append(errs, fmt.Errorf("left behind after all containers were deleted and containerd stopped:\n%s", left))
 		if still := KillProcs(left.Procs, 10*time.Second); len(still) > 0 {
