@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
+	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -17,6 +18,7 @@ import (
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"golang.org/x/sys/unix"
 	"google.golang.org/protobuf/types/known/emptypb"
+	"google.golang.org/protobuf/types/known/timestamppb"
 
 	agent "github.com/macvm/macvm/pkg/guest/api/v1"
 )
@@ -52,6 +54,49 @@ func TestGuestAgent(t *testing.T) {
 		want := "e2e\npid=1\nptmx\n0\nCapEff:\t00000000a80425fb\nro-ok\n1\n"
 		if out != want || status != 0 {
 			t.Fatalf("got stdout %q (stderr %q) status %d; want %q status 0", out, errOut, status, want)
+		}
+	})
+
+	t.Run("user groups umask rlimits", func(t *testing.T) {
+		spec := defaultSpec("sh", "-c", "id; umask; ulimit -n; grep -E '^(CapEff|NoNewPrivs)' /proc/self/status; touch /tmp/f; stat -c %a /tmp/f")
+		umask := uint32(0o077)
+		spec.Process.User = specs.User{UID: 1000, GID: 1000, AdditionalGids: []uint32{2000, 3000}, Umask: &umask}
+		spec.Process.Rlimits = []specs.POSIXRlimit{{Type: "RLIMIT_NOFILE", Hard: 512, Soft: 256}}
+		out, errOut, status := v.run(t, "user", spec)
+		want := "uid=1000 gid=1000 groups=2000,3000\n0077\n256\nCapEff:\t0000000000000000\nNoNewPrivs:\t1\n600\n"
+		if out != want || status != 0 {
+			t.Fatalf("got stdout %q (stderr %q) status %d; want %q", out, errOut, status, want)
+		}
+	})
+
+	t.Run("update resources", func(t *testing.T) {
+		p := v.create(t, "update", defaultSpec("sh", "-c", "read x; cat /sys/fs/cgroup/pids.max /sys/fs/cgroup/memory.max"), true)
+		v.start(t, p)
+		pids, mem := int64(42), int64(64<<20)
+		b, _ := json.Marshal(&specs.LinuxResources{Pids: &specs.LinuxPids{Limit: &pids}, Memory: &specs.LinuxMemory{Limit: &mem}})
+		if _, err := v.client.UpdateResources(rpcCtx(t), &agent.UpdateResourcesRequest{ContainerId: p.cid, Resources: b}); err != nil {
+			t.Fatal(err)
+		}
+		p.stdin.Write([]byte("go\n"))
+		if st := v.wait(t, p); st != 0 {
+			t.Fatalf("exited %d: %q", st, p.stderr.wait(t))
+		}
+		if out := p.stdout.wait(t); out != "42\n67108864\n" {
+			t.Fatalf("stdout %q, want the updated pids.max and memory.max", out)
+		}
+	})
+
+	t.Run("set time", func(t *testing.T) {
+		future := time.Date(2031, 7, 1, 12, 0, 0, 0, time.UTC)
+		if _, err := v.client.SetTime(rpcCtx(t), &agent.SetTimeRequest{Time: timestamppb.New(future)}); err != nil {
+			t.Fatal(err)
+		}
+		out, _, _ := v.run(t, "time", defaultSpec("date", "-u", "+%Y-%m"))
+		if _, err := v.client.SetTime(rpcCtx(t), &agent.SetTimeRequest{Time: timestamppb.Now()}); err != nil {
+			t.Fatal(err)
+		}
+		if out != "2031-07\n" {
+			t.Fatalf("date printed %q after SetTime(2031-07-01)", out)
 		}
 	})
 
