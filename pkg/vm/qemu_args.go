@@ -79,7 +79,9 @@ func qemuArgs(cfg Config, o qemuOptions) ([]string, error) {
 		"-smp", strconv.Itoa(cpus),
 		"-m", strconv.Itoa(mem),
 		"-kernel", escapeOpt(cfg.Kernel),
-		"-append", KernelCmdline("ttyS0", o.TSCKHz, cfg.KernelArgs),
+		// microvm has no PCI bus (its virtio devices are MMIO, described
+		// by ACPI): pci=off skips the probe and its "Fatal" console line.
+		"-append", KernelCmdline("ttyS0", o.TSCKHz, append([]string{"pci=off"}, cfg.KernelArgs...)),
 	)
 	if cfg.Initrd != "" {
 		args = append(args, "-initrd", escapeOpt(cfg.Initrd))

@@ -70,7 +70,7 @@ func TestQEMUArgsTCGDefaults(t *testing.T) {
 	}
 
 	cmdline := argValues(args, "-append")[0]
-	for _, want := range []string{"console=ttyS0", "tsc_early_khz=2096016", "macvm.channel=serial:agent", "rdinit=/init", "panic=-1"} {
+	for _, want := range []string{"console=ttyS0", "tsc_early_khz=2096016", "macvm.channel=serial:agent", "rdinit=/init", "panic=-1", "pci=off"} {
 		if !strings.Contains(cmdline, want) {
 			t.Errorf("kernel command line %q lacks %q", cmdline, want)
 		}
