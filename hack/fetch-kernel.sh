@@ -44,7 +44,13 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 # apt drops privileges to _apt for downloads: let it write here to avoid its warning.
 chmod 0777 "$tmp"
-(cd "$tmp" && apt-get download -q "$pkg" >/dev/null)
+# Stale lists can name a version the mirror has since dropped (kernel ABI bumps): refresh once and retry.
+if ! (cd "$tmp" && apt-get download -q "$pkg" >/dev/null); then
+	echo "fetch-kernel: downloading $pkg failed, refreshing the package lists" >&2
+	apt-get update -qq
+	pkg=$(resolve)
+	(cd "$tmp" && apt-get download -q "$pkg" >/dev/null)
+fi
 deb=$(ls "$tmp"/*.deb)
 version=$(dpkg-deb -f "$deb" Version)
 dpkg-deb -x "$deb" "$tmp/root"
