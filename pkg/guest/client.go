@@ -58,13 +58,14 @@ func NewClient(ctx context.Context, conn net.Conn, opts ...transport.Option) (*C
 // from the response here.
 func nativeErrors(ctx context.Context, req *ttrpc.Request, resp *ttrpc.Response, _ *ttrpc.UnaryClientInfo, invoke ttrpc.Invoker) error {
 	if err := invoke(ctx, req, resp); err != nil {
-		if errors.Is(err, ttrpc.ErrClosed) {
-			return fmt.Errorf("%w: agent %s: %w", errdefs.ErrUnavailable, req.Method, err)
-		}
 		if _, ok := status.FromError(err); ok {
 			return errgrpc.ToNative(err)
 		}
-		return err // context errors already satisfy errdefs.IsCanceled etc.
+		if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+			return err // errdefs.IsCanceled / IsDeadlineExceeded know them
+		}
+		// Anything else failed below the RPC: the connection is gone.
+		return fmt.Errorf("%w: agent %s: %w", errdefs.ErrUnavailable, req.Method, err)
 	}
 	if resp.Status != nil && resp.Status.Code != int32(codes.OK) {
 		return errgrpc.ToNative(status.ErrorProto(resp.Status))

@@ -258,6 +258,9 @@ func (c *streamConn) Read(p []byte) (int, error) {
 	if err != nil && c.closed.Load() {
 		return 0, net.ErrClosed
 	}
+	if err != nil && err != io.EOF {
+		err = closedErr(err)
+	}
 	return n, err
 }
 
@@ -269,10 +272,19 @@ func (c *streamConn) Write(p []byte) (int, error) {
 		n += w
 		p = p[w:]
 		if err != nil {
-			return n, err
+			return n, closedErr(err)
 		}
 	}
 	return n, nil
+}
+
+// closedErr makes yamux's "this stream or session is over" errors match
+// net.ErrClosed, which is what callers (ttrpc among them) check for.
+func closedErr(err error) error {
+	if errors.Is(err, yamux.ErrStreamClosed) || errors.Is(err, yamux.ErrSessionShutdown) || errors.Is(err, yamux.ErrConnectionReset) {
+		return fmt.Errorf("%w (%w)", net.ErrClosed, err)
+	}
+	return err
 }
 
 // CloseWrite half-closes the stream: the peer reads EOF once it has read

@@ -393,7 +393,17 @@ func TestOpenRejectsBadNames(t *testing.T) {
 			t.Errorf("Open(%d-byte name) = %v, want ErrInvalidArgument", len(name), err)
 		}
 	}
+	open, err := s.Open("open-at-close")
+	if err != nil {
+		t.Fatal(err)
+	}
 	s.Close()
+	if _, err := open.Write([]byte("x")); !errors.Is(err, net.ErrClosed) {
+		t.Errorf("Write on a stream of a closed session = %v, want net.ErrClosed", err)
+	}
+	if _, err := open.Read(make([]byte, 1)); err != io.EOF && !errors.Is(err, net.ErrClosed) {
+		t.Errorf("Read on a stream of a closed session = %v, want EOF or net.ErrClosed", err)
+	}
 	if _, err := s.Open("late"); !errdefs.IsUnavailable(err) || !errors.Is(err, net.ErrClosed) {
 		t.Errorf("Open after Close = %v, want ErrUnavailable wrapping net.ErrClosed", err)
 	}
