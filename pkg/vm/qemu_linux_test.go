@@ -150,9 +150,15 @@ func TestBootHelloOverAgentChannel(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	rwDir, roDir := filepath.Join(dir, "rw"), filepath.Join(dir, "ro")
+	for _, d := range []string{rwDir, roDir} {
+		if err := os.Mkdir(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
 	m := newTestVM(t, "hello", func(c *Config) {
 		c.Disks = []Disk{{Path: disk0}, {Path: disk1, ReadOnly: true}}
-		c.Shares = []Share{{Tag: "rw-share", HostPath: dir}, {Tag: "ro-share", HostPath: dir, ReadOnly: true}}
+		c.Shares = []Share{{Tag: "rw-share", HostPath: rwDir}, {Tag: "ro-share", HostPath: roDir, ReadOnly: true}}
 	})
 
 	ctx, cancel := context.WithTimeout(context.Background(), bootTimeout)
@@ -168,10 +174,17 @@ func TestBootHelloOverAgentChannel(t *testing.T) {
 	t.Logf("qemu exec -> hello from /init: %v (kvm=%v)", time.Since(m.BootStarted()).Round(time.Millisecond), m.kvm)
 
 	// Disks appear as vda, vdb in Config order with their sizes (in
-	// 512-byte sectors) and read-only flags; shares by tag.
-	want := "disks vda:2048:0,vdb:6144:1 tags ro-share,rw-share"
-	if got := readLine(t, conn, r, 10*time.Second); got != want {
+	// 512-byte sectors) and read-only flags; shares by tag, writable or
+	// not as configured.
+	want := "disks vda:2048:0,vdb:6144:1 tags ro-share,rw-share access ro-share=ro,rw-share=rw"
+	if got := readLine(t, conn, r, 30*time.Second); got != want {
 		t.Fatalf("guest view: got %q, want %q", got, want)
+	}
+	if b, err := os.ReadFile(filepath.Join(rwDir, "written-by-guest")); err != nil || string(b) != "rw-share" {
+		t.Errorf("guest write to the rw share: %q, %v", b, err)
+	}
+	if _, err := os.Stat(filepath.Join(roDir, "written-by-guest")); !os.IsNotExist(err) {
+		t.Errorf("guest wrote to the read-only share: %v", err)
 	}
 
 	if _, err := conn.Write([]byte("ping\n")); err != nil {

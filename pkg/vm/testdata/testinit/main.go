@@ -14,6 +14,7 @@ package main
 
 import (
 	"bufio"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -127,7 +128,8 @@ func findPort(name string, timeout time.Duration) (string, error) {
 }
 
 // describe reports what the host configured, so the test can check the
-// backend's disk order and share tags: "disks vda:SECTORS:ro ... tags T1 T2".
+// backend's disk order, share tags and read-only shares:
+// "disks vda:SECTORS:RO,... tags T1,T2 access T1=rw,T2=ro".
 func describe() string {
 	var disks []string
 	blocks, _ := filepath.Glob("/sys/block/vd*")
@@ -144,7 +146,28 @@ func describe() string {
 		tags = append(tags, strings.TrimRight(string(b), "\x00\n"))
 	}
 	sort.Strings(tags)
-	return fmt.Sprintf("disks %s tags %s", strings.Join(disks, ","), strings.Join(tags, ","))
+	// Mount each share and try to write to it: "tag=rw" when a file could
+	// be created, "tag=ro" when the host refused.
+	var access []string
+	for _, tag := range tags {
+		dir := "/run/" + tag
+		_ = os.MkdirAll(dir, 0o755)
+		if err := unix.Mount(tag, dir, "9p", 0, "trans=virtio,version=9p2000.L,msize=512000"); err != nil {
+			access = append(access, tag+"=mount:"+err.Error())
+			continue
+		}
+		err := os.WriteFile(dir+"/written-by-guest", []byte(tag), 0o644)
+		switch {
+		case err == nil:
+			access = append(access, tag+"=rw")
+		case errors.Is(err, unix.EROFS) || errors.Is(err, unix.EACCES) || errors.Is(err, unix.EPERM):
+			access = append(access, tag+"=ro")
+		default:
+			access = append(access, tag+"=error:"+err.Error())
+		}
+		_ = unix.Unmount(dir, 0)
+	}
+	return fmt.Sprintf("disks %s tags %s access %s", strings.Join(disks, ","), strings.Join(tags, ","), strings.Join(access, ","))
 }
 
 func poweroff() {
