@@ -9,6 +9,24 @@
 // so the guest can route it: ControlStream goes to the ttrpc server (see
 // Listener), the others are stdio streams claimed from a StreamTable by the
 // RPC that names them.
+//
+// The handshake, byte for byte:
+//
+//	host  -> guest  "\x00MACVM-SYNC1:<nonce>\n"   nonce: 16 lowercase hex digits, new per Connect;
+//	                 resent at 50 ms, 100 ms, ... 1 s intervals until answered; the second copy
+//	                 is preceded by 256 KiB of 0xff (see syncPadding)
+//	guest -> host   "\x00MACVM-READY1:<nonce>\n"  once per SYNC it scans
+//	both            yamux from the next byte on; each side first skips repeats of the token
+//	                 that started its session, and 0xff padding
+//
+// Each side discards everything else it reads before its token. Stream
+// names travel as the first bytes of each stream: a big-endian uint16
+// length and the name. Data frames are at most 256 KiB.
+//
+// On vsock every host connection is a new conn: the agent calls Accept on
+// it and closes it when the session is Done (Accept never closes what it is
+// given). On virtio-serial the port is one object for the VM's life and
+// Accept is called on it again after each session.
 package transport
 
 import (
