@@ -34,6 +34,11 @@ func TestGuestAgent(t *testing.T) {
 	}
 	t.Logf("agent %s, protocol %d, kernel %s, %d cpus, %d MiB, cgroup controllers %v",
 		info.AgentVersion, info.ProtocolVersion, info.KernelRelease, info.Cpus, info.MemoryBytes>>20, info.CgroupControllers)
+	for _, l := range strings.Split(v.m.ConsoleTail(8192), "\n") {
+		if strings.Contains(l, "macvm-agent") {
+			t.Logf("console: %s", l)
+		}
+	}
 	if info.ProtocolVersion != 1 {
 		t.Errorf("protocol version %d, want 1", info.ProtocolVersion)
 	}

@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -49,8 +50,9 @@ var earlyMounts = []mountPoint{
 // Logf is how boot reports progress; the agent passes its logger.
 type Logf func(format string, args ...any)
 
-// Init prepares the guest: mounts, modules, cgroups, loopback. Only fatal
-// problems are returned; missing optional pieces are logged.
+// Init prepares the guest: mounts, cgroups, loopback. Only fatal problems
+// are returned; missing optional pieces are logged. Kernel modules are the
+// caller's (see LoadModulesAsync): they are the slow part of a boot.
 func Init(logf Logf) error {
 	// The kernel may have mounted devtmpfs already (CONFIG_DEVTMPFS_MOUNT);
 	// every mount tolerates EBUSY for that reason.
@@ -71,9 +73,6 @@ func Init(logf Logf) error {
 	}
 	for _, l := range [][2]string{{"/proc/self/fd", "/dev/fd"}, {"/proc/self/fd/0", "/dev/stdin"}, {"/proc/self/fd/1", "/dev/stdout"}, {"/proc/self/fd/2", "/dev/stderr"}} {
 		_ = os.Symlink(l[0], l[1])
-	}
-	if err := LoadModules(filepath.Join(ModulesDir, "load.list"), logf); err != nil {
-		logf("boot: modules: %v", err)
 	}
 	if err := EnableControllers(CgroupRoot, wantedControllers); err != nil {
 		logf("boot: cgroup controllers: %v", err)
@@ -117,6 +116,24 @@ func ensureStdio() {
 	if fd > 2 {
 		unix.Close(fd)
 	}
+}
+
+// LoadModulesAsync loads the initramfs's modules in the background and
+// closes the returned channel when it is done. The agent meanwhile opens its
+// channel as soon as the port appears: load.list puts the channel's modules
+// first, so the handshake with the host overlaps the loading of the rest
+// (filesystems), which only container mounts wait for.
+func LoadModulesAsync(logf Logf) <-chan struct{} {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		start := time.Now()
+		if err := LoadModules(filepath.Join(ModulesDir, "load.list"), logf); err != nil {
+			logf("boot: modules: %v", err)
+		}
+		logf("boot: modules loaded in %v", time.Since(start).Round(time.Millisecond))
+	}()
+	return done
 }
 
 // LoadModules loads each module named in list (one path per line, relative

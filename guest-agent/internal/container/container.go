@@ -50,6 +50,9 @@ type Config struct {
 	// that holds one child per container.
 	CgroupRoot   string
 	CgroupParent string
+	// MountsReady, if set, is closed once the kernel can mount what
+	// containers use (the filesystem modules are loaded); Create waits.
+	MountsReady <-chan struct{}
 }
 
 // DefaultConfig is where the agent keeps containers in the guest.
@@ -166,6 +169,13 @@ func (m *Manager) Create(ctx context.Context, id string, specJSON []byte, rootfs
 			m.mu.Unlock()
 		}
 	}()
+	if m.cfg.MountsReady != nil {
+		select {
+		case <-m.cfg.MountsReady:
+		case <-ctx.Done():
+			return nil, fmt.Errorf("waiting for the guest's filesystem modules: %w", ctx.Err())
+		}
+	}
 	if err := c.mountRootfs(rootfs); err != nil {
 		return nil, err
 	}

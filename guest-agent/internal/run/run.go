@@ -50,6 +50,10 @@ func run(start time.Time, pid1 bool, logf func(string, ...any)) error {
 		// Outside a VM (tests), orphans must still come to our reaper.
 		return fmt.Errorf("set child subreaper: %w", err)
 	}
+	var modules <-chan struct{}
+	if pid1 {
+		modules = boot.LoadModulesAsync(logf)
+	}
 	opts, err := boot.ReadOptions()
 	if err != nil {
 		return err
@@ -59,7 +63,9 @@ func run(start time.Time, pid1 bool, logf func(string, ...any)) error {
 
 	events := service.NewEventQueue()
 	streams := service.NewStreams()
-	mgr := container.NewManager(container.DefaultConfig(), r, streams, events.OOM)
+	cfg := container.DefaultConfig()
+	cfg.MountsReady = modules
+	mgr := container.NewManager(cfg, r, streams, events.OOM)
 	powerOff := func() {
 		if pid1 {
 			boot.PowerOff()
