@@ -128,7 +128,13 @@ func ModuleNameFromPath(path string) string {
 }
 
 // ReadModuleDir reads every .ko and .ko.xz file directly under dir.
+// A missing directory is an errdefs.ErrNotFound error rather than an
+// empty set: an initramfs silently built without the channel's modules
+// would boot a guest that never answers.
 func ReadModuleDir(dir string) ([]*Module, error) {
+	if st, err := os.Stat(dir); err != nil || !st.IsDir() {
+		return nil, fmt.Errorf("module directory %s: %w", dir, errdefs.ErrNotFound)
+	}
 	matches, err := filepath.Glob(filepath.Join(dir, "*.ko"))
 	if err != nil {
 		return nil, err
