@@ -80,9 +80,12 @@ func NewQEMU(cfg Config) (*QEMU, error) {
 		cfg:       cfg,
 		binary:    path,
 		kvm:       kvmUsable(),
-		tscKHz:    hostTSCKHz(),
 		done:      make(chan struct{}),
 		agentOpen: make(chan struct{}),
+	}
+	if !q.kvm {
+		// Under KVM the guest learns its TSC rate from the hypervisor.
+		q.tscKHz = hostTSCKHz()
 	}
 	// Fail now, not in Start, on a Config the command line rejects.
 	if _, err := q.args(); err != nil {
