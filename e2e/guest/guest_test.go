@@ -105,6 +105,36 @@ func TestGuestAgent(t *testing.T) {
 		}
 	})
 
+	t.Run("9p volumes", func(t *testing.T) {
+		// A share mounted by two containers at once (a 9p device admits a
+		// single mount: the agent mounts it once and binds it), read-only in
+		// one, plus a single file bound from below the agent's share root.
+		os.WriteFile(filepath.Join(v.data, "one.txt"), []byte("one\n"), 0o644)
+		ninep := []string{"trans=virtio", "version=9p2000.L", "msize=512000"}
+		rw := defaultSpec("sh", "-c", "read x; echo written > /vol/new.txt; cat /vol/one.txt")
+		rw.Mounts = append(rw.Mounts, specs.Mount{Destination: "/vol", Type: "9p", Source: dataTag, Options: ninep})
+		p := v.create(t, "vol-rw", rw, true)
+		v.start(t, p)
+		ro := defaultSpec("sh", "-c", "cat /vol/one.txt /file.txt; echo x > /vol/y 2>/dev/null || echo read-only")
+		ro.Mounts = append(ro.Mounts,
+			specs.Mount{Destination: "/vol", Type: "9p", Source: dataTag, Options: append([]string{"ro"}, ninep...)},
+			specs.Mount{Destination: "/file.txt", Type: "bind", Source: "/run/macvm/shares/" + dataTag + "/one.txt", Options: []string{"rbind", "ro"}})
+		out, errOut, status := v.run(t, "vol-ro", ro)
+		if out != "one\none\nread-only\n" || status != 0 {
+			t.Fatalf("read-only volume: stdout %q (stderr %q) status %d", out, errOut, status)
+		}
+		p.stdin.Write([]byte("go\n"))
+		if st := v.wait(t, p); st != 0 {
+			t.Fatalf("read-write volume container exited %d: %q", st, p.stderr.wait(t))
+		}
+		if out := p.stdout.wait(t); out != "one\n" {
+			t.Fatalf("stdout %q", out)
+		}
+		if b, err := os.ReadFile(filepath.Join(v.data, "new.txt")); err != nil || string(b) != "written\n" {
+			t.Fatalf("host sees %q, %v; want the file the container wrote", b, err)
+		}
+	})
+
 	t.Run("missing executable", func(t *testing.T) {
 		p := v.create(t, "noexe", defaultSpec("/no/such/program"), false)
 		_, err := v.client.StartProcess(rpcCtx(t), &agent.StartProcessRequest{ContainerId: p.cid})

@@ -31,14 +31,20 @@ import (
 // rpcTimeout bounds one RPC; TCG is slow but not this slow.
 const rpcTimeout = 60 * time.Second
 
-// rootfsTag is the 9p tag of the shared busybox root filesystem.
-const rootfsTag = "rootfs"
+// rootfsTag is the 9p tag of the shared busybox root filesystem; dataTag
+// the tag of a second share used as a volume.
+const (
+	rootfsTag = "rootfs"
+	dataTag   = "data"
+)
 
 // testVM is one booted VM with a connected agent client.
 type testVM struct {
-	m       vm.Machine
-	client  *guest.Client
-	rootfs  string
+	m      vm.Machine
+	client *guest.Client
+	rootfs string
+	// data is a second host directory shared as dataTag (a volume).
+	data    string
 	boot    time.Duration
 	streamN atomic.Int64
 }
@@ -101,6 +107,7 @@ func bootVM(t *testing.T) *testVM {
 	t.Helper()
 	dir := bootDir(t)
 	rootfs := busyboxRootfs(t)
+	data := t.TempDir()
 	state, err := os.MkdirTemp("", "macvm-e2e-")
 	if err != nil {
 		t.Fatal(err)
@@ -113,7 +120,7 @@ func bootVM(t *testing.T) *testVM {
 		Initrd:    filepath.Join(dir, "initrd.img"),
 		CPUs:      2,
 		MemoryMiB: 512,
-		Shares:    []vm.Share{{Tag: rootfsTag, HostPath: rootfs}},
+		Shares:    []vm.Share{{Tag: rootfsTag, HostPath: rootfs}, {Tag: dataTag, HostPath: data}},
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -139,7 +146,7 @@ func bootVM(t *testing.T) *testVM {
 	if _, err := client.Info(ctx, &emptypb.Empty{}); err != nil {
 		t.Fatalf("Info: %v\nconsole:\n%s", err, m.ConsoleTail(4096))
 	}
-	v := &testVM{m: m, client: client, rootfs: rootfs, boot: time.Since(m.BootStarted())}
+	v := &testVM{m: m, client: client, rootfs: rootfs, data: data, boot: time.Since(m.BootStarted())}
 	t.Cleanup(func() {
 		sctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 		defer cancel()

@@ -179,6 +179,9 @@ func (m *Manager) Create(ctx context.Context, id string, specJSON []byte, rootfs
 	if err := c.mountRootfs(rootfs); err != nil {
 		return nil, err
 	}
+	if err := c.prepareShares(spec); err != nil {
+		return nil, err
+	}
 	if err := c.createCgroup(spec); err != nil {
 		return nil, err
 	}
@@ -238,8 +241,52 @@ func (c *Container) mountRootfs(mounts []Mount) error {
 	return nil
 }
 
+// ShareRoot is where the agent mounts shares: tag T at ShareRoot/T. The host
+// may name bind sources below it (a single file of a shared directory).
+func (m *Manager) ShareRoot() string { return filepath.Join(filepath.Dir(m.cfg.RunDir), "shares") }
+
+// defaultShareOptions mount a share that a spec only names through a bind
+// source below ShareRoot.
+var defaultShareOptions = []string{"trans=virtio", "version=9p2000.L", "msize=512000", "cache=mmap"}
+
+// prepareShares makes the spec's shares usable by the helper, which runs in
+// a copy of the agent's mounts: a 9p/virtiofs mount becomes a bind of the
+// share mounted once under ShareRoot (the device admits one mount), and a
+// bind whose source lies below ShareRoot gets that share mounted first.
+func (c *Container) prepareShares(spec *specs.Spec) error {
+	root := c.m.ShareRoot() + "/"
+	for i := range spec.Mounts {
+		mt := &spec.Mounts[i]
+		switch {
+		case mt.Type == "9p" || mt.Type == "virtiofs":
+			p, err := c.m.acquireShare(Mount{Type: mt.Type, Source: mt.Source, Options: mt.Options})
+			if err != nil {
+				return fmt.Errorf("mount %s: %w", mt.Destination, err)
+			}
+			c.shares = append(c.shares, mt.Source)
+			flags := []string{"rbind"}
+			for _, o := range mt.Options {
+				if _, ok := flagOptions[o]; ok {
+					flags = append(flags, o)
+				}
+			}
+			*mt = specs.Mount{Destination: mt.Destination, Type: "bind", Source: p, Options: flags}
+		case strings.HasPrefix(mt.Source, root) && (mt.Type == "bind" || hasOption(mt.Options, "bind", "rbind")):
+			tag, _, _ := strings.Cut(strings.TrimPrefix(mt.Source, root), "/")
+			if _, err := c.m.acquireShare(Mount{Type: "9p", Source: tag, Options: defaultShareOptions}); err != nil {
+				var verr error
+				if _, verr = c.m.acquireShare(Mount{Type: "virtiofs", Source: tag}); verr != nil {
+					return fmt.Errorf("mount %s: %w", mt.Destination, err)
+				}
+			}
+			c.shares = append(c.shares, tag)
+		}
+	}
+	return nil
+}
+
 func (m *Manager) sharePath(tag string) string {
-	return filepath.Join(filepath.Dir(m.cfg.RunDir), "shares", tag)
+	return filepath.Join(m.ShareRoot(), tag)
 }
 
 // acquireShare mounts a 9p/virtiofs share on first use and returns where.
