@@ -622,7 +622,7 @@ func (m *Manager) Delete(ctx context.Context, id string) error {
 	// A frozen cgroup cannot die.
 	c.cg.Thaw()
 	c.Signal("", unix.SIGKILL, true)
-	unix.Kill(c.init.Pid(), unix.SIGKILL)
+	c.init.proc.Signal(unix.SIGKILL)
 	for _, p := range append(execs, c.init) {
 		select {
 		case <-p.Done():

@@ -33,6 +33,10 @@ type Process struct {
 	// ID is the exec id; "" for the container's init.
 	ID  string
 	pid int
+	// proc is Go's handle on the child: its signals go through a pidfd, so
+	// they can never reach another process that reuses the pid after the
+	// reaper collected this one. It is never waited on (the reaper is).
+	proc *os.Process
 
 	// sync is the helper's sync socket until StartProcess (then -1).
 	sync int
@@ -198,11 +202,9 @@ func spawn(ctx context.Context, r *reaper.Reaper, streams Streams, ss spawnSpec)
 	if err != nil {
 		return nil, fmt.Errorf("start helper: %w", err)
 	}
-	// The reaper owns the exit; the pidfd Go keeps is not needed.
-	cmd.Process.Release()
-	p.pid = pid
+	p.pid, p.proc = pid, cmd.Process
 	cleanups = append(cleanups, func() {
-		unix.Kill(pid, unix.SIGKILL)
+		p.proc.Signal(unix.SIGKILL)
 		<-exitc
 	})
 	for _, f := range childEnds {
@@ -217,7 +219,7 @@ func spawn(ctx context.Context, r *reaper.Reaper, streams Streams, ss spawnSpec)
 		cfgW.Close()
 	}()
 
-	msg, master, err := recvReady(ctx, p.sync, pid)
+	msg, master, err := recvReady(ctx, p.sync, p.proc)
 	if err != nil {
 		return nil, err
 	}
@@ -249,7 +251,7 @@ func spawn(ctx context.Context, r *reaper.Reaper, streams Streams, ss spawnSpec)
 
 // recvReady waits for the helper's first message, bounded by ctx: a helper
 // that hangs (say, on a mount) is killed, which ends the wait with EOF.
-func recvReady(ctx context.Context, sock, pid int) (helperMsg, int, error) {
+func recvReady(ctx context.Context, sock int, proc *os.Process) (helperMsg, int, error) {
 	type result struct {
 		msg helperMsg
 		fd  int
@@ -293,7 +295,7 @@ func recvReady(ctx context.Context, sock, pid int) (helperMsg, int, error) {
 	case res := <-resc:
 		return res.msg, res.fd, res.err
 	case <-ctx.Done():
-		unix.Kill(pid, unix.SIGKILL)
+		proc.Signal(unix.SIGKILL)
 		res := <-resc
 		if res.fd >= 0 && res.err == nil {
 			unix.Close(res.fd)
@@ -439,10 +441,8 @@ func (p *Process) Signal(sig unix.Signal) error {
 	if _, err := transition(p.state, OpSignal); err != nil {
 		return err
 	}
-	// Held under mu: the pid cannot have been recorded as exited (and
-	// possibly reused) while we signal.
-	if err := unix.Kill(p.pid, sig); err != nil {
-		if errors.Is(err, unix.ESRCH) {
+	if err := p.proc.Signal(sig); err != nil {
+		if errors.Is(err, os.ErrProcessDone) || errors.Is(err, unix.ESRCH) {
 			return fmt.Errorf("process already finished: %w", errdefs.ErrNotFound)
 		}
 		return fmt.Errorf("kill %d: %w", p.pid, err)
@@ -513,7 +513,7 @@ func (p *Process) markDeleted() error {
 	p.state = next
 	p.mu.Unlock()
 	if wasCreated {
-		unix.Kill(p.pid, unix.SIGKILL)
+		p.proc.Signal(unix.SIGKILL)
 		<-p.exited
 		// Recording the exit moved it to Stopped; it stays deleted.
 		p.mu.Lock()
