@@ -108,6 +108,11 @@ type Container struct {
 	mu      sync.Mutex
 	execs   map[string]*Process
 	deleted bool
+
+	// deleteMu serialises Deletes (teardown must run once); gone, which it
+	// guards, records that one completed.
+	deleteMu sync.Mutex
+	gone     bool
 }
 
 var validID = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$`)
@@ -610,6 +615,11 @@ func (m *Manager) Delete(ctx context.Context, id string) error {
 	if err != nil {
 		return err
 	}
+	c.deleteMu.Lock()
+	defer c.deleteMu.Unlock()
+	if c.gone {
+		return fmt.Errorf("container %q: %w", id, errdefs.ErrNotFound)
+	}
 	c.mu.Lock()
 	c.deleted = true
 	execs := make([]*Process, 0, len(c.execs))
@@ -632,6 +642,7 @@ func (m *Manager) Delete(ctx context.Context, id string) error {
 		p.release()
 	}
 	c.teardown()
+	c.gone = true
 	m.mu.Lock()
 	delete(m.containers, id)
 	m.mu.Unlock()

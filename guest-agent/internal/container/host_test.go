@@ -1,0 +1,213 @@
+package container
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
+
+	"github.com/macvm/macvm/guest-agent/internal/reaper"
+)
+
+// TestMain lets the test binary serve as the helper: spawn re-executes
+// /proc/self/exe under HelperArg0, exactly as the agent binary does.
+func TestMain(m *testing.M) {
+	if filepath.Base(os.Args[0]) == HelperArg0 {
+		RunHelper()
+	}
+	os.Exit(m.Run())
+}
+
+// hostCgroupRoot is a cgroup v2 mount usable on the build machine (which
+// runs a hybrid hierarchy) or in a guest.
+func hostCgroupRoot(t *testing.T) string {
+	for _, p := range []string{"/sys/fs/cgroup/unified", "/sys/fs/cgroup"} {
+		if _, err := os.Stat(filepath.Join(p, "cgroup.subtree_control")); err == nil {
+			return p
+		}
+	}
+	t.Skip("this machine has no cgroup v2 hierarchy; the VM tests (e2e/guest) cover containers there")
+	return ""
+}
+
+// pipeStreams is a Streams whose named streams are in-memory pipes; the test
+// holds the other ends.
+type pipeStreams struct {
+	mu    sync.Mutex // guards conns
+	conns map[string]net.Conn
+}
+
+func (s *pipeStreams) Wait(ctx context.Context, name string) (net.Conn, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	c, ok := s.conns[name]
+	if !ok {
+		return nil, fmt.Errorf("no stream %q", name)
+	}
+	delete(s.conns, name)
+	return c, nil
+}
+
+// open makes a stream called name and returns the host's end, whose output
+// is collected in the background.
+func (s *pipeStreams) open(name string) (net.Conn, *bytes.Buffer, chan struct{}) {
+	agentEnd, hostEnd := net.Pipe()
+	s.mu.Lock()
+	s.conns[name] = halfCloser{agentEnd}
+	s.mu.Unlock()
+	var buf bytes.Buffer
+	done := make(chan struct{})
+	go func() {
+		io.Copy(&buf, hostEnd)
+		close(done)
+	}()
+	return hostEnd, &buf, done
+}
+
+// halfCloser turns CloseWrite into Close for net.Pipe, which has no
+// half-close: the host end then reads EOF.
+type halfCloser struct{ net.Conn }
+
+func (h halfCloser) CloseWrite() error { return h.Conn.Close() }
+
+func hostRootfs(t *testing.T) string {
+	root := t.TempDir()
+	os.MkdirAll(filepath.Join(root, "bin"), 0o755)
+	for _, d := range []string{"proc", "dev", "tmp"} {
+		os.MkdirAll(filepath.Join(root, d), 0o755)
+	}
+	bb, err := os.ReadFile("/bin/busybox")
+	if err != nil {
+		t.Skipf("needs a static busybox at /bin/busybox (Debian busybox-static): %v", err)
+	}
+	os.WriteFile(filepath.Join(root, "bin", "busybox"), bb, 0o755)
+	for _, a := range []string{"sh", "echo", "cat", "sleep", "hostname", "tr"} {
+		os.Link(filepath.Join(root, "bin", "busybox"), filepath.Join(root, "bin", a))
+	}
+	return root
+}
+
+func hostSpec(args ...string) *specs.Spec {
+	return &specs.Spec{
+		Hostname: "hosttest",
+		Process:  &specs.Process{Args: args, Cwd: "/", Env: []string{"PATH=/bin"}},
+		Mounts: []specs.Mount{
+			{Destination: "/proc", Type: "proc", Source: "proc"},
+			{Destination: "/dev", Type: "tmpfs", Source: "tmpfs", Options: []string{"nosuid", "mode=755"}},
+			{Destination: "/dev/pts", Type: "devpts", Source: "devpts", Options: []string{"newinstance", "ptmxmode=0666"}},
+		},
+		Linux: &specs.Linux{Namespaces: []specs.LinuxNamespace{
+			{Type: specs.PIDNamespace}, {Type: specs.MountNamespace}, {Type: specs.UTSNamespace}, {Type: specs.IPCNamespace},
+		}},
+	}
+}
+
+// TestHostContainerLifecycle runs real containers on the build machine
+// (root, no VM): the helper, pivot_root, namespaces, stdio, exec, delete.
+func TestHostContainerLifecycle(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("creating namespaces, mounts and cgroups needs root; the VM tests cover this as PID 1")
+	}
+	cgRoot := hostCgroupRoot(t)
+	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
+		t.Fatal(err)
+	}
+	r := reaper.New()
+	stop := make(chan struct{})
+	defer close(stop)
+	go r.Run(stop)
+	streams := &pipeStreams{conns: map[string]net.Conn{}}
+	runDir := filepath.Join(t.TempDir(), "c")
+	parent := fmt.Sprintf("macvm-test-%d", os.Getpid())
+	m := NewManager(Config{RunDir: runDir, CgroupRoot: cgRoot, CgroupParent: parent}, r, streams, nil)
+	defer os.Remove(filepath.Join(cgRoot, parent))
+	rootfs := hostRootfs(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+
+	create := func(id string, spec *specs.Spec) (*Container, *bytes.Buffer, *bytes.Buffer, chan struct{}, chan struct{}) {
+		t.Helper()
+		_, out, outDone := streams.open(id + "-out")
+		_, errb, errDone := streams.open(id + "-err")
+		b, _ := json.Marshal(spec)
+		c, err := m.Create(ctx, id, b, []Mount{{Type: "bind", Source: rootfs, Options: []string{"rbind"}}}, Stdio{Stdout: id + "-out", Stderr: id + "-err"})
+		if err != nil {
+			t.Fatalf("Create %s: %v", id, err)
+		}
+		return c, out, errb, outDone, errDone
+	}
+
+	c, out, errb, outDone, errDone := create("one", hostSpec("sh", "-c", "echo out $$ $(hostname); echo err >&2; exit 3"))
+	if err := c.Init().Start(); err != nil {
+		t.Fatalf("Start: %v", err)
+	}
+	status, _, err := c.Init().Wait(ctx)
+	<-outDone
+	<-errDone
+	if err != nil || status != 3 || out.String() != "out 1 hosttest\n" || errb.String() != "err\n" {
+		t.Fatalf("init: status %d (%v), stdout %q, stderr %q; want 3, %q, %q", status, err, out.String(), errb.String(), "out 1 hosttest\n", "err\n")
+	}
+	if err := m.Delete(ctx, "one"); err != nil {
+		t.Fatalf("Delete: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(cgRoot, parent, "one")); !os.IsNotExist(err) {
+		t.Errorf("cgroup left behind: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(runDir, "one")); !os.IsNotExist(err) {
+		t.Errorf("container dir left behind: %v", err)
+	}
+
+	c, _, _, _, _ = create("two", hostSpec("sleep", "100"))
+	if err := c.Init().Start(); err != nil {
+		t.Fatalf("Start: %v", err)
+	}
+	_, eout, eoutDone := streams.open("x-out")
+	proc, _ := json.Marshal(&specs.Process{Args: []string{"sh", "-c", "tr '\\0' ' ' </proc/1/cmdline; hostname"}, Cwd: "/", Env: []string{"PATH=/bin"}})
+	e, err := c.Exec(ctx, "x", proc, Stdio{Stdout: "x-out"})
+	if err != nil {
+		t.Fatalf("Exec: %v", err)
+	}
+	if err := e.Start(); err != nil {
+		t.Fatalf("exec Start: %v", err)
+	}
+	if st, _, _ := e.Wait(ctx); st != 0 {
+		t.Fatalf("exec status %d", st)
+	}
+	<-eoutDone
+	if eout.String() != "sleep 100 hosttest\n" {
+		t.Fatalf("exec stdout %q, want the init's cmdline and hostname", eout.String())
+	}
+	missing, _ := json.Marshal(&specs.Process{Args: []string{"nope"}, Cwd: "/", Env: []string{"PATH=/bin"}})
+	bad, err := c.Exec(ctx, "bad", missing, Stdio{})
+	if err != nil {
+		t.Fatalf("Exec: %v", err)
+	}
+	if err := bad.Start(); err == nil || !strings.Contains(err.Error(), `exec: "nope": executable file not found in $PATH`) {
+		t.Fatalf("starting a missing program: %v", err)
+	}
+	if err := c.Signal("", unix.SIGKILL, true); err != nil {
+		t.Fatal(err)
+	}
+	if st, _, _ := c.Init().Wait(ctx); st != 137 {
+		t.Fatalf("init status after kill all: %d, want 137", st)
+	}
+	if err := m.Delete(ctx, "two"); err != nil {
+		t.Fatalf("Delete: %v", err)
+	}
+	if err := m.Delete(ctx, "two"); err == nil {
+		t.Fatal("second Delete succeeded")
+	}
+	_ = exec.ErrNotFound
+}
