@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log"
 	"os"
 	"time"
@@ -86,11 +87,8 @@ func run(start time.Time, pid1 bool, logf func(string, ...any)) error {
 	})
 }
 
-func openChannel(c boot.Channel) (interface {
-	Read([]byte) (int, error)
-	Write([]byte) (int, error)
-	Close() error
-}, error) {
+// openChannel opens the agent's port, waiting for its driver to probe it.
+func openChannel(c boot.Channel) (io.ReadWriteCloser, error) {
 	deadline := time.Now().Add(channelWait)
 	for {
 		ch, err := transport.OpenVirtioSerial(c.Name)
