@@ -352,7 +352,10 @@ func sha(b []byte) string {
 func TestStdinPiped(t *testing.T) {
 	forEachRuntime(t, false, func(t *testing.T, rt harness.Runtime) {
 		d := daemon(t, rt)
-		in := make([]byte, 512<<10)
+		// ctr sends CloseIO when it reads its stdin's EOF, but only once NewTask (Create) has returned: a
+		// runtime must not drain stdin before the process starts, or ctr sees EOF too early and the
+		// process never gets it. runc's pipe gives back-pressure; 4 MiB is more than any sane buffering.
+		in := make([]byte, 4<<20)
 		r := rand.NewChaCha8([32]byte{1})
 		_, _ = r.Read(in)
 		res := run(t, d, rt, in, nil, "stdin", "cat")

@@ -19,8 +19,9 @@ import (
 )
 
 var (
-	paths    harness.Paths
-	runtimes []harness.Runtime
+	// paths is what the tests use: a snapshot of built, the build outputs.
+	paths, built harness.Paths
+	runtimes     []harness.Runtime
 )
 
 func TestMain(m *testing.M) {
@@ -37,7 +38,24 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, "FAIL: e2e/containerd: must run as root (it runs containerd)")
 		os.Exit(1)
 	}
-	os.Exit(m.Run())
+	os.Exit(runWithSnapshot(m))
+}
+
+// runWithSnapshot runs the tests on a private copy of the shims and boot files (see Paths.Snapshot),
+// while missing-file errors still name the build outputs.
+func runWithSnapshot(m *testing.M) int {
+	dir, err := os.MkdirTemp("", "mvm-snap-")
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "FAIL: e2e/containerd: %v\n", err)
+		return 1
+	}
+	defer os.RemoveAll(dir)
+	built = paths
+	if paths, err = paths.Snapshot(dir); err != nil {
+		fmt.Fprintf(os.Stderr, "FAIL: e2e/containerd: snapshot of the build outputs: %v\n", err)
+		return 1
+	}
+	return m.Run()
 }
 
 // forEachRuntime runs f as one subtest per selected runtime; vmOnly scenarios only make sense in a VM.
@@ -88,7 +106,7 @@ func checkShim(rt harness.Runtime) error {
 	p := filepath.Join(paths.BinDir, rt.Shim)
 	fi, err := os.Stat(p)
 	if err != nil {
-		return fmt.Errorf("runtime %s needs %s: %w (run `make shim containerd`)", rt.Name, rt.Shim, err)
+		return fmt.Errorf("runtime %s needs %s in %s (run `make shim containerd`)", rt.Name, rt.Shim, built.BinDir)
 	}
 	if fi.Mode()&0o111 == 0 {
 		return fmt.Errorf("%s is not executable", p)

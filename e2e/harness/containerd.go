@@ -341,8 +341,8 @@ type Result struct {
 
 // String summarises a result for failure messages.
 func (r Result) String() string {
-	return fmt.Sprintf("exit %d after %v\nstdout: %q\nstderr: %q", r.ExitCode, r.Duration.Round(time.Millisecond),
-		clip(r.Stdout, 2000), clip([]byte(Filtered(r.Stderr)), 4000))
+	return fmt.Sprintf("exit %d after %v\nstdout (%d bytes): %q\nstderr: %q", r.ExitCode, r.Duration.Round(time.Millisecond),
+		len(r.Stdout), clip(r.Stdout, 400), clip([]byte(Filtered(r.Stderr)), 4000))
 }
 
 // Filtered drops the cgroup v1 deprecation warning every containerd client prints on these hosts, so

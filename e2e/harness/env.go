@@ -10,6 +10,7 @@ package harness
 
 import (
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 )
@@ -90,4 +91,60 @@ func isExecutable(path string) error {
 		return fmt.Errorf("%s is not an executable file", path)
 	}
 	return nil
+}
+
+// Snapshot copies the shims and boot files into dir and returns Paths pointing there (containerd and
+// ctr are linked, not copied). A test run then keeps using the binaries it started with even when
+// `make shim` or `make boot` replaces the build outputs half-way through, which happens whenever
+// someone rebuilds while a long e2e run is going.
+func (p Paths) Snapshot(dir string) (Paths, error) {
+	s := Paths{BinDir: filepath.Join(dir, "bin"), BootDir: filepath.Join(dir, "boot")}
+	for _, d := range []string{s.BinDir, s.BootDir} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			return Paths{}, err
+		}
+	}
+	for _, b := range []string{"containerd", "ctr"} {
+		if err := os.Symlink(filepath.Join(p.BinDir, b), filepath.Join(s.BinDir, b)); err != nil {
+			return Paths{}, err
+		}
+	}
+	copies := []struct{ src, dst string }{
+		{filepath.Join(p.BinDir, "containerd-shim-runc-v2"), filepath.Join(s.BinDir, "containerd-shim-runc-v2")},
+		{filepath.Join(p.BinDir, "containerd-shim-macvm-v1"), filepath.Join(s.BinDir, "containerd-shim-macvm-v1")},
+		{filepath.Join(p.BootDir, "vmlinux"), filepath.Join(s.BootDir, "vmlinux")},
+		{filepath.Join(p.BootDir, "initrd.img"), filepath.Join(s.BootDir, "initrd.img")},
+	}
+	for _, c := range copies {
+		if err := copyFile(c.src, c.dst); err != nil {
+			if os.IsNotExist(err) {
+				// A missing shim or boot file is reported by the test that needs it, naming the original.
+				continue
+			}
+			return Paths{}, err
+		}
+	}
+	return s, nil
+}
+
+// copyFile copies src (following symlinks) to dst with src's permissions.
+func copyFile(src, dst string) error {
+	in, err := os.Open(src)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	fi, err := in.Stat()
+	if err != nil {
+		return err
+	}
+	out, err := os.OpenFile(dst, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, fi.Mode().Perm())
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(out, in); err != nil {
+		out.Close()
+		return err
+	}
+	return out.Close()
 }
