@@ -184,11 +184,13 @@ func (c *container) start(ctx context.Context, b backend, shares []vm.Share, gsp
 		return fmt.Errorf("record VM in bundle: %w", err)
 	}
 
+	log.G(ctx).WithField("container_id", c.id).WithField("vm_pid", m.Pid()).Debug("VM started")
 	client, err := c.connect(ctx, b)
 	if err != nil {
 		return err
 	}
 	c.client = client
+	log.G(ctx).WithField("container_id", c.id).WithField("boot", time.Since(m.BootStarted())).Debug("guest agent connected")
 	go c.watchdog()
 
 	if _, err := client.SetTime(ctx, &agent.SetTimeRequest{Time: timestamppb.Now()}); err != nil {
@@ -566,6 +568,7 @@ func (c *container) destroy(ctx context.Context) {
 			logger.WithError(err).Debug("guest shutdown")
 		}
 		cancel()
+		logger.Debug("guest shut down")
 	}
 	if c.machine != nil {
 		sctx, cancel := context.WithTimeout(ctx, teardownTimeout)
@@ -573,6 +576,7 @@ func (c *container) destroy(ctx context.Context) {
 			logger.WithError(err).Warn("stop VM")
 		}
 		cancel()
+		logger.Debug("VM stopped")
 	}
 	if c.client != nil {
 		c.client.Close()

@@ -61,6 +61,13 @@ type processIO struct {
 	stdinClosing atomic.Bool
 	stdinDone    chan struct{}
 	stdinOnce    sync.Once
+	// stdinStart starts the stdin copier, once: not before the process is
+	// started. Until then the client's writes wait in the FIFO, which is
+	// what lets ctr arm its CloseIO-on-EOF (it does so only after Create
+	// returned) before it can reach the end of its input.
+	stdinStart sync.Once
+	// ctx is for the copiers' logging.
+	ctx context.Context
 
 	outputs []net.Conn
 	// outDone is closed when every output copier has returned and the host
@@ -83,6 +90,7 @@ type streamOpener interface {
 // starts the copiers. The streams must exist before the RPC that names them.
 func newProcessIO(ctx context.Context, so streamOpener, prefix string, spec stdioSpec, containerID, namespace string) (_ *processIO, retErr error) {
 	pio := &processIO{
+		ctx:       ctx,
 		names:     &agent.Stdio{Terminal: spec.terminal},
 		stdinDone: make(chan struct{}),
 		outDone:   make(chan struct{}),
@@ -186,9 +194,7 @@ func newProcessIO(ctx context.Context, so streamOpener, prefix string, spec stdi
 
 	// Copiers start only when everything is open, so an error above never
 	// leaves a goroutine behind.
-	if pio.stdinSrc != nil {
-		go pio.copyStdin(ctx)
-	} else {
+	if pio.stdinSrc == nil {
 		close(pio.stdinDone)
 	}
 	var wg sync.WaitGroup
@@ -248,6 +254,14 @@ func closeWrite(c net.Conn) {
 	}
 }
 
+// startStdin starts copying the client's input to the process.
+func (p *processIO) startStdin() {
+	if p.stdinSrc == nil {
+		return
+	}
+	p.stdinStart.Do(func() { go p.copyStdin(p.ctx) })
+}
+
 func (p *processIO) copyStdin(ctx context.Context) {
 	defer close(p.stdinDone)
 	defer p.stdinSrc.Close()
@@ -285,6 +299,7 @@ func (p *processIO) closeStdin(ctx context.Context) {
 		}
 		return
 	}
+	p.startStdin()
 	p.stdinOnce.Do(func() {
 		p.stdinClosing.Store(true)
 		if err := p.stdinSrc.SetReadDeadline(time.Now().Add(stdinQuiet)); err != nil {

@@ -126,9 +126,17 @@ func (m Manager) Start(ctx context.Context, params *bootapi.BootstrapParams) (_ 
 	if err := shim.AdjustOOMScore(pid); err != nil {
 		log.G(ctx).WithError(err).Debug("adjust shim OOM score")
 	}
+	// The delete action, run after this shim dies, removes the socket by
+	// this record (the daemon removes it itself when it exits cleanly).
+	if err := os.WriteFile(filepath.Join(cwd, addressFile), []byte(address), 0o600); err != nil {
+		return nil, fmt.Errorf("record shim address: %w", err)
+	}
 	result.Address = address
 	return result, nil
 }
+
+// addressFile in the bundle holds the shim's socket address.
+const addressFile = "address"
 
 // Stop is the `delete` action: containerd runs it when a shim is gone
 // (crashed, killed) to release what it held. It kills the VM the dead shim
@@ -167,6 +175,11 @@ func (m Manager) Stop(ctx context.Context, id string) (shim.StopStatus, error) {
 	if st.VMStateDir != "" {
 		if err := os.RemoveAll(st.VMStateDir); err != nil {
 			log.G(ctx).WithError(err).Warn("remove VM state dir")
+		}
+	}
+	if data, err := os.ReadFile(filepath.Join(bundle, addressFile)); err == nil && len(data) > 0 {
+		if address := string(data); !shim.CanConnect(address) {
+			_ = shim.RemoveSocket(address)
 		}
 	}
 	if st.Exit != nil {

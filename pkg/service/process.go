@@ -75,6 +75,9 @@ func (p *process) start(ctx context.Context) (uint32, error) {
 	}
 	p.starting = true
 	p.mu.Unlock()
+	if p.pio != nil {
+		p.pio.startStdin()
+	}
 
 	resp, err := p.c.client.StartProcess(ctx, &agent.StartProcessRequest{ContainerId: p.c.id, ExecId: p.execID})
 
