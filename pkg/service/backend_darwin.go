@@ -2,24 +2,19 @@ package service
 
 import (
 	"context"
-	"fmt"
 	"net"
-
-	"github.com/containerd/errdefs"
 
 	"github.com/macvm/macvm/pkg/guest"
 	"github.com/macvm/macvm/pkg/vm"
 )
 
-// platformBackend would run container VMs under Virtualization.framework,
-// which lives in this process (no hypervisor binary to look up). Until
-// pkg/vm has that backend, Create fails with a clear error rather than a
-// NotImplemented, which containerd would take as "speak task API v2".
+// platformBackend runs container VMs under Virtualization.framework, in
+// this process: there is no hypervisor binary to look up. The shim binary
+// must carry the com.apple.security.virtualization entitlement (make shim
+// signs it on macOS); without it the VM fails to validate in Create.
 func platformBackend() backend {
 	return backend{
-		newMachine: func(cfg vm.Config) (vm.Machine, error) {
-			return nil, fmt.Errorf("vm %s: the Virtualization.framework backend is not built yet: %w", cfg.ID, errdefs.ErrUnavailable)
-		},
+		newMachine:       vm.NewVZ,
 		lookupHypervisor: func(string) (string, string, error) { return "", "", nil },
 		dialAgent: func(ctx context.Context, conn net.Conn) (agentClient, error) {
 			return guest.NewClient(ctx, conn)
