@@ -336,9 +336,9 @@ func (m *fakeMachine) Stop(context.Context) error {
 	m.crash()
 	return nil
 }
-func (m *fakeMachine) crash()                  { m.once.Do(func() { close(m.done) }) }
-func (m *fakeMachine) Done() <-chan struct{}   { return m.done }
-func (m *fakeMachine) Err() error              { return nil }
-func (m *fakeMachine) ConsoleTail(int) string  { return "fake console" }
-func (m *fakeMachine) Pid() int                { return 0 }
-func (m *fakeMachine) BootStarted() time.Time  { return time.Time{} }
+func (m *fakeMachine) crash()                 { m.once.Do(func() { close(m.done) }) }
+func (m *fakeMachine) Done() <-chan struct{}  { return m.done }
+func (m *fakeMachine) Err() error             { return nil }
+func (m *fakeMachine) ConsoleTail(int) string { return "fake console" }
+func (m *fakeMachine) Pid() int               { return 0 }
+func (m *fakeMachine) BootStarted() time.Time { return time.Time{} }
