@@ -44,17 +44,22 @@ func TestMain(m *testing.M) {
 // runWithSnapshot runs the tests on a private copy of the shims and boot files (see Paths.Snapshot),
 // while missing-file errors still name the build outputs.
 func runWithSnapshot(m *testing.M) int {
+	built = paths
+	if rt := os.Getenv(envVictim); rt != "" {
+		// Reuse the parent's snapshot, which outlives this process on purpose.
+		victim(rt)
+	}
 	dir, err := os.MkdirTemp("", "mvm-snap-")
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "FAIL: e2e/containerd: %v\n", err)
 		return 1
 	}
-	defer os.RemoveAll(dir)
-	built = paths
-	if paths, err = paths.Snapshot(dir); err != nil {
+	var release func()
+	if paths, release, err = paths.Snapshot(dir); err != nil {
 		fmt.Fprintf(os.Stderr, "FAIL: e2e/containerd: snapshot of the build outputs: %v\n", err)
 		return 1
 	}
+	defer release()
 	return m.Run()
 }
 

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -55,6 +56,9 @@ type Containerd struct {
 	// Namespace is the namespace Ctr and Client use.
 	Namespace string
 
+	// guard cleans up Dir should the test process die without calling Cleanup.
+	guard *guardian
+
 	// mu guards cmd and exited, which change when the daemon is stopped and restarted.
 	mu     sync.Mutex
 	cmd    *exec.Cmd
@@ -90,19 +94,25 @@ func Start(ctx context.Context, opts Options) (*Containerd, error) {
 		LogPath:     filepath.Join(dir, "containerd.log"),
 		Namespace:   opts.Namespace,
 	}
-	if err := WriteMacvmConfig(c.MacvmConfig, opts.Paths); err != nil {
+	if c.guard, err = startGuardian(dir); err != nil {
 		os.RemoveAll(dir)
 		return nil, err
 	}
-	if err := os.WriteFile(c.ConfigPath, []byte(c.config()), 0o644); err != nil {
-		os.RemoveAll(dir)
-		return nil, err
-	}
-	if err := c.start(ctx); err != nil {
+	fail := func(err error) (*Containerd, error) {
 		_ = c.stop(5 * time.Second)
 		_ = unmountAll(dir)
+		c.guard.release()
 		os.RemoveAll(dir)
 		return nil, err
+	}
+	if err := WriteMacvmConfig(c.MacvmConfig, opts.Paths); err != nil {
+		return fail(err)
+	}
+	if err := os.WriteFile(c.ConfigPath, []byte(c.config()), 0o644); err != nil {
+		return fail(err)
+	}
+	if err := c.start(ctx); err != nil {
+		return fail(err)
 	}
 	return c, nil
 }
@@ -179,6 +189,9 @@ func (c *Containerd) start(ctx context.Context) error {
 	c.mu.Lock()
 	c.cmd, c.exited = cmd, exited
 	c.mu.Unlock()
+	if err := os.WriteFile(filepath.Join(c.Dir, pidFileName), []byte(strconv.Itoa(cmd.Process.Pid)), 0o644); err != nil {
+		return err
+	}
 	c.opts.Logf("containerd pid %d in %s", cmd.Process.Pid, c.Dir)
 
 	ctx, cancel := context.WithTimeout(ctx, 60*time.Second)
@@ -596,6 +609,7 @@ func (c *Containerd) Cleanup(ctx context.Context) error {
 	if err := unmountAll(c.Dir); err != nil {
 		errs = append(errs, err)
 	}
+	c.guard.release()
 	if err := os.RemoveAll(c.Dir); err != nil {
 		errs = append(errs, err)
 	}

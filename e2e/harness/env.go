@@ -96,8 +96,26 @@ func isExecutable(path string) error {
 // Snapshot copies the shims and boot files into dir and returns Paths pointing there (containerd and
 // ctr are linked, not copied). A test run then keeps using the binaries it started with even when
 // `make shim` or `make boot` replaces the build outputs half-way through, which happens whenever
-// someone rebuilds while a long e2e run is going.
-func (p Paths) Snapshot(dir string) (Paths, error) {
+// someone rebuilds while a long e2e run is going. The returned function removes dir; should the process
+// die first, a guardian removes it (and kills anything still running from it).
+func (p Paths) Snapshot(dir string) (Paths, func(), error) {
+	g, err := startGuardian(dir)
+	if err != nil {
+		return Paths{}, nil, err
+	}
+	release := func() {
+		g.release()
+		os.RemoveAll(dir)
+	}
+	s, err := p.snapshot(dir)
+	if err != nil {
+		release()
+		return Paths{}, nil, err
+	}
+	return s, release, nil
+}
+
+func (p Paths) snapshot(dir string) (Paths, error) {
 	s := Paths{BinDir: filepath.Join(dir, "bin"), BootDir: filepath.Join(dir, "boot")}
 	for _, d := range []string{s.BinDir, s.BootDir} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
