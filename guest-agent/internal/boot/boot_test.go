@@ -20,7 +20,11 @@ func TestParseCmdline(t *testing.T) {
 		{"console=ttyS0 macvm.channel=serial:agent panic=-1", Options{Channel: Channel{"serial", "agent"}}, nil},
 		{"macvm.channel=serial:ctl macvm.debug=1\n", Options{Channel: Channel{"serial", "ctl"}, Debug: true}, nil},
 		{"macvm.channel=serial", Options{}, errdefs.ErrInvalidArgument},
-		{"macvm.channel=vsock:1024", Options{}, errdefs.ErrNotImplemented},
+		{"console=hvc0 macvm.channel=vsock:1024", Options{Channel: Channel{"vsock", "1024"}}, nil},
+		{"macvm.channel=vsock:agent", Options{}, errdefs.ErrInvalidArgument},
+		{"macvm.channel=vsock:0", Options{}, errdefs.ErrInvalidArgument},
+		{"macvm.channel=vsock:4294967296", Options{}, errdefs.ErrInvalidArgument},
+		{"macvm.channel=tcp:1024", Options{}, errdefs.ErrNotImplemented},
 	} {
 		got, err := ParseCmdline(tc.cmdline)
 		if tc.wantErr != nil {

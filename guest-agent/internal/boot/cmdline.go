@@ -3,6 +3,7 @@ package boot
 import (
 	"fmt"
 	"os"
+	"strconv"
 	"strings"
 
 	"github.com/containerd/errdefs"
@@ -10,7 +11,8 @@ import (
 
 // Channel says how the host reaches the agent, from the kernel command line
 // (macvm.channel=KIND:NAME). The QEMU backend passes serial:agent: a
-// virtio-serial port whose name is "agent".
+// virtio-serial port whose name is "agent". The Virtualization.framework
+// backend passes vsock:PORT: the agent dials the host (CID 2) on PORT.
 type Channel struct {
 	Kind string
 	Name string
@@ -45,7 +47,13 @@ func ParseCmdline(cmdline string) (Options, error) {
 			if !ok || kind == "" || name == "" {
 				return Options{}, fmt.Errorf("macvm.channel=%q: want KIND:NAME: %w", v, errdefs.ErrInvalidArgument)
 			}
-			if kind != "serial" {
+			switch kind {
+			case "serial":
+			case "vsock":
+				if p, err := strconv.ParseUint(name, 10, 32); err != nil || p == 0 {
+					return Options{}, fmt.Errorf("macvm.channel=%q: want vsock:PORT (1-4294967295): %w", v, errdefs.ErrInvalidArgument)
+				}
+			default:
 				return Options{}, fmt.Errorf("macvm.channel kind %q: %w", kind, errdefs.ErrNotImplemented)
 			}
 			opts.Channel = Channel{Kind: kind, Name: name}

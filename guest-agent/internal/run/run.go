@@ -9,6 +9,7 @@ import (
 	"io"
 	"log"
 	"os"
+	"strconv"
 	"time"
 
 	"github.com/containerd/errdefs"
@@ -21,8 +22,9 @@ import (
 	"github.com/macvm/macvm/pkg/guest/transport"
 )
 
-// channelWait bounds the wait for the agent's virtio-serial port: its driver
-// probes asynchronously after the module is loaded.
+// channelWait bounds the wait for the agent's channel: the virtio-serial
+// port's driver probes asynchronously after the module is loaded, and the
+// vsock transport needs its modules too (and a host that listens).
 const channelWait = 30 * time.Second
 
 // Main runs the agent and returns its exit code. As PID 1 it never returns
@@ -87,15 +89,27 @@ func run(start time.Time, pid1 bool, logf func(string, ...any)) error {
 	})
 }
 
-// openChannel opens the agent's port, waiting for its driver to probe it.
+// openChannel opens the agent's channel (a virtio-serial port, or a vsock
+// connection to the host), waiting for its driver to probe it.
 func openChannel(c boot.Channel) (io.ReadWriteCloser, error) {
+	open := func() (io.ReadWriteCloser, error) { return transport.OpenVirtioSerial(c.Name) }
+	if c.Kind == "vsock" {
+		port, err := strconv.ParseUint(c.Name, 10, 32)
+		if err != nil {
+			return nil, fmt.Errorf("agent channel vsock:%s: %w", c.Name, errdefs.ErrInvalidArgument)
+		}
+		open = func() (io.ReadWriteCloser, error) { return transport.OpenVsock(uint32(port)) }
+	}
 	deadline := time.Now().Add(channelWait)
 	for {
-		ch, err := transport.OpenVirtioSerial(c.Name)
+		ch, err := open()
 		if err == nil {
 			return ch, nil
 		}
-		if !errors.Is(err, errdefs.ErrNotFound) || time.Now().After(deadline) {
+		// Not there yet: the port or the vsock transport is still being
+		// probed, or (vsock) the host does not listen yet.
+		retry := errors.Is(err, errdefs.ErrNotFound) || c.Kind == "vsock" && errors.Is(err, errdefs.ErrUnavailable)
+		if !retry || time.Now().After(deadline) {
 			return nil, fmt.Errorf("open agent channel %s:%s: %w", c.Kind, c.Name, err)
 		}
 		time.Sleep(10 * time.Millisecond)
