@@ -209,7 +209,7 @@ func (c *container) start(ctx context.Context, b backend, shares []vm.Share, gsp
 	resp, err := client.CreateContainer(ctx, &agent.CreateContainerRequest{
 		ContainerId: c.id,
 		Spec:        specJSON,
-		Rootfs:      []*agent.Mount{{Type: "9p", Source: rootfsTag, Options: shareMount(false)}},
+		Rootfs:      []*agent.Mount{{Type: shareFSType, Source: rootfsTag, Options: shareMount(false)}},
 		Stdio:       pio.names,
 	})
 	if err != nil {

@@ -32,7 +32,7 @@ var ninePOptions = []string{"trans=virtio", "version=9p2000.L", "msize=512000", 
 
 // shareMount returns the options with which the agent mounts a share.
 func shareMount(readOnly bool) []string {
-	opts := slices.Clone(ninePOptions)
+	opts := slices.Clone(shareFSOptions)
 	if readOnly {
 		opts = append(opts, "ro")
 	}
@@ -62,7 +62,7 @@ func isReadOnly(opts []string) bool {
 // it:
 //
 //   - a host directory becomes a share of its own, and the OCI mount becomes
-//     a 9p mount of that share (type "9p", source = tag, the bind's flags
+//     a 9p (virtiofs on macOS) mount of that share (type shareFSType, source = tag, the bind's flags
 //     kept, "bind"/"rbind" dropped), which the agent performs like any other
 //     mount;
 //   - a host file is reached through a share of its parent directory (9p
@@ -103,9 +103,9 @@ func rewriteBindMounts(spec *specs.Spec, stat func(string) (os.FileInfo, error))
 		switch {
 		case fi.IsDir():
 			m.Source = share(filepath.Clean(m.Source), ro)
-			m.Type = "9p"
+			m.Type = shareFSType
 			opts := slices.DeleteFunc(slices.Clone(m.Options), func(o string) bool { return o == "bind" || o == "rbind" })
-			m.Options = append(opts, ninePOptions...)
+			m.Options = append(opts, shareFSOptions...)
 		case fi.Mode()&(os.ModeDevice|os.ModeCharDevice) != 0:
 			// The guest's own device node of the same name.
 		default:
