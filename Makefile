@@ -16,8 +16,20 @@ all: build
 
 build: shim boot
 
+# On macOS the shim creates its VM in-process and must carry the
+# com.apple.security.virtualization entitlement; go test and go run binaries
+# are signed the same way through the -exec wrapper (GOFLAGS applies it to
+# the commands that know -exec).
+ENTITLEMENTS := $(CURDIR)/hack/macvm.entitlements
+ifeq ($(shell uname -s),Darwin)
+export GOFLAGS += -exec=$(CURDIR)/hack/sign-exec
+endif
+
 shim:
 	go build -o $(BIN)/containerd-shim-macvm-v1 ./cmd/containerd-shim-macvm-v1
+ifeq ($(shell uname -s),Darwin)
+	codesign -f --entitlements $(ENTITLEMENTS) -s - $(BIN)/containerd-shim-macvm-v1
+endif
 
 # The guest agent is PID 1 in the VM: static, pure Go, for the guest's arch.
 agent:
