@@ -96,6 +96,18 @@ containerd:
 demo: boot shim containerd
 	hack/demo.sh
 
+# Benchmarks side by side with runc (issue 5): a private containerd runs both runtimes,
+# interleaved; results go to bench/results/ (DATE-MACHINE.md/.json and latest.md).
+# Not part of `make test`. `make boot-minimal` first adds the minimal-kernel variant.
+.PHONY: bench bench-full
+bench: boot shim containerd
+	go test -count=1 ./bench/...
+	go run ./bench/cmd/macvm-bench -mode quick -bin $(BIN) -boot $(BOOT_DIR) -boot-minimal $(OUT)/boot-minimal
+
+bench-full: boot shim containerd
+	go test -count=1 ./bench/...
+	go run ./bench/cmd/macvm-bench -mode full -bin $(BIN) -boot $(BOOT_DIR) -boot-minimal $(OUT)/boot-minimal
+
 install: build
 	hack/install.sh
 
