@@ -1,0 +1,343 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/macvm/macvm/e2e/harness"
+)
+
+// Namespace is the containerd namespace the benchmark works in.
+const Namespace = "bench"
+
+// variant is one runtime configuration under test: runc, or macvm with a
+// given kernel.
+type variant struct {
+	info VariantInfo
+	rt   harness.Runtime
+	// configPath is the macvm shim's config file (its kernel and initrd),
+	// passed as runtime options, so two macvm variants share one containerd.
+	configPath string
+}
+
+func (v *variant) vm() bool { return v.rt.VM }
+
+// bench is one benchmark run against one private containerd.
+type bench struct {
+	cfg      config
+	cd       *harness.Containerd
+	variants []*variant
+	res      *Results
+	events   *eventRecorder
+
+	// mu guards seq.
+	mu  sync.Mutex
+	seq int
+}
+
+// run sets up the daemon, runs the selected measurements and writes the
+// results; it returns the path of the Markdown report.
+func run(ctx context.Context, cfg config) (string, error) {
+	paths, err := resolvePaths(cfg.binDir, cfg.bootDir)
+	if err != nil {
+		return "", err
+	}
+	snapDir, err := os.MkdirTemp("", "mvm-bench-")
+	if err != nil {
+		return "", err
+	}
+	// The benchmark keeps measuring the binaries it started with, even if
+	// someone rebuilds _output/ during the run; the snapshot's guardian
+	// also cleans up should this process be killed.
+	snap, release, err := paths.Snapshot(snapDir)
+	if err != nil {
+		os.RemoveAll(snapDir)
+		return "", fmt.Errorf("snapshot of the build outputs: %w", err)
+	}
+	defer release()
+	for _, f := range []string{"containerd-shim-runc-v2", "containerd-shim-macvm-v1"} {
+		if _, err := os.Stat(filepath.Join(snap.BinDir, f)); err != nil {
+			return "", fmt.Errorf("%s missing in %s: run `make shim containerd`", f, paths.BinDir)
+		}
+	}
+	for _, f := range []string{"vmlinux", "initrd.img"} {
+		if _, err := os.Stat(filepath.Join(snap.BootDir, f)); err != nil {
+			return "", fmt.Errorf("%s missing in %s: run `make boot`", f, paths.BootDir)
+		}
+	}
+
+	machine, err := probeMachine(paths.BinDir)
+	if err != nil {
+		return "", err
+	}
+	res := &Results{Machine: machine, Mode: cfg.mode.Name}
+
+	logf("starting a private containerd")
+	cd, err := harness.Start(ctx, harness.Options{Paths: snap, Namespace: Namespace, Debug: true})
+	if err != nil {
+		return "", err
+	}
+	b := &bench{cfg: cfg, cd: cd, res: res}
+	defer func() {
+		logf("cleaning up")
+		cctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+		defer cancel()
+		if cfg.keep {
+			keep := filepath.Join(os.TempDir(), fmt.Sprintf("macvm-bench-%d.log", os.Getpid()))
+			if err := copyFileTo(cd.LogPath, keep); err == nil {
+				logf("containerd log kept at %s", keep)
+			}
+		}
+		if err := cd.Cleanup(cctx); err != nil {
+			logf("cleanup: %v", err)
+		}
+	}()
+	if err := cd.ImportBusybox(ctx); err != nil {
+		return "", err
+	}
+	if b.events, err = recordEvents(ctx, cd); err != nil {
+		return "", err
+	}
+	defer b.events.stop()
+
+	if err := b.setupVariants(snap, snapDir); err != nil {
+		return "", err
+	}
+	for _, v := range b.variants {
+		res.Variants = append(res.Variants, v.info)
+	}
+
+	steps := []struct {
+		name string
+		f    func(context.Context) error
+	}{
+		{"run", b.measureRun},
+		{"output", b.measureFirstOutput},
+		{"exec", b.measureExecAndStreams},
+		{"density", b.measureDensity},
+		{"micro", b.measureMicro},
+	}
+	for _, s := range steps {
+		if !cfg.wants(s.name) && !(s.name == "exec" && (cfg.wants("stream") || cfg.wants("memory"))) {
+			continue
+		}
+		if err := ctx.Err(); err != nil {
+			return "", err
+		}
+		logf("== %s", s.name)
+		if err := s.f(ctx); err != nil {
+			// One broken measurement must not throw away the others: it
+			// shows in the report as a note, and the run fails at the end.
+			res.Failures = append(res.Failures, fmt.Sprintf("%s: %v", s.name, err))
+			logf("%s failed: %v", s.name, err)
+		}
+	}
+	path, err := writeResults(cfg.outDir, res)
+	if err != nil {
+		return "", err
+	}
+	fmt.Println(renderMarkdown(res))
+	if len(res.Failures) > 0 {
+		return path, fmt.Errorf("%d measurement(s) failed (see %s): %s", len(res.Failures), path, strings.Join(res.Failures, "; "))
+	}
+	return path, nil
+}
+
+// resolvePaths makes the build output directories absolute.
+func resolvePaths(binDir, bootDir string) (harness.Paths, error) {
+	var p harness.Paths
+	var err error
+	if p.BinDir, err = filepath.Abs(binDir); err != nil {
+		return p, err
+	}
+	if p.BootDir, err = filepath.Abs(bootDir); err != nil {
+		return p, err
+	}
+	for _, f := range []string{"containerd", "ctr"} {
+		if _, err := os.Stat(filepath.Join(p.BinDir, f)); err != nil {
+			return p, fmt.Errorf("%s: run `make containerd`", err)
+		}
+	}
+	return p, nil
+}
+
+// setupVariants lists runc, macvm with the default boot files, and macvm
+// with the minimal kernel when its boot files exist.
+func (b *bench) setupVariants(snap harness.Paths, snapDir string) error {
+	b.variants = append(b.variants, &variant{
+		info: VariantInfo{Name: "runc", Runtime: harness.RuncName},
+		rt:   harness.Runc(),
+	})
+	add := func(name, bootDir string) error {
+		kernel, err := kernelVersion(filepath.Join(bootDir, "vmlinux"))
+		if err != nil {
+			return err
+		}
+		cfgPath := filepath.Join(snapDir, name+".toml")
+		if err := harness.WriteMacvmConfig(cfgPath, harness.Paths{BootDir: bootDir}); err != nil {
+			return err
+		}
+		b.variants = append(b.variants, &variant{
+			info:       VariantInfo{Name: name, Runtime: harness.MacvmName, Kernel: kernel, BootDir: bootDir},
+			rt:         harness.Macvm(),
+			configPath: cfgPath,
+		})
+		return nil
+	}
+	if err := add("macvm", snap.BootDir); err != nil {
+		return err
+	}
+	if b.cfg.minimalDir == "" {
+		return nil
+	}
+	minimal, err := filepath.Abs(b.cfg.minimalDir)
+	if err != nil {
+		return err
+	}
+	if !exists(filepath.Join(minimal, "vmlinux")) || !exists(filepath.Join(minimal, "initrd.img")) {
+		logf("no minimal-kernel boot files in %s (make boot-minimal): measuring the default kernel only", minimal)
+		return nil
+	}
+	// A private copy, like the default boot files: a rebuild mid-run must not change what is measured.
+	dst := filepath.Join(snapDir, "boot-minimal")
+	if err := os.MkdirAll(dst, 0o755); err != nil {
+		return err
+	}
+	for _, f := range []string{"vmlinux", "initrd.img"} {
+		if err := copyFileTo(filepath.Join(minimal, f), filepath.Join(dst, f)); err != nil {
+			return err
+		}
+	}
+	return add("macvm-minimal", dst)
+}
+
+func exists(p string) bool { _, err := os.Stat(p); return err == nil }
+
+func copyFileTo(src, dst string) error {
+	in, err := os.Open(src)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	out, err := os.Create(dst)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(out, in); err != nil {
+		out.Close()
+		return err
+	}
+	return out.Close()
+}
+
+// id returns a fresh container id for variant v and purpose what.
+func (b *bench) id(v *variant, what string) string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.seq++
+	return fmt.Sprintf("%s-%s-%d", v.info.Name, what, b.seq)
+}
+
+// runArgs builds `ctr run` arguments for v.
+func (b *bench) runArgs(v *variant, extra []string, id string, cmd ...string) []string {
+	args := []string{"run", "--runtime", v.rt.Name}
+	if v.configPath != "" {
+		args = append(args, "--runtime-config-path", v.configPath)
+	}
+	args = append(args, extra...)
+	args = append(args, harness.BusyboxImage, id)
+	return append(args, cmd...)
+}
+
+// timedWriter records when the first and the last byte arrived and how many.
+type timedWriter struct {
+	// mu guards the fields below: os/exec writes from its copy goroutine
+	// while the caller may read.
+	mu          sync.Mutex
+	first, last time.Time
+	n           int64
+	keep        *bytes.Buffer // the first bytes, for checks and error messages
+}
+
+func (w *timedWriter) Write(p []byte) (int, error) {
+	now := time.Now()
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.n == 0 && len(p) > 0 {
+		w.first = now
+	}
+	w.last = now
+	w.n += int64(len(p))
+	if w.keep == nil {
+		w.keep = &bytes.Buffer{}
+	}
+	if room := 4096 - w.keep.Len(); room > 0 {
+		w.keep.Write(p[:min(room, len(p))])
+	}
+	return len(p), nil
+}
+
+func (w *timedWriter) snapshot() (first, last time.Time, n int64, head string) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.keep != nil {
+		head = w.keep.String()
+	}
+	return w.first, w.last, w.n, head
+}
+
+// ctrRun is one timed ctr invocation.
+type ctrRun struct {
+	start, end time.Time
+	stdout     *timedWriter
+	stderr     bytes.Buffer
+	exitCode   int
+}
+
+func (r *ctrRun) wall() time.Duration { return r.end.Sub(r.start) }
+
+// ctr runs ctr with stdin (nil for none), timing it from just before the
+// fork to its exit. A non-zero exit is an error that carries stderr.
+func (b *bench) ctr(ctx context.Context, stdin io.Reader, args ...string) (*ctrRun, error) {
+	cmd := b.cd.CtrCommand(ctx, args...)
+	r := &ctrRun{stdout: &timedWriter{}}
+	cmd.Stdout = r.stdout
+	cmd.Stderr = &r.stderr
+	if stdin != nil {
+		cmd.Stdin = stdin
+	}
+	r.start = time.Now()
+	err := harness.RunCmd(cmd)
+	r.end = time.Now()
+	var ee *exec.ExitError
+	switch {
+	case err == nil:
+		return r, nil
+	case errors.As(err, &ee):
+		r.exitCode = ee.ExitCode()
+		return r, fmt.Errorf("ctr %s: exit %d: %s", strings.Join(args, " "), r.exitCode, strings.TrimSpace(harness.Filtered(r.stderr.Bytes())))
+	default:
+		return r, fmt.Errorf("ctr %s: %w", strings.Join(args, " "), err)
+	}
+}
+
+// rotate returns the variants starting at index i: each round starts with
+// another runtime, so neither always runs first (cold caches) or right
+// after the other's teardown.
+func (b *bench) rotate(i int) []*variant {
+	n := len(b.variants)
+	out := make([]*variant, 0, n)
+	for k := 0; k < n; k++ {
+		out = append(out, b.variants[(i+k)%n])
+	}
+	return out
+}

@@ -1,0 +1,136 @@
+package main
+
+import (
+	"bufio"
+	"io"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// The macvm shim logs two lines on the start path (pkg/service, debug
+// level) that split the Create RPC: "VM started" once the hypervisor runs,
+// and "guest agent connected" once the agent answered. containerd logs
+// "connecting to shim ID" when the shim's bootstrap has returned. The
+// benchmark runs containerd at debug level and reads these lines' own time
+// stamps back from its log.
+const (
+	msgShimConnect = "connecting to shim "
+	msgVMStarted   = "VM started"
+	msgAgentReady  = "guest agent connected"
+)
+
+// logLine is one logfmt line of containerd's log (its own lines and the
+// shims', which containerd copies into it).
+type logLine struct {
+	Time   time.Time
+	Msg    string
+	Fields map[string]string
+}
+
+// parseLogfmt parses one logrus text-format line: key=value pairs, values
+// optionally double-quoted with Go escapes. It returns false for lines that
+// are not logfmt or lack a parseable time.
+func parseLogfmt(line string) (logLine, bool) {
+	fields := map[string]string{}
+	s := line
+	for {
+		s = strings.TrimLeft(s, " ")
+		if s == "" {
+			break
+		}
+		eq := strings.IndexByte(s, '=')
+		if eq <= 0 || strings.ContainsAny(s[:eq], " \"") {
+			return logLine{}, false
+		}
+		key := s[:eq]
+		s = s[eq+1:]
+		var val string
+		if strings.HasPrefix(s, `"`) {
+			// Find the closing quote, skipping escaped ones.
+			end := -1
+			for i := 1; i < len(s); i++ {
+				if s[i] == '\\' {
+					i++
+					continue
+				}
+				if s[i] == '"' {
+					end = i
+					break
+				}
+			}
+			if end < 0 {
+				return logLine{}, false
+			}
+			uq, err := strconv.Unquote(s[:end+1])
+			if err != nil {
+				return logLine{}, false
+			}
+			val, s = uq, s[end+1:]
+		} else {
+			sp := strings.IndexByte(s, ' ')
+			if sp < 0 {
+				sp = len(s)
+			}
+			val, s = s[:sp], s[sp:]
+		}
+		fields[key] = val
+	}
+	ts, ok := fields["time"]
+	if !ok {
+		return logLine{}, false
+	}
+	t, err := time.Parse(time.RFC3339Nano, ts)
+	if err != nil {
+		return logLine{}, false
+	}
+	return logLine{Time: t, Msg: fields["msg"], Fields: fields}, true
+}
+
+// startPathTimes holds, per container id, the times of the start-path log
+// lines (keyed by the message constants above).
+type startPathTimes map[string]map[string]time.Time
+
+// scanStartPath reads containerd's log for the start-path lines.
+func scanStartPath(r io.Reader) (startPathTimes, error) {
+	out := startPathTimes{}
+	set := func(id, what string, t time.Time) {
+		if out[id] == nil {
+			out[id] = map[string]time.Time{}
+		}
+		if _, ok := out[id][what]; !ok {
+			out[id][what] = t
+		}
+	}
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 64<<10), 4<<20)
+	for sc.Scan() {
+		text := sc.Text()
+		if !strings.Contains(text, msgShimConnect) && !strings.Contains(text, msgVMStarted) && !strings.Contains(text, msgAgentReady) {
+			continue
+		}
+		l, ok := parseLogfmt(text)
+		if !ok {
+			continue
+		}
+		switch {
+		case strings.HasPrefix(l.Msg, msgShimConnect):
+			set(strings.TrimSpace(strings.TrimPrefix(l.Msg, msgShimConnect)), msgShimConnect, l.Time)
+		case l.Msg == msgVMStarted || l.Msg == msgAgentReady:
+			if id := l.Fields["container_id"]; id != "" {
+				set(id, l.Msg, l.Time)
+			}
+		}
+	}
+	return out, sc.Err()
+}
+
+func scanStartPathFile(path string) (startPathTimes, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	return scanStartPath(f)
+}

@@ -1,0 +1,124 @@
+package main
+
+import (
+	"math"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/macvm/macvm/bench/internal/stats"
+)
+
+func TestParseLogfmt(t *testing.T) {
+	line := `time="2026-11-28T22:06:10.123456789Z" level=debug msg="guest agent connected" boot=2.5s container_id=macvm-run-2 namespace=bench`
+	l, ok := parseLogfmt(line)
+	if !ok {
+		t.Fatalf("parseLogfmt(%q) failed", line)
+	}
+	want := time.Date(2026, 11, 28, 22, 6, 10, 123456789, time.UTC)
+	if !l.Time.Equal(want) || l.Msg != "guest agent connected" || l.Fields["container_id"] != "macvm-run-2" || l.Fields["boot"] != "2.5s" {
+		t.Errorf("got %+v", l)
+	}
+	for _, bad := range []string{"", "plain text", `msg="no time"`, `time="yesterday" msg=x`, `time="2026-11-28T22:06:10Z" msg="unterminated`} {
+		if _, ok := parseLogfmt(bad); ok {
+			t.Errorf("parseLogfmt(%q) accepted", bad)
+		}
+	}
+	l, ok = parseLogfmt(`time="2026-11-28T22:06:10Z" msg="say \"hi\"" k=v`)
+	if !ok || l.Msg != `say "hi"` || l.Fields["k"] != "v" {
+		t.Errorf("escaped quotes: %+v %v", l, ok)
+	}
+}
+
+func TestScanStartPath(t *testing.T) {
+	log := strings.Join([]string{
+		`time="2026-11-28T22:06:10.000000000Z" level=info msg="connecting to shim macvm-run-2" address="unix:///s/x" namespace=bench protocol=ttrpc version=3`,
+		`time="2026-11-28T22:06:10.500000000Z" level=debug msg="VM started" container_id=macvm-run-2 vm_pid=42`,
+		`time="2026-11-28T22:06:12.000000000Z" level=debug msg="guest agent connected" boot=1.5s container_id=macvm-run-2`,
+		`time="2026-11-28T22:06:13.000000000Z" level=debug msg="VM started" container_id=macvm-run-2 vm_pid=43`,
+		`time="2026-11-28T22:06:13.000000000Z" level=info msg="loading plugin" id=x`,
+	}, "\n")
+	got, err := scanStartPath(strings.NewReader(log))
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := got["macvm-run-2"]
+	if d := m[msgAgentReady].Sub(m[msgVMStarted]); d != 1500*time.Millisecond {
+		t.Errorf("boot phase = %v, want 1.5s (the first VM started line counts)", d)
+	}
+	if d := m[msgVMStarted].Sub(m[msgShimConnect]); d != 500*time.Millisecond {
+		t.Errorf("vm start phase = %v, want 500ms", d)
+	}
+}
+
+func TestParseBench(t *testing.T) {
+	out := `goos: linux
+BenchmarkStreamThroughput/window=256KiB-2         	     100	   1000000 ns/op	1048.58 MB/s
+BenchmarkRoundTrip-2   	   20000	     52000 ns/op
+PASS
+ok  	github.com/macvm/macvm/pkg/guest/transport	3.1s`
+	rs := parseBench(out)
+	if len(rs) != 2 {
+		t.Fatalf("parsed %d results, want 2: %+v", len(rs), rs)
+	}
+	if rs[0].Name != "StreamThroughput/window=256KiB" || rs[0].MBPerS != 1048.58 || rs[0].Iters != 100 {
+		t.Errorf("first = %+v", rs[0])
+	}
+	if rs[1].Name != "RoundTrip" || rs[1].NsPerOp != 52000 || rs[1].MBPerS != 0 {
+		t.Errorf("second = %+v", rs[1])
+	}
+}
+
+func TestFindBanner(t *testing.T) {
+	img := []byte("\x00junk Linux version %s (%s)\x00more Linux version 6.1.0-56-amd64 (dk@debian.org) (gcc-12) #1 SMP Debian 6.1.192-2 (2026-11-16)\n\x00tail")
+	got, err := findBanner(img)
+	if err != nil || got != "6.1.0-56-amd64 #1 SMP Debian 6.1.192-2 (2026-11-16)" {
+		t.Errorf("findBanner = %q, %v", got, err)
+	}
+	if _, err := findBanner([]byte("no banner here")); err == nil {
+		t.Error("findBanner found a banner in none")
+	}
+}
+
+func TestTargetMet(t *testing.T) {
+	s := stats.Of([]float64{10, 12, 14})
+	for _, tc := range []struct {
+		t         Target
+		ratio     float64
+		met, know bool
+	}{
+		{Target{Ratio: true, Max: true, Value: 2.5}, 2.0, true, true},
+		{Target{Ratio: true, Max: true, Value: 2.5}, 3.0, false, true},
+		{Target{Ratio: true, Max: false, Value: 0.7}, 0.5, false, true},
+		{Target{Ratio: true, Max: true, Value: 2.5}, math.NaN(), false, false},
+		{Target{Ratio: false, Max: true, Value: 15}, math.NaN(), true, true},
+		{Target{Ratio: false, Max: true, Value: 11}, math.NaN(), false, true},
+	} {
+		met, known := tc.t.Met(s, tc.ratio)
+		if met != tc.met || known != tc.know {
+			t.Errorf("%+v with ratio %v: met %v known %v, want %v %v", tc.t, tc.ratio, met, known, tc.met, tc.know)
+		}
+	}
+}
+
+func TestRenderMarkdown(t *testing.T) {
+	r := &Results{Mode: "quick", Variants: []VariantInfo{{Name: "runc"}, {Name: "macvm", Kernel: "6.1.0"}}}
+	r.Machine.Cores, r.Machine.Accel = 2, "TCG"
+	m := r.metric("run.wall", GroupLatency, "run", "s", ratioMax(2.5))
+	for _, x := range []float64{1, 2, 3} {
+		m.add("runc", x)
+		m.add("macvm", 2*x)
+	}
+	r.metric("mem.hv_rss", GroupMemory, "hv", "MiB", vmOnly).add("macvm", 100)
+	md := renderMarkdown(r)
+	for _, want := range []string{
+		"| run | s, lower is better | 2.000 (1.000–3.000, n=3) | 4.000 (2.000–6.000, n=3) | 2.00× | ≤ 2.5× runc: macvm met |",
+		"| hv | MiB, lower is better | — | 100.0 (n=1) | — |",
+		"**TCG**",
+		"guest kernel of `macvm` | 6.1.0",
+	} {
+		if !strings.Contains(md, want) {
+			t.Errorf("report lacks %q:\n%s", want, md)
+		}
+	}
+}

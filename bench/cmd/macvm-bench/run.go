@@ -1,0 +1,130 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"time"
+)
+
+// runRecord is one `ctr run --rm` sample, kept until the log and the
+// events for it have been collected.
+type runRecord struct {
+	v          *variant
+	id         string
+	start, end time.Time
+	firstByte  time.Time
+}
+
+// measureRun times `ctr run --rm IMG ID true`, and splits each run into
+// phases from the events and start-path log lines.
+func (b *bench) measureRun(ctx context.Context) error {
+	wall := b.res.metric("run.wall", GroupLatency, "`ctr run --rm` of `true` (wall)", "s", ratioMax(2.5))
+	var recs []runRecord
+	for i := 0; i < b.cfg.mode.Runs; i++ {
+		for _, v := range b.rotate(i) {
+			id := b.id(v, "run")
+			r, err := b.ctr(ctx, nil, b.runArgs(v, []string{"--rm"}, id, "true")...)
+			if err != nil {
+				return err
+			}
+			wall.add(v.info.Name, r.wall().Seconds())
+			recs = append(recs, runRecord{v: v, id: id, start: r.start, end: r.end})
+			logf("run %-14s %6.3fs", v.info.Name, r.wall().Seconds())
+		}
+	}
+	return b.phases(recs, false)
+}
+
+// measureFirstOutput times `ctr run --rm IMG ID echo` to the first byte
+// of output ctr prints.
+func (b *bench) measureFirstOutput(ctx context.Context) error {
+	first := b.res.metric("run.first_output", GroupLatency, "`ctr run --rm` of `echo`: first output", "s", ratioMax(2.5))
+	var recs []runRecord
+	for i := 0; i < b.cfg.mode.Runs; i++ {
+		for _, v := range b.rotate(i) {
+			id := b.id(v, "echo")
+			r, err := b.ctr(ctx, nil, b.runArgs(v, []string{"--rm"}, id, "echo", "hello")...)
+			if err != nil {
+				return err
+			}
+			t, _, _, head := r.stdout.snapshot()
+			if strings.TrimSpace(head) != "hello" {
+				return fmt.Errorf("%s: echo printed %q, want hello", v.info.Name, head)
+			}
+			first.add(v.info.Name, t.Sub(r.start).Seconds())
+			recs = append(recs, runRecord{v: v, id: id, start: r.start, end: r.end, firstByte: t})
+			logf("echo %-14s first output %6.3fs, wall %6.3fs", v.info.Name, t.Sub(r.start).Seconds(), r.wall().Seconds())
+		}
+	}
+	return b.phases(recs, true)
+}
+
+// phases turns the runs' events and log lines into phase metrics. A phase
+// whose end points are missing (an event not delivered) is left out of
+// that run and reported as a note, not as a zero.
+func (b *bench) phases(recs []runRecord, output bool) error {
+	logTimes, err := scanStartPathFile(b.cd.LogPath)
+	if err != nil {
+		return err
+	}
+	type phase struct {
+		id, title string
+		vmOnly    bool
+		from, to  func(ev, lg map[string]time.Time, r runRecord) time.Time
+	}
+	ev := func(topic string) func(ev, lg map[string]time.Time, r runRecord) time.Time {
+		return func(ev, _ map[string]time.Time, _ runRecord) time.Time { return ev[topic] }
+	}
+	lg := func(msg string) func(ev, lg map[string]time.Time, r runRecord) time.Time {
+		return func(_, lg map[string]time.Time, _ runRecord) time.Time { return lg[msg] }
+	}
+	start := func(_, _ map[string]time.Time, r runRecord) time.Time { return r.start }
+	end := func(_, _ map[string]time.Time, r runRecord) time.Time { return r.end }
+	firstByte := func(_, _ map[string]time.Time, r runRecord) time.Time { return r.firstByte }
+
+	var list []phase
+	if output {
+		list = []phase{{"phase.first_output", "task started → first output at ctr", false, ev(topicStart), firstByte}}
+	} else {
+		list = []phase{
+			{"phase.shim", "ctr start → shim connected (bootstrap)", false, start, lg(msgShimConnect)},
+			{"phase.create", "Create RPC (shim connected → TaskCreate)", false, lg(msgShimConnect), ev(topicCreate)},
+			{"phase.vm_start", "… shim connected → VM process started", true, lg(msgShimConnect), lg(msgVMStarted)},
+			{"phase.boot", "… VM started → agent ready", true, lg(msgVMStarted), lg(msgAgentReady)},
+			{"phase.guest_create", "… agent ready → container created (TaskCreate)", true, lg(msgAgentReady), ev(topicCreate)},
+			{"phase.start", "task start (TaskCreate → TaskStart)", false, ev(topicCreate), ev(topicStart)},
+			{"phase.run", "process runs `true` (TaskStart → TaskExit)", false, ev(topicStart), ev(topicExit)},
+			{"phase.teardown", "teardown (TaskExit → ctr exited)", false, ev(topicExit), end},
+		}
+	}
+	// Create the metrics in the list's order, so the report's rows follow the start path.
+	for _, p := range list {
+		if p.vmOnly {
+			b.res.metric(p.id, GroupPhases, p.title, "s", vmOnly)
+		} else {
+			b.res.metric(p.id, GroupPhases, p.title, "s")
+		}
+	}
+	missing := 0
+	for _, r := range recs {
+		evs := b.events.get(r.id, 5*time.Second, topicCreate, topicStart, topicExit)
+		lgs := logTimes[r.id]
+		for _, p := range list {
+			if p.vmOnly && !r.v.vm() {
+				continue
+			}
+			m := b.res.metric(p.id, GroupPhases, p.title, "s")
+			from, to := p.from(evs, lgs, r), p.to(evs, lgs, r)
+			if from.IsZero() || to.IsZero() {
+				missing++
+				continue
+			}
+			m.add(r.v.info.Name, to.Sub(from).Seconds())
+		}
+	}
+	if missing > 0 {
+		b.res.Notes = append(b.res.Notes, fmt.Sprintf("%d phase sample(s) lacked an event or log line and were left out", missing))
+	}
+	return nil
+}

@@ -1,0 +1,68 @@
+package procmem
+
+import (
+	"os"
+	"strings"
+	"testing"
+)
+
+const rollup = `55d0c0a00000-7ffd2b9f6000 ---p 00000000 00:00 0                          [rollup]
+Rss:              149872 kB
+Pss:              117001 kB
+Pss_Anon:         100000 kB
+Shared_Clean:      40000 kB
+`
+
+func TestParseKB(t *testing.T) {
+	kv, err := ParseKB(strings.NewReader(rollup))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := kv["Rss"], int64(149872)<<10; got != want {
+		t.Errorf("Rss = %d, want %d", got, want)
+	}
+	if got, want := kv["Pss"], int64(117001)<<10; got != want {
+		t.Errorf("Pss = %d, want %d", got, want)
+	}
+	if _, ok := kv["55d0c0a00000-7ffd2b9f6000 ---p 00000000 00"]; ok {
+		t.Error("the address header was parsed as a value")
+	}
+	if _, err := ParseKB(strings.NewReader("Rss: 12 MB\n")); err == nil {
+		t.Error("a value in MB was accepted")
+	}
+}
+
+func TestMeminfo(t *testing.T) {
+	m, err := ParseMeminfo([]byte("MemTotal:        500000 kB\nMemFree:   1 kB\nMemAvailable:    400000 kB\nHugePages_Total:       0\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := m.Used(), int64(100000)<<10; got != want {
+		t.Errorf("Used = %d, want %d", got, want)
+	}
+	if _, err := ParseMeminfo([]byte("MemTotal: 1 kB\n")); err == nil {
+		t.Error("meminfo without MemAvailable accepted")
+	}
+}
+
+func TestStatusRSS(t *testing.T) {
+	got, err := StatusRSS([]byte("Name:\tsleep\nState:\tS (sleeping)\nVmRSS:\t    1024 kB\n"))
+	if err != nil || got != 1<<20 {
+		t.Errorf("StatusRSS = %d, %v; want %d", got, err, 1<<20)
+	}
+}
+
+// TestOfSelf reads this test process's own rollup: RSS is positive and PSS
+// never exceeds it.
+func TestOfSelf(t *testing.T) {
+	u, err := Of(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if u.RSS <= 0 || u.PSS <= 0 || u.PSS > u.RSS {
+		t.Errorf("own usage %+v: want 0 < PSS <= RSS", u)
+	}
+	if _, err := Host(); err != nil {
+		t.Errorf("Host: %v", err)
+	}
+}
