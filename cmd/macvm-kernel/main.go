@@ -3,11 +3,15 @@
 // through PVH, about a second faster under TCG than the bzImage) and
 // collects the modules the guest agent loads, with their dependencies.
 // hack/fetch-kernel.sh drives it after unpacking Debian's kernel package.
+// The deb subcommand does all of it from the .deb itself in pure Go, so it
+// also runs on a Mac, and produces what Virtualization.framework boots (an
+// uncompressed arm64 Image, or an x86_64 bzImage).
 //
 // Usage:
 //
 //	macvm-kernel vmlinux -i VMLINUZ -o VMLINUX
 //	macvm-kernel modules -tree /lib/modules/VERSION -o DIR NAME...
+//	macvm-kernel deb -i linux-image-*.deb -o DIR [-modules a,b,...]
 package main
 
 import (
@@ -30,6 +34,8 @@ func main() {
 		err = extract(os.Args[2:])
 	case "modules":
 		err = modules(os.Args[2:])
+	case "deb":
+		err = debCmd(os.Args[2:])
 	default:
 		usage()
 	}
@@ -40,7 +46,7 @@ func main() {
 }
 
 func usage() {
-	fmt.Fprintln(os.Stderr, "usage: macvm-kernel vmlinux -i VMLINUZ -o VMLINUX\n       macvm-kernel modules -tree /lib/modules/VERSION -o DIR NAME...")
+	fmt.Fprintln(os.Stderr, "usage: macvm-kernel vmlinux -i VMLINUZ -o VMLINUX\n       macvm-kernel modules -tree /lib/modules/VERSION -o DIR NAME...\n       macvm-kernel deb -i linux-image-*.deb -o DIR [-modules a,b,...]")
 	os.Exit(2)
 }
 
