@@ -10,7 +10,7 @@ KERNEL_DIR := $(OUT)/kernel
 BOOT_DIR   := $(OUT)/boot
 
 .PHONY: all build shim agent agent-all initrd kernel kernel-minimal boot generate check-generated \
-	vet fmt-check check-darwin test test-unit test-vm test-e2e containerd demo install clean
+	vet fmt-check check-darwin boot-macos kernel-debs test-macos-kernel test test-unit test-vm test-e2e containerd demo install clean
 
 all: build
 
@@ -54,6 +54,35 @@ initrd: agent
 # Boot files the shim and the tests use: _output/boot/{vmlinux,initrd.img}.
 boot: kernel initrd
 
+# Boot files for Virtualization.framework, from a Debian kernel package, in pure
+# Go (runs on a Mac): KERNEL_DEB=.../linux-image-*-cloud-arm64_*.deb (see
+# docs/macos.md; on Linux `make kernel-debs` fetches it through apt). The agent
+# is cross-built for VZ_ARCH. On macOS the files go where the shim looks
+# (_output/boot); elsewhere to _output/boot-vz, beside the QEMU boot files.
+VZ_ARCH    ?= arm64
+KERNEL_DEB ?= $(firstword $(wildcard $(OUT)/debs/linux-image-*-cloud-$(VZ_ARCH)_*_$(VZ_ARCH).deb))
+ifeq ($(shell uname -s),Darwin)
+VZ_BOOT_DIR ?= $(BOOT_DIR)
+else
+VZ_BOOT_DIR ?= $(OUT)/boot-vz
+endif
+boot-macos:
+	@[ -n "$(KERNEL_DEB)" ] || { echo "set KERNEL_DEB to Debian's linux-image-*-cloud-$(VZ_ARCH) package (docs/macos.md)" >&2; exit 1; }
+	CGO_ENABLED=0 GOOS=linux GOARCH=$(VZ_ARCH) go build -trimpath -ldflags '-s -w' -o $(BIN)/linux-$(VZ_ARCH)/guest-agent ./guest-agent
+	go run ./cmd/macvm-kernel deb -i $(KERNEL_DEB) -o $(KERNEL_DIR)/vz-$(VZ_ARCH)
+	go run ./cmd/macvm-mkinitrd -agent $(BIN)/linux-$(VZ_ARCH)/guest-agent -modules $(KERNEL_DIR)/vz-$(VZ_ARCH)/modules \
+		-first virtio_pci,vmw_vsock_virtio_transport -o $(VZ_BOOT_DIR)/initrd.img
+	ln -sf $(KERNEL_DIR)/vz-$(VZ_ARCH)/$(if $(filter arm64,$(VZ_ARCH)),Image,bzImage) $(VZ_BOOT_DIR)/vmlinux
+
+# Debian's arm64 cloud and amd64 generic kernel packages, for the tests of `macvm-kernel deb`.
+kernel-debs:
+	hack/fetch-kernel-debs.sh $(OUT)/debs
+
+# `macvm-kernel deb` on the real packages: the arm64 Image has its magic and the vz
+# modules, the amd64 result boots under QEMU.
+test-macos-kernel: kernel-debs
+	MACVM_DEB_DIR=$(OUT)/debs go test -count=1 -timeout 15m -v -run RealDeb ./cmd/macvm-kernel
+
 generate:
 	hack/protoc.sh
 
@@ -76,7 +105,7 @@ check-darwin:
 fmt-check:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); [ -z "$$out" ] || (echo "gofmt needed: $$out" >&2; exit 1)
 
-test: check-generated fmt-check vet check-darwin test-unit test-vm test-e2e
+test: check-generated fmt-check vet check-darwin test-macos-kernel test-unit test-vm test-e2e
 
 # pkg/vm's tests boot the Debian kernel (with a test init), so they need `make kernel` (cached after the first run).
 test-unit: kernel
