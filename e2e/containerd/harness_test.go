@@ -49,7 +49,12 @@ func victim(rtName string) {
 		fail(err)
 	}
 	fmt.Printf("DIR %s\nPID %d\nPID %d\n", d.Dir, d.Pid(), shim)
-	below, _ := harness.Descendants(shim)
+	// Wait for the container's process (runc) or VM (macvm) to show below the shim.
+	var below []harness.Proc
+	for i := 0; i < 100 && len(below) == 0; i++ {
+		time.Sleep(100 * time.Millisecond)
+		below, _ = harness.Descendants(shim)
+	}
 	for _, p := range below {
 		fmt.Printf("PID %d\n", p.Pid)
 	}

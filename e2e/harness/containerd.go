@@ -15,19 +15,20 @@ import (
 	"syscall"
 	"time"
 
+	runcoptions "github.com/containerd/containerd/api/types/runc/options"
 	runtimeoptions "github.com/containerd/containerd/api/types/runtimeoptions/v1"
 	containerd "github.com/containerd/containerd/v2/client"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/errdefs"
 )
 
-// DefaultNamespace is the containerd namespace the harness works in.
+// DefaultNamespace prefixes the containerd namespace each daemon works in ("e2e-<dir suffix>").
 const DefaultNamespace = "e2e"
 
 // Options configures a private containerd.
 type Options struct {
 	Paths Paths
-	// Namespace is the containerd namespace of Ctr and Client (default DefaultNamespace).
+	// Namespace is the containerd namespace of Ctr and Client (default: DefaultNamespace-<unique>).
 	Namespace string
 	// Debug turns on containerd's debug log (and so the shims').
 	Debug bool
@@ -53,6 +54,10 @@ type Containerd struct {
 	ConfigPath, MacvmConfig string
 	// LogPath collects the daemon's stdout and stderr (shims log through it too).
 	LogPath string
+	// RuncRoot is runc's state directory for the reference runtime. runc's default,
+	// /run/containerd/runc, is shared by every containerd on the machine: a container ID reused by a
+	// concurrent run, or left by a killed one, would collide there.
+	RuncRoot string
 	// Namespace is the namespace Ctr and Client use.
 	Namespace string
 
@@ -67,9 +72,6 @@ type Containerd struct {
 
 // Start creates a private directory, writes the configs and starts containerd, returning once it serves.
 func Start(ctx context.Context, opts Options) (*Containerd, error) {
-	if opts.Namespace == "" {
-		opts.Namespace = DefaultNamespace
-	}
 	if opts.Logf == nil {
 		opts.Logf = func(string, ...any) {}
 	}
@@ -82,6 +84,11 @@ func Start(ctx context.Context, opts Options) (*Containerd, error) {
 	if err != nil {
 		return nil, err
 	}
+	if opts.Namespace == "" {
+		// One namespace per daemon: runc names its cgroups /<namespace>/<id>, so two harnesses running at
+		// once (or a killed run's leftovers) must not share one.
+		opts.Namespace = DefaultNamespace + "-" + strings.TrimPrefix(filepath.Base(dir), "mvm-")
+	}
 	c := &Containerd{
 		opts:        opts,
 		Dir:         dir,
@@ -92,6 +99,7 @@ func Start(ctx context.Context, opts Options) (*Containerd, error) {
 		ConfigPath:  filepath.Join(dir, "config.toml"),
 		MacvmConfig: filepath.Join(dir, "macvm.toml"),
 		LogPath:     filepath.Join(dir, "containerd.log"),
+		RuncRoot:    filepath.Join(dir, "runc"),
 		Namespace:   opts.Namespace,
 	}
 	if c.guard, err = startGuardian(dir); err != nil {
@@ -109,6 +117,9 @@ func Start(ctx context.Context, opts Options) (*Containerd, error) {
 		return fail(err)
 	}
 	if err := os.WriteFile(c.ConfigPath, []byte(c.config()), 0o644); err != nil {
+		return fail(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, namespaceFileName), []byte(c.Namespace), 0o644); err != nil {
 		return fail(err)
 	}
 	if err := c.start(ctx); err != nil {
@@ -290,8 +301,11 @@ func (c *Containerd) Client() (*containerd.Client, error) {
 // RuntimeOpt selects rt for a container created through the Go client, with the runtime options ctr's
 // RunArgs passes.
 func (c *Containerd) RuntimeOpt(rt Runtime) containerd.NewContainerOpts {
-	if rt.Short == "macvm" {
+	switch rt.Name {
+	case MacvmName:
 		return containerd.WithRuntime(rt.Name, &runtimeoptions.Options{ConfigPath: c.MacvmConfig})
+	case RuncName:
+		return containerd.WithRuntime(rt.Name, &runcoptions.Options{Root: c.RuncRoot})
 	}
 	return containerd.WithRuntime(rt.Name, nil)
 }
@@ -415,8 +429,11 @@ func (c *Containerd) Ctr(ctx context.Context, stdin []byte, args ...string) (Res
 // RunArgs builds `ctr run` arguments for rt: `run --runtime NAME [runtime options] extra... IMAGE ID cmd...`.
 func (c *Containerd) RunArgs(rt Runtime, extra []string, id string, cmd ...string) []string {
 	args := []string{"run", "--runtime", rt.Name}
-	if rt.Short == "macvm" {
+	switch rt.Name {
+	case MacvmName:
 		args = append(args, "--runtime-config-path", c.MacvmConfig)
+	case RuncName:
+		args = append(args, "--runc-root", c.RuncRoot)
 	}
 	args = append(args, extra...)
 	args = append(args, BusyboxImage, id)
@@ -609,6 +626,8 @@ func (c *Containerd) Cleanup(ctx context.Context) error {
 	if err := unmountAll(c.Dir); err != nil {
 		errs = append(errs, err)
 	}
+	// runc leaves the namespace's parent cgroups behind (and a killed shim the container's).
+	removeCgroups(c.Namespace)
 	c.guard.release()
 	if err := os.RemoveAll(c.Dir); err != nil {
 		errs = append(errs, err)

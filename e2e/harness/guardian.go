@@ -30,6 +30,8 @@ const (
 	guardianDone   = "done"
 	// pidFileName is where the harness records containerd's PID for the guardian.
 	pidFileName = "containerd.pid"
+	// namespaceFileName records the daemon's containerd namespace, which names its host cgroups.
+	namespaceFileName = "namespace"
 )
 
 func init() {
@@ -137,6 +139,9 @@ func guard(dir string, in io.Reader) int {
 	if err := unmountAll(dir); err != nil {
 		fmt.Println(err)
 	}
+	if ns, err := os.ReadFile(filepath.Join(dir, namespaceFileName)); err == nil {
+		removeCgroups(strings.TrimSpace(string(ns)))
+	}
 	// Keep the log: it is the only trace of what happened. Remove everything else.
 	ents, _ := os.ReadDir(dir)
 	for _, e := range ents {
@@ -145,4 +150,26 @@ func guard(dir string, in io.Reader) int {
 		}
 	}
 	return 0
+}
+
+// removeCgroups removes the (empty) host cgroups runc created under /<namespace> in every hierarchy,
+// deepest first. Non-empty ones stay: rmdir refuses them.
+func removeCgroups(namespace string) {
+	if namespace == "" || strings.ContainsAny(namespace, "/.") {
+		return
+	}
+	roots, _ := filepath.Glob("/sys/fs/cgroup/*/" + namespace)
+	roots = append(roots, "/sys/fs/cgroup/"+namespace)
+	for _, root := range roots {
+		var dirs []string
+		_ = filepath.WalkDir(root, func(path string, d os.DirEntry, err error) error {
+			if err == nil && d.IsDir() {
+				dirs = append(dirs, path)
+			}
+			return nil
+		})
+		for i := len(dirs) - 1; i >= 0; i-- {
+			_ = syscall.Rmdir(dirs[i])
+		}
+	}
 }
