@@ -210,10 +210,14 @@ func (s *Service) create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 		if err := os.MkdirAll(rootfs, 0o711); err != nil {
 			return nil, err
 		}
-		if err := mount.All(mount.FromProto(r.Rootfs), rootfs); err != nil {
-			return nil, fmt.Errorf("mount rootfs: %w", err)
+		dir, mounted, err := mountRootfs(mount.FromProto(r.Rootfs), rootfs)
+		if err != nil {
+			return nil, err
 		}
-		c.rootfs = rootfs
+		if mounted {
+			c.rootfs = rootfs
+		}
+		rootfs = dir
 	} else if spec.Root != nil && spec.Root.Path != "" {
 		rootfs = spec.Root.Path
 		if !filepath.IsAbs(rootfs) {
