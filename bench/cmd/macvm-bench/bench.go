@@ -301,6 +301,8 @@ type ctrRun struct {
 	stdout     *timedWriter
 	stderr     bytes.Buffer
 	exitCode   int
+	// cpu is the user+system CPU time ctr itself used.
+	cpu time.Duration
 }
 
 func (r *ctrRun) wall() time.Duration { return r.end.Sub(r.start) }
@@ -318,6 +320,9 @@ func (b *bench) ctr(ctx context.Context, stdin io.Reader, args ...string) (*ctrR
 	r.start = time.Now()
 	err := harness.RunCmd(cmd)
 	r.end = time.Now()
+	if cmd.ProcessState != nil {
+		r.cpu = cmd.ProcessState.UserTime() + cmd.ProcessState.SystemTime()
+	}
 	var ee *exec.ExitError
 	switch {
 	case err == nil:

@@ -26,10 +26,6 @@ func (b *bench) measureDensity(ctx context.Context) error {
 }
 
 func (b *bench) densityOnce(ctx context.Context, v *variant, n int) error {
-	before, err := procmem.Host()
-	if err != nil {
-		return err
-	}
 	ds := make([]detached, n)
 	errs := make([]error, n)
 	var wg sync.WaitGroup
@@ -74,17 +70,12 @@ func (b *bench) densityOnce(ctx context.Context, v *variant, n int) error {
 			b.res.metric("density.hv_pss_each", GroupDensity, fmt.Sprintf("hypervisor PSS per container, %d running", n), "MiB", vmOnly).add(v.info.Name, toMiB(cm.hypervisor.PSS))
 		}
 	}
-	after, err := procmem.Host()
-	if err != nil {
-		return err
-	}
 	b.res.metric("density.up", GroupDensity, fmt.Sprintf("%d containers started at once: all running", n), "s").add(v.info.Name, up.Seconds())
 	b.res.metric("density.total_pss", GroupDensity, fmt.Sprintf("%d running: host PSS of shims and everything below", n), "MiB").add(v.info.Name, toMiB(total.PSS))
 	b.res.metric("density.total_rss", GroupDensity, fmt.Sprintf("%d running: host RSS of shims and everything below", n), "MiB").add(v.info.Name, toMiB(total.RSS))
-	b.res.metric("density.host_drop", GroupDensity, fmt.Sprintf("%d running: host MemAvailable drop", n), "MiB").add(v.info.Name, toMiB(before.Available-after.Available))
 
 	t1 := time.Now()
-	err = b.removeDetached(ctx, started)
+	err := b.removeDetached(ctx, started)
 	started = nil
 	if err != nil {
 		return err

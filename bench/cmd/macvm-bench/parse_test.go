@@ -122,3 +122,12 @@ func TestRenderMarkdown(t *testing.T) {
 		}
 	}
 }
+
+func TestDDRecords(t *testing.T) {
+	if got := ddRecords("64+0 records in\n64+0 records out\n"); got != "64+0" {
+		t.Errorf("ddRecords = %q, want 64+0", got)
+	}
+	if got := ddRecords("dd: can't open\n"); got != "" {
+		t.Errorf("ddRecords without a summary = %q, want empty", got)
+	}
+}

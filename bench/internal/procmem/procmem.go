@@ -44,8 +44,7 @@ func Of(pid int) (Usage, error) {
 
 // ParseKB parses "Name:   123 kB" lines (smaps_rollup, meminfo, status)
 // into bytes by name. Lines of another shape (the rollup's address header,
-// status's text fields) are skipped; a value with a unit other than kB is an
-// error, since every figure this package reads is in kB.
+// status's text fields and id lists, unitless counters) are skipped.
 func ParseKB(r io.Reader) (map[string]int64, error) {
 	out := map[string]int64{}
 	sc := bufio.NewScanner(r)
@@ -63,13 +62,10 @@ func ParseKB(r io.Reader) (map[string]int64, error) {
 		if err != nil {
 			continue
 		}
-		switch {
-		case len(f) == 2 && f[1] == "kB":
+		// Only "N kB" is a memory size; counters (HugePages_Total) and
+		// lists (status's Uid) are skipped.
+		if len(f) == 2 && f[1] == "kB" {
 			out[strings.TrimSpace(name)] = n << 10
-		case len(f) == 1:
-			// Counters without a unit (HugePages_Total); not memory sizes.
-		default:
-			return nil, fmt.Errorf("%q: unexpected unit", sc.Text())
 		}
 	}
 	return out, sc.Err()

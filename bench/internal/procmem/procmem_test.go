@@ -4,6 +4,7 @@ import (
 	"os"
 	"strings"
 	"testing"
+	"time"
 )
 
 const rollup = `55d0c0a00000-7ffd2b9f6000 ---p 00000000 00:00 0                          [rollup]
@@ -27,8 +28,9 @@ func TestParseKB(t *testing.T) {
 	if _, ok := kv["55d0c0a00000-7ffd2b9f6000 ---p 00000000 00"]; ok {
 		t.Error("the address header was parsed as a value")
 	}
-	if _, err := ParseKB(strings.NewReader("Rss: 12 MB\n")); err == nil {
-		t.Error("a value in MB was accepted")
+	kv, err = ParseKB(strings.NewReader("Rss: 12 MB\nUid:\t0\t0\t0\t0\nThreads: 4\n"))
+	if err != nil || len(kv) != 0 {
+		t.Errorf("lines that are not kB sizes parsed as %v, %v; want none", kv, err)
 	}
 }
 
@@ -64,5 +66,37 @@ func TestOfSelf(t *testing.T) {
 	}
 	if _, err := Host(); err != nil {
 		t.Errorf("Host: %v", err)
+	}
+}
+
+func TestParseStatCPU(t *testing.T) {
+	line := []byte("4242 (CPU 0/TCG) R 1 2 3 4 5 6 7 8 9 10 150 25 0 0 20 0 1 0 100 0 0\n")
+	name, d, err := ParseStatCPU(line)
+	if err != nil || name != "CPU 0/TCG" || d != 1750*time.Millisecond {
+		t.Errorf("ParseStatCPU = %q, %v, %v; want CPU 0/TCG, 1.75s", name, d, err)
+	}
+	if _, _, err := ParseStatCPU([]byte("4242 (x) R 1")); err == nil {
+		t.Error("short stat line accepted")
+	}
+}
+
+// TestCPUSelf burns a little CPU and sees its own CPU time grow.
+func TestCPUSelf(t *testing.T) {
+	before, err := CPU(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(300 * time.Millisecond); time.Now().Before(deadline); {
+	}
+	after, err := CPU(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if after-before < 50*time.Millisecond {
+		t.Errorf("300ms of spinning showed as %v of CPU", after-before)
+	}
+	th, err := Threads(os.Getpid())
+	if err != nil || len(th) == 0 {
+		t.Errorf("Threads = %v, %v", th, err)
 	}
 }
