@@ -79,7 +79,8 @@ kernel-debs:
 	hack/fetch-kernel-debs.sh $(OUT)/debs
 
 # `macvm-kernel deb` on the real packages: the arm64 Image has its magic and the vz
-# modules, the amd64 result boots under QEMU.
+# modules and boots with the arm64 agent under qemu-system-aarch64; the amd64 result
+# boots under QEMU.
 test-macos-kernel: kernel-debs
 	MACVM_DEB_DIR=$(OUT)/debs go test -count=1 -timeout 15m -v -run RealDeb ./cmd/macvm-kernel
 

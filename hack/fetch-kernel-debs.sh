@@ -3,11 +3,17 @@
 #   DIR/linux-image-*-cloud-arm64_*.deb  what Apple-silicon Macs boot (virtio, vsock, virtiofs as modules)
 #   DIR/linux-image-*-amd64_*.deb        the generic amd64 kernel (its xz payload gives QEMU a vmlinux)
 # The arm64 package needs arm64 in dpkg's architectures; it is added (and the lists refreshed) if missing.
+# It also installs qemu-system-arm, which the tests boot the arm64 result with.
 # Cached: packages already in DIR are kept (set MACVM_KERNEL_REFRESH=1 to fetch again).
 set -euo pipefail
 [ $# -eq 1 ] || { echo "usage: $0 DIR" >&2; exit 2; }
 dir=$1
 mkdir -p "$dir"
+if ! command -v qemu-system-aarch64 >/dev/null; then
+	echo "fetch-kernel-debs: installing qemu-system-arm" >&2
+	apt-get install -y -qq --no-install-recommends qemu-system-arm >&2 ||
+		{ apt-get update -qq && apt-get install -y -qq --no-install-recommends qemu-system-arm >&2; }
+fi
 if [ -z "${MACVM_KERNEL_REFRESH:-}" ] && ls "$dir"/linux-image-*-cloud-arm64_*_arm64.deb >/dev/null 2>&1 &&
 	ls "$dir"/linux-image-*-amd64_*_amd64.deb 2>/dev/null | grep -vq cloud; then
 	echo "fetch-kernel-debs: $dir has both packages, skipping"
