@@ -44,6 +44,10 @@ const (
 	rpcTimeout = 5 * time.Second
 )
 
+// killTimeout is how long a SIGKILL of the container may take in the guest
+// before the VM itself is stopped (a variable so tests can shorten it).
+var killTimeout = 10 * time.Second
+
 // container is one container and the VM it runs in.
 type container struct {
 	id        string
@@ -334,6 +338,26 @@ func (c *container) watchEvents() {
 			}
 		}
 	}
+}
+
+// ensureKilled stops the VM if the init has not exited killTimeout after a
+// SIGKILL: a wedged guest must not keep a container that was killed alive.
+// Stopping the VM ends vmCtx, so every process is then reported killed.
+func (c *container) ensureKilled() {
+	t := time.NewTimer(killTimeout)
+	defer t.Stop()
+	select {
+	case <-c.init.exited:
+		return
+	case <-c.vmCtx.Done():
+		return
+	case <-t.C:
+	}
+	log.G(c.vmCtx).WithField("container_id", c.id).WithField("console", c.machine.ConsoleTail(2048)).
+		Warn("the guest did not carry out SIGKILL: stopping the VM")
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(c.vmCtx), time.Second)
+	defer cancel()
+	_ = c.machine.Stop(ctx)
 }
 
 // awaitGuestExit asks the agent for p's exit status. When the VM or the

@@ -81,6 +81,8 @@ func (p *fakeProc) exitWith(status uint32) {
 // process does; by default it waits to be signalled.
 type fakeAgent struct {
 	run func(p *fakeProc)
+	// wedged makes SignalProcess hang, like an agent stuck in the guest.
+	wedged bool
 
 	// mu guards everything below.
 	mu      sync.Mutex
@@ -194,8 +196,12 @@ func (a *fakeAgent) ExecProcess(_ context.Context, r *agent.ExecProcessRequest) 
 	return &emptypb.Empty{}, nil
 }
 
-func (a *fakeAgent) SignalProcess(_ context.Context, r *agent.SignalProcessRequest) (*emptypb.Empty, error) {
+func (a *fakeAgent) SignalProcess(ctx context.Context, r *agent.SignalProcessRequest) (*emptypb.Empty, error) {
 	a.record(fmt.Sprintf("Signal %s %d all=%v", r.GetExecId(), r.GetSignal(), r.GetAll()))
+	if a.wedged {
+		<-ctx.Done()
+		return nil, ctx.Err()
+	}
 	sig := syscall.Signal(r.GetSignal())
 	if sig != syscall.SIGKILL && sig != syscall.SIGTERM {
 		return &emptypb.Empty{}, nil

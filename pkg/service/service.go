@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"syscall"
 
 	taskAPI "github.com/containerd/containerd/api/runtime/task/v3"
 	"github.com/containerd/containerd/api/types/runc/options"
@@ -415,9 +416,17 @@ func (s *Service) Kill(ctx context.Context, r *taskAPI.KillRequest) (*emptypb.Em
 		// being reported.
 		return empty, nil
 	}
-	_, err = c.client.SignalProcess(ctx, &agent.SignalProcessRequest{ContainerId: c.id, ExecId: r.ExecID, Signal: r.Signal, All: r.All})
+	// SIGKILL to the init (or to all) ends the container whatever state
+	// the guest is in: if the guest does not comply in time, the VM goes.
+	killAll := r.Signal == uint32(syscall.SIGKILL) && (r.ExecID == "" || r.All)
+	if killAll {
+		go c.ensureKilled()
+	}
+	sctx, cancel := context.WithTimeout(ctx, killTimeout)
+	defer cancel()
+	_, err = c.client.SignalProcess(sctx, &agent.SignalProcessRequest{ContainerId: c.id, ExecId: r.ExecID, Signal: r.Signal, All: r.All})
 	if err != nil {
-		if errdefs.IsNotFound(err) || c.vmCtx.Err() != nil || p.isExited() {
+		if errdefs.IsNotFound(err) || c.vmCtx.Err() != nil || p.isExited() || killAll {
 			return empty, nil
 		}
 		return nil, errgrpc.ToGRPC(fmt.Errorf("kill: %w", err))

@@ -524,3 +524,30 @@ func TestCreateFailures(t *testing.T) {
 		t.Errorf("a failed Create left a task: %v", err)
 	}
 }
+
+// TestKillOfWedgedGuest: SIGKILL must end the container even when the
+// agent never answers; the VM is stopped and everything reports 137.
+func TestKillOfWedgedGuest(t *testing.T) {
+	old := killTimeout
+	killTimeout = 200 * time.Millisecond
+	defer func() { killTimeout = old }()
+	h := newHarness(t, nil)
+	h.agent.wedged = true
+	h.create("c", nil)
+	h.start("c", "")
+	start := time.Now()
+	if _, err := h.svc.Kill(h.ctx, &taskAPI.KillRequest{ID: "c", Signal: uint32(syscall.SIGKILL)}); err != nil {
+		t.Fatalf("kill: %v", err)
+	}
+	if got := h.wait("c", ""); got != 137 {
+		t.Errorf("exit %d, want 137", got)
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Errorf("the kill took %v", d)
+	}
+	select {
+	case <-h.machine(0).Done():
+	default:
+		t.Error("the VM of a wedged guest was not stopped")
+	}
+}
