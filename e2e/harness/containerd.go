@@ -25,6 +25,14 @@ import (
 // DefaultNamespace prefixes the containerd namespace each daemon works in ("e2e-<dir suffix>").
 const DefaultNamespace = "e2e"
 
+var (
+	// liveMu guards live.
+	liveMu sync.Mutex
+	// live holds the daemons started and not yet cleaned up in this process, so that one daemon's
+	// leftover check does not count another's processes (benchmarks may run several at once).
+	live = map[*Containerd]bool{}
+)
+
 // Options configures a private containerd.
 type Options struct {
 	Paths Paths
@@ -125,6 +133,9 @@ func Start(ctx context.Context, opts Options) (*Containerd, error) {
 	if err := c.start(ctx); err != nil {
 		return fail(err)
 	}
+	liveMu.Lock()
+	live[c] = true
+	liveMu.Unlock()
 	return c, nil
 }
 
@@ -509,8 +520,9 @@ func (l Leftovers) String() string {
 	return b.String()
 }
 
-// Leftovers lists the processes (descendants of the test process other than the daemon and commands
-// still being waited for), mounts under Dir, and shim sockets that exist right now.
+// Leftovers lists the processes (descendants of the test process other than the daemon, commands
+// still being waited for, and what other live harness daemons in this process run), mounts under Dir,
+// and shim sockets that exist right now.
 func (c *Containerd) Leftovers() (Leftovers, error) {
 	var l Leftovers
 	exclude := []int{}
@@ -522,6 +534,30 @@ func (c *Containerd) Leftovers() (Leftovers, error) {
 		exclude = append(exclude, pid)
 	}
 	ownMu.Unlock()
+	liveMu.Lock()
+	var others []*Containerd
+	for o := range live {
+		if o != c {
+			others = append(others, o)
+		}
+	}
+	liveMu.Unlock()
+	if len(others) > 0 {
+		all, err := listProcs()
+		if err != nil {
+			return l, err
+		}
+		for _, o := range others {
+			if pid := o.Pid(); pid != 0 {
+				exclude = append(exclude, pid)
+			}
+			for _, p := range all {
+				if strings.Contains(p.Cmdline, o.Dir+"/") {
+					exclude = append(exclude, p.Pid)
+				}
+			}
+		}
+	}
 	procs, err := untrackedDescendants(exclude...)
 	if err != nil {
 		return l, err
@@ -629,6 +665,9 @@ func (c *Containerd) Cleanup(ctx context.Context) error {
 	// runc leaves the namespace's parent cgroups behind (and a killed shim the container's).
 	removeCgroups(c.Namespace)
 	c.guard.release()
+	liveMu.Lock()
+	delete(live, c)
+	liveMu.Unlock()
 	if err := os.RemoveAll(c.Dir); err != nil {
 		errs = append(errs, err)
 	}
