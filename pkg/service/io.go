@@ -153,7 +153,7 @@ func newProcessIO(ctx context.Context, so streamOpener, prefix string, spec stdi
 				stderrW = l.err
 			}
 		default:
-			return nil, fmt.Errorf("stdio scheme %q: %w", u.Scheme, errdefs.ErrNotImplemented)
+			return nil, fmt.Errorf("stdio scheme %q is not supported (want a FIFO path, file:// or binary://): %w", u.Scheme, errdefs.ErrInvalidArgument)
 		}
 	}
 

@@ -151,6 +151,12 @@ func runtimeConfig(ctx context.Context, opts typeurl.Any) (*Config, error) {
 func (s *Service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *taskAPI.CreateTaskResponse, retErr error) {
 	c, err := s.create(ctx, r)
 	if err != nil {
+		if errdefs.IsNotImplemented(err) {
+			// containerd reads NotImplemented from Create as "this shim
+			// only speaks task API v2" and retries with it: report an
+			// unsupported setup as a precondition instead.
+			err = fmt.Errorf("%s: %w", err.Error(), errdefs.ErrFailedPrecondition)
+		}
 		return nil, errgrpc.ToGRPC(err)
 	}
 	pid, _, _ := c.init.exitInfo()

@@ -511,6 +511,10 @@ func TestCreateFailures(t *testing.T) {
 	if !errdefs.IsInvalidArgument(errgrpc.ToNative(err)) {
 		t.Errorf("bad annotation: %v", err)
 	}
+	_, err = h.svc.Create(h.ctx, &taskAPI.CreateTaskRequest{ID: "s", Options: h.opts, Bundle: h.bundle("s", nil), Stdout: "syslog://x"})
+	if err == nil || errdefs.IsNotImplemented(errgrpc.ToNative(err)) {
+		t.Errorf("unsupported stdio: %v, want an error other than NotImplemented", err)
+	}
 	h.mu.Lock()
 	for _, m := range h.machines {
 		select {
