@@ -171,6 +171,7 @@ func spawn(ctx context.Context, r *reaper.Reaper, streams Streams, ss spawnSpec)
 			if err != nil {
 				return nil, err
 			}
+			_ = growPipe(w) // best effort: a default pipe only costs speed (stdio.go)
 			childEnds = append(childEnds, r)
 			closeLater(w)
 			cmd.Stdin, p.stdinW, p.stdinConn = r, w, inConn
@@ -186,6 +187,7 @@ func spawn(ctx context.Context, r *reaper.Reaper, streams Streams, ss spawnSpec)
 			if err != nil {
 				return nil, err
 			}
+			_ = growPipe(r) // best effort: a default pipe only costs speed (stdio.go)
 			childEnds = append(childEnds, w)
 			closeLater(r)
 			*o.dst = w
@@ -312,7 +314,7 @@ func (p *Process) startCopiers(outConn, errConn net.Conn) {
 		p.ioWG.Add(1)
 		go func() {
 			defer p.ioWG.Done()
-			io.Copy(dst, ttyReader{src})
+			copyOutput(dst, ttyReader{src})
 			closeWrite(dst)
 			if src != p.console {
 				src.Close()
