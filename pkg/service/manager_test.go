@@ -1,0 +1,76 @@
+package service
+
+import (
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/containerd/v2/pkg/shim"
+)
+
+// TestStopCleansUpAfterDeadShim plays containerd's delete action on the
+// bundle of a shim that died: the VM it left (a stand-in process naming the
+// VM state dir) is killed, the state dir removed, and the recorded exit
+// returned; without a record the exit is 137.
+func TestStopCleansUpAfterDeadShim(t *testing.T) {
+	bundle := t.TempDir()
+	stateDir := filepath.Join(t.TempDir(), "vm")
+	if err := os.MkdirAll(stateDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	vmProc := exec.Command("/bin/sh", "-c", "sleep 60", stateDir)
+	if err := vmProc.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan struct{})
+	go func() { vmProc.Wait(); close(exited) }()
+	at := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+	if err := writeBundleState(bundle, &bundleState{
+		VMPid: vmProc.Process.Pid, VMStateDir: stateDir,
+		Exit: &bundleExit{Pid: 7, Status: 42, ExitedAt: at},
+	}); err != nil {
+		t.Fatal(err)
+	}
+	ctx := namespaces.WithNamespace(context.Background(), "test")
+	ctx = context.WithValue(ctx, shim.OptsKey{}, shim.Opts{BundlePath: bundle})
+	st, err := NewManager("io.containerd.macvm.v1").Stop(ctx, "c")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.ExitStatus != 42 || st.Pid != 7 || !st.ExitedAt.Equal(at) {
+		t.Errorf("stop status %+v, want the recorded exit", st)
+	}
+	select {
+	case <-exited:
+	case <-time.After(5 * time.Second):
+		vmProc.Process.Kill()
+		t.Error("the leftover VM process was not killed")
+	}
+	if _, err := os.Stat(stateDir); !os.IsNotExist(err) {
+		t.Errorf("VM state dir still there: %v", err)
+	}
+
+	// No record: the task is reported killed, and an unrelated process
+	// whose pid is recorded is left alone.
+	other := exec.Command("/bin/sleep", "60")
+	if err := other.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { other.Process.Kill(); other.Wait() }()
+	bundle2 := t.TempDir()
+	writeBundleState(bundle2, &bundleState{VMPid: other.Process.Pid, VMStateDir: "/run/macvm/not-this-one"})
+	ctx = context.WithValue(ctx, shim.OptsKey{}, shim.Opts{BundlePath: bundle2})
+	st, err = NewManager("io.containerd.macvm.v1").Stop(ctx, "c")
+	if err != nil || st.ExitStatus != 137 {
+		t.Errorf("stop without a record: %+v, %v", st, err)
+	}
+	time.Sleep(100 * time.Millisecond)
+	if err := other.Process.Signal(syscall.Signal(0)); err != nil {
+		t.Errorf("a process that is not the VM was killed: %v", err)
+	}
+}
