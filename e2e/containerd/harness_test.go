@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -80,6 +79,14 @@ func TestHarnessGuardian(t *testing.T) {
 		if err := harness.StartCmd(cmd, nil); err != nil {
 			t.Fatal(err)
 		}
+		killed := false
+		t.Cleanup(func() {
+			// On an early failure the victim still waits to be killed: do it, so its guardian cleans up.
+			if !killed {
+				_ = cmd.Process.Kill()
+				_ = harness.WaitCmd(cmd)
+			}
+		})
 		var dir string
 		var procs []harness.Proc
 		sc := bufio.NewScanner(out)
@@ -109,6 +116,7 @@ func TestHarnessGuardian(t *testing.T) {
 		t.Logf("killing the test process %d; it leaves %v", cmd.Process.Pid, procs)
 		_ = cmd.Process.Signal(unix.SIGKILL)
 		_ = harness.WaitCmd(cmd)
+		killed = true
 
 		deadline := time.Now().Add(time.Minute)
 		for {
@@ -118,20 +126,20 @@ func TestHarnessGuardian(t *testing.T) {
 					alive = append(alive, p)
 				}
 			}
-			ents, _ := os.ReadDir(dir)
-			var names []string
-			for _, e := range ents {
-				names = append(names, e.Name())
-			}
-			if len(alive) == 0 && len(names) == 1 && names[0] == "guardian.log" {
-				b, _ := os.ReadFile(filepath.Join(dir, "guardian.log"))
-				t.Logf("guardian log:\n%s", b)
-				os.RemoveAll(dir)
+			_, statErr := os.Stat(dir)
+			if len(alive) == 0 && os.IsNotExist(statErr) {
+				b, _ := os.ReadFile(harness.GuardianLog(dir))
+				if i := strings.LastIndex(string(b), "cleaning up "+dir); i >= 0 {
+					report := string(b)[strings.LastIndex(string(b)[:i], "\n")+1:]
+					t.Logf("guardian report:\n%s", clipLines(report, 20))
+				} else {
+					t.Errorf("%s has no report of cleaning up %s", harness.GuardianLog(dir), dir)
+				}
 				return
 			}
 			if time.Now().After(deadline) {
 				harness.KillProcs(alive, 10*time.Second)
-				t.Fatalf("a minute after the test process died: alive %v, %s holds %v", alive, dir, names)
+				t.Fatalf("a minute after the test process died: alive %v, %s exists: %v", alive, dir, statErr == nil)
 			}
 			time.Sleep(200 * time.Millisecond)
 		}
@@ -149,4 +157,13 @@ func procByPid(pid int) (harness.Proc, bool) {
 		}
 	}
 	return harness.Proc{}, false
+}
+
+// clipLines keeps the first n lines of s.
+func clipLines(s string, n int) string {
+	lines := strings.SplitN(s, "\n", n+1)
+	if len(lines) > n {
+		lines = lines[:n]
+	}
+	return strings.Join(lines, "\n")
 }

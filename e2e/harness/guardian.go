@@ -23,7 +23,8 @@ import (
 // without "done" means the test process is gone, and the guardian kills by PID everything that belongs
 // to the private directory: containerd (its PID file), the processes holding shim sockets, any process
 // whose command line names the directory (shims, hypervisors), and all their descendants, found before
-// anything is killed. Then it detaches the mounts and removes the directory.
+// anything is killed. Then it detaches the mounts and removes the directory, and reports what it did in
+// GuardianLog.
 
 const (
 	envGuardianDir = "MACVM_HARNESS_GUARDIAN_DIR"
@@ -60,7 +61,7 @@ func startGuardian(dir string) (*guardian, error) {
 	cmd := exec.Command(exe)
 	cmd.Env = append(os.Environ(), envGuardianDir+"="+dir)
 	cmd.Stdin = r
-	logf, err := os.OpenFile(filepath.Join(dir, "guardian.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	logf, err := os.OpenFile(GuardianLog(dir), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err == nil {
 		defer logf.Close()
 		cmd.Stdout, cmd.Stderr = logf, logf
@@ -89,7 +90,7 @@ func guard(dir string, in io.Reader) int {
 			return 0
 		}
 	}
-	fmt.Printf("%s: the test process ended without cleaning up; cleaning up %s\n", time.Now().Format(time.RFC3339), dir)
+	fmt.Printf("%s: pid %d: the test process ended without cleaning up; cleaning up %s\n", time.Now().Format(time.RFC3339), os.Getpid(), dir)
 	var victims []Proc
 	seen := map[int]bool{}
 	add := func(pid int) {
@@ -142,14 +143,16 @@ func guard(dir string, in io.Reader) int {
 	if ns, err := os.ReadFile(filepath.Join(dir, namespaceFileName)); err == nil {
 		removeCgroups(strings.TrimSpace(string(ns)))
 	}
-	// Keep the log: it is the only trace of what happened. Remove everything else.
-	ents, _ := os.ReadDir(dir)
-	for _, e := range ents {
-		if e.Name() != "guardian.log" {
-			_ = os.RemoveAll(filepath.Join(dir, e.Name()))
-		}
+	if err := os.RemoveAll(dir); err != nil {
+		fmt.Println(err)
 	}
 	return 0
+}
+
+// GuardianLog is the file guardians append their reports to: one file next to dir (so in the temp
+// directory), not one per private directory, so that reports of killed runs do not pile up as directories.
+func GuardianLog(dir string) string {
+	return filepath.Join(filepath.Dir(dir), "macvm-e2e-guardian.log")
 }
 
 // removeCgroups removes the (empty) host cgroups runc created under /<namespace> in every hierarchy,
