@@ -583,19 +583,29 @@ func (c *container) destroy(ctx context.Context) {
 	default:
 		close(c.tearingDown)
 	}
+	// Without a guest that agreed to power off, waiting for the VM to exit
+	// by itself is pointless: it is killed at once.
+	poweringOff := false
 	if c.client != nil && c.vmCtx.Err() == nil {
 		sctx, cancel := context.WithTimeout(ctx, teardownTimeout)
 		if _, err := c.client.DeleteContainer(sctx, &agent.DeleteContainerRequest{ContainerId: c.id}); err != nil && !errdefs.IsNotFound(err) {
 			logger.WithError(err).Debug("delete container in guest")
 		}
-		if _, err := c.client.Shutdown(sctx, &emptypb.Empty{}); err != nil {
+		_, err := c.client.Shutdown(sctx, &emptypb.Empty{})
+		if err != nil {
 			logger.WithError(err).Debug("guest shutdown")
 		}
+		// A connection that closes under the call is a guest powering off.
+		poweringOff = err == nil || errdefs.IsUnavailable(err)
 		cancel()
 		logger.Debug("guest shut down")
 	}
 	if c.machine != nil {
-		sctx, cancel := context.WithTimeout(ctx, teardownTimeout)
+		wait := time.Duration(0)
+		if poweringOff {
+			wait = teardownTimeout
+		}
+		sctx, cancel := context.WithTimeout(ctx, wait)
 		if err := c.machine.Stop(sctx); err != nil {
 			logger.WithError(err).Warn("stop VM")
 		}
