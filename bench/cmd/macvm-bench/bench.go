@@ -141,11 +141,21 @@ func run(ctx context.Context, cfg config) (string, error) {
 			logf("%s failed: %v", s.name, err)
 		}
 	}
+	res.Machine.LoadEnd = loadAvg()
 	path, err := writeResults(cfg.outDir, res)
 	if err != nil {
 		return "", err
 	}
 	fmt.Println(renderMarkdown(res))
+	if cfg.readme != "" && len(res.Failures) == 0 {
+		rel, err := filepath.Rel(filepath.Dir(cfg.readme), path)
+		if err != nil {
+			rel = path
+		}
+		if err := updateReadme(cfg.readme, res, filepath.ToSlash(rel)); err != nil {
+			return path, err
+		}
+	}
 	if len(res.Failures) > 0 {
 		return path, fmt.Errorf("%d measurement(s) failed (see %s): %s", len(res.Failures), path, strings.Join(res.Failures, "; "))
 	}

@@ -29,10 +29,26 @@ type Machine struct {
 	Containerd string `json:"containerd"`
 	Commit     string `json:"commit"`
 	Go         string `json:"go"`
+	// LoadStart and LoadEnd are the 1-minute load averages when the run
+	// began and ended: other work on a shared machine slows TCG guests far
+	// more than runc, and the reader should know how busy it was.
+	LoadStart float64 `json:"load_start"`
+	LoadEnd   float64 `json:"load_end"`
+}
+
+// loadAvg returns the 1-minute load average (0 if unreadable).
+func loadAvg() float64 {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return 0
+	}
+	var l float64
+	fmt.Sscanf(string(b), "%f", &l)
+	return l
 }
 
 func probeMachine(binDir string) (Machine, error) {
-	m := Machine{Date: time.Now().UTC(), Cores: runtime.NumCPU(), Go: runtime.Version()}
+	m := Machine{Date: time.Now().UTC(), Cores: runtime.NumCPU(), Go: runtime.Version(), LoadStart: loadAvg()}
 	m.Hostname, _ = os.Hostname()
 	var u unix.Utsname
 	if err := unix.Uname(&u); err != nil {

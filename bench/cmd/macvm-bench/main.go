@@ -55,7 +55,8 @@ func main() {
 		minimal  = flag.String("boot-minimal", "_output/boot-minimal", "boot files of the minimal kernel; measured as a second macvm variant when present")
 		outDir   = flag.String("out", "bench/results", "where the results go")
 		only     = flag.String("only", "", "comma-separated measurements to run (run,output,exec,stream,memory,density,micro); default all")
-		keep     = flag.Bool("keep", false, "keep containerd's directory (its log) after the run")
+		keep     = flag.Bool("keep", false, "keep containerd's log after the run")
+		readme   = flag.String("readme", "", "also put the summary table into this README, between its bench markers")
 	)
 	flag.Parse()
 	m, ok := modes[*modeName]
@@ -69,7 +70,7 @@ func main() {
 	defer stop()
 	res, err := run(ctx, config{
 		mode: m, binDir: *binDir, bootDir: *bootDir, minimalDir: *minimal, outDir: *outDir,
-		only: splitList(*only), keep: *keep,
+		only: splitList(*only), keep: *keep, readme: *readme,
 	})
 	if err != nil {
 		fatalf("%v", err)
@@ -83,6 +84,7 @@ type config struct {
 	outDir                      string
 	only                        map[string]bool
 	keep                        bool
+	readme                      string
 }
 
 func (c config) wants(name string) bool { return len(c.only) == 0 || c.only[name] }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"math"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -129,5 +130,35 @@ func TestDDRecords(t *testing.T) {
 	}
 	if got := ddRecords("dd: can't open\n"); got != "" {
 		t.Errorf("ddRecords without a summary = %q, want empty", got)
+	}
+}
+
+func TestUpdateReadme(t *testing.T) {
+	dir := t.TempDir()
+	path := dir + "/README.md"
+	orig := "# x\n\nbefore\n" + readmeBegin + "\nold table\n" + readmeEnd + "\nafter\n"
+	if err := os.WriteFile(path, []byte(orig), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	r := &Results{Mode: "quick", Variants: []VariantInfo{{Name: "runc"}, {Name: "macvm"}}}
+	r.Machine.Cores, r.Machine.Accel = 2, "TCG"
+	m := r.metric("exec.wall", GroupLatency, "exec", "s", ratioMax(1.5))
+	m.add("runc", 0.2)
+	m.add("macvm", 0.25)
+	if err := updateReadme(path, r, "bench/results/x.md"); err != nil {
+		t.Fatal(err)
+	}
+	got, _ := os.ReadFile(path)
+	s := string(got)
+	for _, want := range []string{"before\n" + readmeBegin, readmeEnd + "\nafter\n", "| exec (s) | 0.200 | 0.250 | 1.25× | ≤ 1.5× runc: macvm met |", "bench/results/x.md"} {
+		if !strings.Contains(s, want) {
+			t.Errorf("README lacks %q:\n%s", want, s)
+		}
+	}
+	if strings.Contains(s, "old table") {
+		t.Error("the old section was kept")
+	}
+	if err := updateReadme(dir+"/none.md", r, "x"); err == nil {
+		t.Error("a missing README was accepted")
 	}
 }

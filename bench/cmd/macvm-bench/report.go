@@ -76,12 +76,15 @@ func renderMarkdown(r *Results) string {
 	fmt.Fprintf(&b, "| host kernel | %s |\n", orUnknown(m.HostKernel))
 	fmt.Fprintf(&b, "| QEMU | %s |\n| runc | %s |\n| containerd | %s |\n", orUnknown(m.QEMU), orUnknown(m.Runc), orUnknown(m.Containerd))
 	fmt.Fprintf(&b, "| macvm commit | %s |\n", orUnknown(m.Commit))
+	fmt.Fprintf(&b, "| load average (1 min) at start / end | %.1f / %.1f (other work on the machine slows TCG guests far more than runc) |\n", m.LoadStart, m.LoadEnd)
 	for _, v := range r.Variants {
 		if v.Kernel != "" {
 			fmt.Fprintf(&b, "| guest kernel of `%s` | %s |\n", v.Name, v.Kernel)
 		}
 	}
-	b.WriteString("\nEach cell: median (min–max) over n samples; variants ran interleaved (A, B, A, B ...). Ratios are medians divided by runc's.\n")
+	b.WriteString("\n## Summary\n\n")
+	b.WriteString(renderSummary(r))
+	b.WriteString("\nIn the tables below each cell is median (min–max) over n samples; variants ran interleaved (A, B, A, B ...). Ratios are medians divided by runc's.\n")
 
 	var names []string
 	for _, v := range r.Variants {
@@ -238,4 +241,86 @@ func nsLabel(ns float64) string {
 	default:
 		return fmt.Sprintf("%.0f ns", ns)
 	}
+}
+
+// headline lists the metrics of the summary table, in the issue's order.
+var headline = []string{
+	"run.wall", "run.first_output", "exec.wall", "stream.stdout", "stream.stdin",
+	"mem.shim_rss", "mem.hv_rss", "mem.hv_pss", "mem.agent_rss", "mem.guest_used",
+	"density.up", "density.total_pss",
+}
+
+// renderSummary renders the headline table: medians only, each VM variant
+// with its ratio to runc and the issue's target.
+func renderSummary(r *Results) string {
+	var b strings.Builder
+	var vms []string
+	for _, v := range r.Variants {
+		if v.Name != baseline {
+			vms = append(vms, v.Name)
+		}
+	}
+	header := []string{"measurement (median)", "runc"}
+	for _, n := range vms {
+		header = append(header, n, n+"/runc")
+	}
+	header = append(header, "target (issue 5)")
+	b.WriteString("| " + strings.Join(header, " | ") + " |\n")
+	b.WriteString("|" + strings.Repeat("---|", len(header)) + "\n")
+	for _, id := range headline {
+		var m *Metric
+		for _, x := range r.Metrics {
+			if x.ID == id {
+				m = x
+			}
+		}
+		if m == nil {
+			continue
+		}
+		base := stats.Of(m.Samples[baseline])
+		row := []string{m.Title + " (" + m.Unit + ")", medianCell(base, m.Unit)}
+		for _, n := range vms {
+			s := stats.Of(m.Samples[n])
+			row = append(row, medianCell(s, m.Unit), ratioCell(stats.Ratio(s, base), m.VMOnly))
+		}
+		row = append(row, targetCell(m, vms, base))
+		b.WriteString("| " + strings.Join(row, " | ") + " |\n")
+	}
+	return b.String()
+}
+
+func medianCell(s stats.Summary, unit string) string {
+	if s.N == 0 {
+		return "—"
+	}
+	return fmt.Sprintf(format(unit), s.Median)
+}
+
+// README markers between which -readme puts the summary of a run.
+const (
+	readmeBegin = "<!-- bench:begin (written by macvm-bench -readme; do not edit) -->"
+	readmeEnd   = "<!-- bench:end -->"
+)
+
+// updateReadme replaces the text between the markers in path with the
+// summary of r and a link to its full report.
+func updateReadme(path string, r *Results, report string) error {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return err
+	}
+	s := string(b)
+	i, j := strings.Index(s, readmeBegin), strings.Index(s, readmeEnd)
+	if i < 0 || j < i {
+		return fmt.Errorf("%s has no %q ... %q section", path, readmeBegin, readmeEnd)
+	}
+	m := r.Machine
+	var sec strings.Builder
+	sec.WriteString(readmeBegin + "\n")
+	fmt.Fprintf(&sec, "Measured %s on %d cores (%s), %s, host kernel %s, load average %.1f at the start; %s mode; full report: [`%s`](%s).\n\n",
+		m.Date.Format("2006-01-02"), m.Cores, orUnknown(m.CPU), m.Accel, m.HostKernel, m.LoadStart, r.Mode, report, report)
+	sec.WriteString(renderSummary(r))
+	sec.WriteString(readmeEnd)
+	s = s[:i] + sec.String() + s[j+len(readmeEnd):]
+	return os.WriteFile(path, []byte(s), 0o644)
 }
