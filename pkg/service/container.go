@@ -366,11 +366,12 @@ func (c *container) awaitGuestExit(p *process) (uint32, time.Time) {
 	for attempt := 0; ; attempt++ {
 		resp, err := c.client.WaitProcess(c.vmCtx, &agent.WaitProcessRequest{ContainerId: c.id, ExecId: p.execID})
 		if err == nil {
-			at := time.Now()
-			if resp.GetExitedAt() != nil {
-				at = resp.GetExitedAt().AsTime()
-			}
-			return resp.GetExitStatus(), at
+			// The exit time is the host's: the guest clock is set at boot
+			// but drifts under emulation, and containerd's clients compare
+			// exit times with their own clock (exited before started).
+			// The waiter is parked in WaitProcess all along, so the host
+			// learns of the exit within a round trip.
+			return resp.GetExitStatus(), time.Now()
 		}
 		if c.vmCtx.Err() != nil || attempt >= 4 {
 			if c.vmCtx.Err() == nil {
