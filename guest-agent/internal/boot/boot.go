@@ -100,6 +100,13 @@ func mountOnce(m mountPoint) error {
 // ensureStdio gives the agent a console on fds 0-2 when the kernel could not
 // open one (an initramfs without /dev/console): log lines must go somewhere
 // the host can read.
+//
+// The console itself may not exist yet: under Virtualization.framework it is
+// hvc0, and Debian's cloud kernels build virtio_console as a module, so the
+// kernel starts init with no fds 0-2 at all. Those are then held with
+// /dev/null — otherwise the first files the agent opens (its channel above
+// all) would become fds 0-2 and receive log lines — and LoadModulesAsync
+// calls ensureStdio again once the modules are in.
 func ensureStdio() {
 	if _, err := unix.FcntlInt(2, unix.F_GETFD, 0); err == nil {
 		if st, err := os.Readlink("/proc/self/fd/2"); err == nil && st != "/dev/null" {
@@ -108,6 +115,15 @@ func ensureStdio() {
 	}
 	fd, err := unix.Open("/dev/console", unix.O_RDWR|unix.O_NOCTTY, 0)
 	if err != nil {
+		for i := 0; i < 3; i++ {
+			if _, err := unix.FcntlInt(uintptr(i), unix.F_GETFD, 0); err == nil {
+				continue // open already (/dev/null from an earlier call)
+			}
+			if nfd, err := unix.Open("/dev/null", unix.O_RDWR, 0); err == nil && nfd != i {
+				_ = unix.Dup3(nfd, i, 0)
+				unix.Close(nfd)
+			}
+		}
 		return
 	}
 	for i := 0; i < 3; i++ {
@@ -131,6 +147,8 @@ func LoadModulesAsync(logf Logf) <-chan struct{} {
 		if err := LoadModules(filepath.Join(ModulesDir, "load.list"), logf); err != nil {
 			logf("boot: modules: %v", err)
 		}
+		// A console that is a module (hvc0) exists only now.
+		ensureStdio()
 		logf("boot: modules loaded in %v", time.Since(start).Round(time.Millisecond))
 	}()
 	return done
