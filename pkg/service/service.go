@@ -325,8 +325,16 @@ func (s *Service) Exec(ctx context.Context, r *taskAPI.ExecProcessRequest) (*emp
 	if err := json.Unmarshal(r.Spec.GetValue(), &proc); err != nil {
 		return nil, errgrpc.ToGRPC(fmt.Errorf("exec %s: process spec: %v: %w", r.ExecID, err, errdefs.ErrInvalidArgument))
 	}
+	// containerd's client takes "terminal" from the IO (cio.WithTerminal), not from the process spec,
+	// which usually comes from the container's non-tty spec: the request's flag wins, as in the runc
+	// shim (spec.Terminal = r.Terminal). Otherwise the guest allocates no pty for a tty exec.
+	proc.Terminal = r.Terminal
+	procJSON, err := json.Marshal(&proc)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(fmt.Errorf("exec %s: process spec: %v: %w", r.ExecID, err, errdefs.ErrInvalidArgument))
+	}
 	stdio := stdioSpec{stdin: r.Stdin, stdout: r.Stdout, stderr: r.Stderr, terminal: r.Terminal}
-	if err := c.exec(ctx, r.ExecID, r.Spec.GetValue(), stdio); err != nil {
+	if err := c.exec(ctx, r.ExecID, procJSON, stdio); err != nil {
 		return nil, errgrpc.ToGRPC(err)
 	}
 	return empty, nil
