@@ -18,7 +18,7 @@ const baseline = "runc"
 // resultName is the file name stem of a run: date, architecture, cores,
 // accelerator and mode, so runs on different machine kinds sit side by side.
 func resultName(r *Results) string {
-	return fmt.Sprintf("%s-%s-%dcpu-%s-%s", r.Machine.Date.Format("2006-01-02"), runtime.GOARCH, r.Machine.Cores,
+	return fmt.Sprintf("%s-%s-%dcpu-%s-%s", r.Machine.Date.Format("2006-01-02T1504"), runtime.GOARCH, r.Machine.Cores,
 		strings.ToLower(r.Machine.Accel), r.Mode)
 }
 
@@ -84,6 +84,7 @@ func renderMarkdown(r *Results) string {
 	}
 	b.WriteString("\n## Summary\n\n")
 	b.WriteString(renderSummary(r))
+	b.WriteString("\nThe macvm variants run with boot_timeout = " + benchBootTimeout + " (ten TCG guests booting at once on a busy machine can exceed the default 60 s).\n")
 	b.WriteString("\nIn the tables below each cell is median (min–max) over n samples; variants ran interleaved (A, B, A, B ...). Ratios are medians divided by runc's.\n")
 
 	var names []string
@@ -320,6 +321,9 @@ func updateReadme(path string, r *Results, report string) error {
 	fmt.Fprintf(&sec, "Measured %s on %d cores (%s), %s, host kernel %s, load average %.1f at the start; %s mode; full report: [`%s`](%s).\n\n",
 		m.Date.Format("2006-01-02"), m.Cores, orUnknown(m.CPU), m.Accel, m.HostKernel, m.LoadStart, r.Mode, report, report)
 	sec.WriteString(renderSummary(r))
+	for _, f := range r.Failures {
+		fmt.Fprintf(&sec, "\nFailed in this run: %s\n", strings.SplitN(f, "\n", 2)[0])
+	}
 	sec.WriteString(readmeEnd)
 	s = s[:i] + sec.String() + s[j+len(readmeEnd):]
 	return os.WriteFile(path, []byte(s), 0o644)
