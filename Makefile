@@ -9,7 +9,7 @@ GOARCH     ?= $(shell go env GOARCH)
 KERNEL_DIR := $(OUT)/kernel
 BOOT_DIR   := $(OUT)/boot
 
-.PHONY: all build shim agent agent-all initrd kernel kernel-minimal boot generate check-generated \
+.PHONY: all build shim agent agent-all initrd kernel kernel-minimal boot-minimal kernel-smoke boot generate check-generated \
 	vet fmt-check check-darwin boot-macos kernel-debs test-macos-kernel test test-unit test-vm test-e2e containerd demo install clean
 
 all: build
@@ -46,6 +46,17 @@ kernel:
 # The minimal kernel (everything built in) from Debian's linux-source; ~20 min on 2 cores.
 kernel-minimal:
 	hack/build-minimal-kernel.sh $(KERNEL_DIR)/minimal
+
+# Boot files with the minimal kernel and a module-free initramfs: what benchmarks
+# should use (MACVM_BOOT_DIR=$(OUT)/boot-minimal). See docs/kernel.md.
+boot-minimal: kernel-minimal agent
+	go run ./cmd/macvm-mkinitrd -agent $(BIN)/guest-agent -o $(OUT)/boot-minimal/initrd.img
+	ln -sf $(KERNEL_DIR)/minimal/vmlinux $(OUT)/boot-minimal/vmlinux
+
+# Boots the minimal and the Debian kernel with a smoke-test /init: checks what the
+# agent needs is there and prints median boot times.
+kernel-smoke: kernel kernel-minimal
+	hack/boot-kernel.sh -n 5 $(KERNEL_DIR)/minimal $(KERNEL_DIR)/debian
 
 initrd: agent
 	go run ./cmd/macvm-mkinitrd -agent $(BIN)/guest-agent -modules $(KERNEL_DIR)/debian/modules -o $(BOOT_DIR)/initrd.img
