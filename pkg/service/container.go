@@ -457,7 +457,9 @@ func (c *container) execList() []*process {
 	defer c.mu.Unlock()
 	out := make([]*process, 0, len(c.execs))
 	for _, e := range c.execs {
-		out = append(out, e)
+		if e != nil { // nil: an ID reserved while its Exec is in flight
+			out = append(out, e)
+		}
 	}
 	return out
 }
@@ -470,7 +472,7 @@ func (c *container) process(execID string) (*process, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	p, ok := c.execs[execID]
-	if !ok {
+	if !ok || p == nil {
 		return nil, fmt.Errorf("exec %s in container %s: %w", execID, c.id, errdefs.ErrNotFound)
 	}
 	return p, nil
@@ -621,7 +623,7 @@ func (c *container) destroy(ctx context.Context) {
 		c.init.pio.close()
 	}
 	for _, e := range c.execList() {
-		if e != nil && e.pio != nil {
+		if e.pio != nil {
 			e.pio.close()
 		}
 	}
