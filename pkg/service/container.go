@@ -225,6 +225,7 @@ func (c *container) start(ctx context.Context, b backend, shares []vm.Share, gsp
 	// a VM that dies, is still reported.
 	go c.waitExit(c.init)
 	go c.watchEvents()
+	go c.syncClock()
 
 	if c.spec.Hooks != nil {
 		h := c.spec.Hooks
@@ -311,6 +312,28 @@ func (c *container) watchdog() {
 			Error(why + ": every process is reported killed")
 	}
 	c.vmCancel()
+}
+
+// clockSyncInterval is how often the guest clock is set from the host's.
+const clockSyncInterval = time.Minute
+
+// syncClock keeps the guest's wall clock on the host's: under emulation the
+// guest clock drifts, and after the host sleeps it lags by the sleep.
+func (c *container) syncClock() {
+	t := time.NewTicker(clockSyncInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-c.vmCtx.Done():
+			return
+		case <-t.C:
+		}
+		ctx, cancel := context.WithTimeout(c.vmCtx, rpcTimeout)
+		if _, err := c.client.SetTime(ctx, &agent.SetTimeRequest{Time: timestamppb.Now()}); err != nil && c.vmCtx.Err() == nil {
+			log.G(ctx).WithError(err).WithField("container_id", c.id).Debug("sync guest clock")
+		}
+		cancel()
+	}
 }
 
 // watchEvents long-polls the agent's events and forwards OOM kills.
