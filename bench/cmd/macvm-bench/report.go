@@ -125,7 +125,7 @@ func renderMarkdown(r *Results) string {
 				s := stats.Of(m.Samples[n])
 				row = append(row, cell(s, m.Unit))
 				if n != baseline {
-					row = append(row, ratioCell(stats.Ratio(s, base), m.VMOnly))
+					row = append(row, ratioCell(stats.Ratio(s, base), m.VMOnly || m.NoRatio))
 				}
 			}
 			row = append(row, targetCell(m, vms, base))
@@ -282,7 +282,7 @@ func renderSummary(r *Results) string {
 		row := []string{m.Title + " (" + m.Unit + ")", medianCell(base, m.Unit)}
 		for _, n := range vms {
 			s := stats.Of(m.Samples[n])
-			row = append(row, medianCell(s, m.Unit), ratioCell(stats.Ratio(s, base), m.VMOnly))
+			row = append(row, medianCell(s, m.Unit), ratioCell(stats.Ratio(s, base), m.VMOnly || m.NoRatio))
 		}
 		row = append(row, targetCell(m, vms, base))
 		b.WriteString("| " + strings.Join(row, " | ") + " |\n")

@@ -76,7 +76,10 @@ type Metric struct {
 	Unit   string `json:"unit"`
 	Higher bool   `json:"higher_is_better,omitempty"`
 	// VMOnly metrics have no runc counterpart (guest memory, boot phases).
-	VMOnly  bool                 `json:"vm_only,omitempty"`
+	VMOnly bool `json:"vm_only,omitempty"`
+	// NoRatio metrics are shown for both runtimes but a ratio means
+	// nothing (a difference of two clocks that can be negative for runc).
+	NoRatio bool                 `json:"no_ratio,omitempty"`
 	Target  *Target              `json:"target,omitempty"`
 	Samples map[string][]float64 `json:"samples"`
 }
@@ -105,8 +108,9 @@ func (r *Results) metric(id string, g Group, title, unit string, opts ...func(*M
 	return m
 }
 
-func higher(m *Metric) { m.Higher = true }
-func vmOnly(m *Metric) { m.VMOnly = true }
+func higher(m *Metric)  { m.Higher = true }
+func vmOnly(m *Metric)  { m.VMOnly = true }
+func noRatio(m *Metric) { m.NoRatio = true }
 
 func ratioMax(v float64) func(*Metric) {
 	return func(m *Metric) { m.Target = &Target{Ratio: true, Max: true, Value: v} }
