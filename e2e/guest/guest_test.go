@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -222,6 +223,62 @@ func TestGuestAgent(t *testing.T) {
 		lines := strings.Split(out, "\n")
 		if len(lines) < 4 || !strings.HasPrefix(lines[0], "/dev/pts/") || lines[1] != "24 80" || !strings.Contains(out, "go\n43 132\n") {
 			t.Fatalf("terminal output %q: want /dev/pts/N, 24 80, the echoed go, then 43 132", out)
+		}
+	})
+
+	t.Run("exec with a terminal", func(t *testing.T) {
+		c := v.create(t, "exectty", defaultSpec("sleep", "1000"), false)
+		v.start(t, c)
+
+		// As containerd's client does it: the terminal is asked for on the
+		// stdio only (cio.WithTerminal); the spec is the container's, no tty.
+		// The size is set before the start, then changed while it runs.
+		const n = 200000
+		e := v.execStdio(t, c.cid, "tty1", &specs.Process{Args: []string{"sh", "-c", fmt.Sprintf("tty; stty size; read x; stty size; seq 1 %d", n)},
+			Cwd: "/", Env: []string{"PATH=/bin"}}, true, true)
+		resize := func(w, h uint32) {
+			t.Helper()
+			if _, err := v.client.ResizePty(rpcCtx(t), &agent.ResizePtyRequest{ContainerId: c.cid, ExecId: e.eid, Width: w, Height: h}); err != nil {
+				t.Fatalf("ResizePty %dx%d: %v", w, h, err)
+			}
+		}
+		resize(80, 24)
+		v.start(t, e)
+		e.stdout.waitFor(t, "24 80")
+		resize(132, 43)
+		e.stdin.Write([]byte("go\n"))
+		if st := v.wait(t, e); st != 0 {
+			t.Fatalf("tty exec exited %d; output so far %q", st, tail(e.stdout.String(), 200))
+		}
+		lines := strings.Split(strings.ReplaceAll(e.stdout.wait(t), "\r\n", "\n"), "\n")
+		if len(lines) < 5 || !strings.HasPrefix(lines[0], "/dev/pts/") || lines[1] != "24 80" || lines[2] != "go" || lines[3] != "43 132" {
+			t.Fatalf("tty exec output starts %q: want /dev/pts/N, 24 80, the echoed go, then 43 132", lines[:min(len(lines), 5)])
+		}
+		nums := lines[4:]
+		if nums[len(nums)-1] == "" {
+			nums = nums[:len(nums)-1]
+		}
+		if len(nums) != n {
+			t.Fatalf("tty exec printed %d numbers through the pty, want %d (output ends %q)", len(nums), n, tail(e.stdout.String(), 40))
+		}
+		for i, l := range nums {
+			if l != strconv.Itoa(i+1) {
+				t.Fatalf("tty exec output line %d is %q, want %d", i+5, l, i+1)
+			}
+		}
+
+		// The terminal asked for by the spec alone, and 4 MiB without a
+		// newline (so no CR is added): every byte arrives before the exit.
+		const size = 4 << 20
+		big := v.exec(t, c.cid, "tty2", &specs.Process{Terminal: true, Args: []string{"sh", "-c", fmt.Sprintf("head -c %d /dev/zero | tr '\\0' x", size)},
+			Cwd: "/", Env: []string{"PATH=/bin"}}, false)
+		v.start(t, big)
+		if st := v.wait(t, big); st != 0 {
+			t.Fatalf("large tty exec exited %d; output ends %q", st, tail(big.stdout.String(), 200))
+		}
+		out := big.stdout.wait(t)
+		if len(out) != size || strings.Trim(out, "x") != "" {
+			t.Fatalf("large tty exec delivered %d bytes (ends %q), want %d x's", len(out), tail(out, 40), size)
 		}
 	})
 
@@ -469,3 +526,6 @@ func TestShutdownPowersOff(t *testing.T) {
 	}
 	_ = bytes.MinRead
 }
+
+// tail returns the last n bytes of s.
+func tail(s string, n int) string { return s[max(0, len(s)-n):] }

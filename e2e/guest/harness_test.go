@@ -340,7 +340,14 @@ func (v *testVM) create(t testing.TB, id string, spec *specs.Spec, withStdin boo
 // exec creates an exec process in a container.
 func (v *testVM) exec(t testing.TB, cid, eid string, process *specs.Process, withStdin bool) *proc {
 	t.Helper()
-	p, st := v.openStdio(t, withStdin, process.Terminal)
+	return v.execStdio(t, cid, eid, process, withStdin, process.Terminal)
+}
+
+// execStdio is exec with the stdio's terminal flag chosen apart from the
+// process spec's, as containerd's client sends it.
+func (v *testVM) execStdio(t testing.TB, cid, eid string, process *specs.Process, withStdin, terminal bool) *proc {
+	t.Helper()
+	p, st := v.openStdio(t, withStdin, terminal)
 	p.cid, p.eid = cid, eid
 	b, _ := json.Marshal(process)
 	if _, err := v.client.ExecProcess(rpcCtx(t), &agent.ExecProcessRequest{ContainerId: cid, ExecId: eid, Process: b, Stdio: st}); err != nil {

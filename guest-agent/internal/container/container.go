@@ -190,9 +190,7 @@ func (m *Manager) Create(ctx context.Context, id string, specJSON []byte, rootfs
 	if err := c.createCgroup(spec); err != nil {
 		return nil, err
 	}
-	if spec.Process.Terminal {
-		stdio.Terminal = true
-	}
+	withTerminal(spec.Process, &stdio)
 	c.init, err = spawn(ctx, m.reaper, m.streams, spawnSpec{
 		cfg:        &helperConfig{Init: true, Rootfs: c.rootfs, Spec: spec, Process: spec.Process, NewCgroupNS: newCgroup, NewNetNS: newNet},
 		stdio:      stdio,
@@ -411,6 +409,19 @@ func (c *Container) Process(execID string) (*Process, error) {
 	return p, nil
 }
 
+// withTerminal makes the process spec and the stdio agree on whether the
+// process has a terminal: either one asking for it is enough. The helper
+// allocates the pty from the spec while the agent expects its master (and
+// wires no pipes) from the stdio, so a disagreement either way breaks the
+// process. containerd's client sets it only on the request (cio.WithTerminal)
+// and leaves the exec spec, usually copied from a non-tty container, at
+// false; an OCI spec that asks for a terminal gets one whatever the host's
+// stdio says, as runc would allocate it.
+func withTerminal(p *specs.Process, stdio *Stdio) {
+	t := p.Terminal || stdio.Terminal
+	p.Terminal, stdio.Terminal = t, t
+}
+
 // Exec creates an exec process in the init's namespaces and the container's
 // cgroup; it runs after StartProcess.
 func (c *Container) Exec(ctx context.Context, execID string, processJSON []byte, stdio Stdio) (*Process, error) {
@@ -421,9 +432,7 @@ func (c *Container) Exec(ctx context.Context, execID string, processJSON []byte,
 	if err != nil {
 		return nil, err
 	}
-	if proc.Terminal {
-		stdio.Terminal = true
-	}
+	withTerminal(proc, &stdio)
 	c.mu.Lock()
 	if c.deleted {
 		c.mu.Unlock()

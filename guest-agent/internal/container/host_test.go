@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -93,7 +94,7 @@ func hostRootfs(t *testing.T) string {
 		t.Skipf("needs a static busybox at /bin/busybox (Debian busybox-static): %v", err)
 	}
 	os.WriteFile(filepath.Join(root, "bin", "busybox"), bb, 0o755)
-	for _, a := range []string{"sh", "echo", "cat", "sleep", "hostname", "tr"} {
+	for _, a := range []string{"sh", "echo", "cat", "sleep", "hostname", "tr", "tty", "stty", "seq"} {
 		os.Link(filepath.Join(root, "bin", "busybox"), filepath.Join(root, "bin", a))
 	}
 	return root
@@ -189,6 +190,55 @@ func TestHostContainerLifecycle(t *testing.T) {
 	if eout.String() != "sleep 100 hosttest\n" {
 		t.Fatalf("exec stdout %q, want the init's cmdline and hostname", eout.String())
 	}
+	// A terminal asked for only on the stdio, as containerd's client does
+	// for an exec (the spec is the container's non-tty one): the process
+	// still gets a pty, sized before it starts, and all its output.
+	_, tout, toutDone := streams.open("t-out")
+	ttyProc, _ := json.Marshal(&specs.Process{Args: []string{"sh", "-c", "tty; stty size; seq 1 100000"}, Cwd: "/", Env: []string{"PATH=/bin"}})
+	te, err := c.Exec(ctx, "t", ttyProc, Stdio{Stdout: "t-out", Terminal: true})
+	if err != nil {
+		t.Fatalf("Exec with a terminal: %v", err)
+	}
+	if err := te.Resize(132, 43); err != nil {
+		t.Fatalf("Resize before start: %v", err)
+	}
+	if err := te.Start(); err != nil {
+		t.Fatalf("tty exec Start: %v", err)
+	}
+	if st, _, _ := te.Wait(ctx); st != 0 {
+		t.Fatalf("tty exec status %d", st)
+	}
+	<-toutDone
+	checkTTYOutput(t, tout.String(), "43 132", 100000)
+
+	// The other way round: the spec asks for a terminal, the stdio has a
+	// stderr stream too. Everything goes through the pty on stdout and the
+	// stderr stream ends (EOF) instead of staying open.
+	_, sout, soutDone := streams.open("s-out")
+	_, serr, serrDone := streams.open("s-err")
+	specTTY, _ := json.Marshal(&specs.Process{Terminal: true, Args: []string{"sh", "-c", "tty; stty size; seq 1 1000; echo err >&2"}, Cwd: "/", Env: []string{"PATH=/bin"},
+		ConsoleSize: &specs.Box{Height: 25, Width: 90}})
+	se, err := c.Exec(ctx, "s", specTTY, Stdio{Stdout: "s-out", Stderr: "s-err"})
+	if err != nil {
+		t.Fatalf("Exec with a terminal in the spec: %v", err)
+	}
+	if err := se.Start(); err != nil {
+		t.Fatalf("spec tty exec Start: %v", err)
+	}
+	if st, _, _ := se.Wait(ctx); st != 0 {
+		t.Fatalf("spec tty exec status %d", st)
+	}
+	<-soutDone
+	select {
+	case <-serrDone:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the stderr stream of a process with a terminal is still open after its exit")
+	}
+	checkTTYOutput(t, strings.TrimSuffix(sout.String(), "err\r\n"), "25 90", 1000)
+	if !strings.HasSuffix(sout.String(), "\r\nerr\r\n") || serr.Len() != 0 {
+		t.Fatalf("spec tty exec: stdout ends %q, stderr %q; want the pty to carry stderr too", sout.String()[max(0, sout.Len()-20):], serr.String())
+	}
+
 	missing, _ := json.Marshal(&specs.Process{Args: []string{"nope"}, Cwd: "/", Env: []string{"PATH=/bin"}})
 	bad, err := c.Exec(ctx, "bad", missing, Stdio{})
 	if err != nil {
@@ -210,4 +260,26 @@ func TestHostContainerLifecycle(t *testing.T) {
 		t.Fatal("second Delete succeeded")
 	}
 	_ = exec.ErrNotFound
+}
+
+// checkTTYOutput checks what `tty; stty size; seq 1 n` printed through a
+// pty: the slave's name, the window size, then every number in order.
+func checkTTYOutput(t *testing.T, out, size string, n int) {
+	t.Helper()
+	lines := strings.Split(strings.ReplaceAll(out, "\r\n", "\n"), "\n")
+	if len(lines) < 2 || !strings.HasPrefix(lines[0], "/dev/pts/") || lines[1] != size {
+		t.Fatalf("tty output starts %q, want /dev/pts/N then %q", lines[:min(len(lines), 3)], size)
+	}
+	nums := lines[2:]
+	if len(nums) > 0 && nums[len(nums)-1] == "" {
+		nums = nums[:len(nums)-1]
+	}
+	if len(nums) != n {
+		t.Fatalf("tty output has %d numbers, want %d (ends %q)", len(nums), n, out[max(0, len(out)-40):])
+	}
+	for i, l := range nums {
+		if l != strconv.Itoa(i+1) {
+			t.Fatalf("tty output line %d is %q, want %d", i+3, l, i+1)
+		}
+	}
 }

@@ -325,6 +325,12 @@ func (p *Process) startCopiers(outConn, errConn net.Conn) {
 		if outConn != nil {
 			copyOut(p.console, outConn)
 		}
+		if errConn != nil {
+			// A spec that asked for a terminal the host's stdio did not:
+			// everything goes to the pty, so the stderr stream ends now
+			// rather than hold the host's reader open until delete.
+			closeWrite(errConn)
+		}
 	} else {
 		i := 0
 		if outConn != nil {
