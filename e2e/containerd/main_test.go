@@ -96,6 +96,7 @@ func daemon(t *testing.T, rt harness.Runtime) *harness.Containerd {
 	t.Cleanup(func() {
 		if t.Failed() {
 			t.Logf("containerd log tail:\n%s", d.LogTail(8000))
+			logVMConsoles(t, d)
 		}
 		if err := d.Cleanup(context.Background()); err != nil {
 			t.Errorf("cleanup: %v", err)
@@ -124,4 +125,20 @@ func ctx(t *testing.T, d time.Duration) context.Context {
 	c, cancel := context.WithTimeout(context.Background(), d)
 	t.Cleanup(cancel)
 	return c
+}
+
+// logVMConsoles prints the tail of every VM console log still in the daemon's bundles (the shim keeps
+// them under BUNDLE/vm/), which is where a guest that hangs or panics says why.
+func logVMConsoles(t *testing.T, d *harness.Containerd) {
+	logs, _ := filepath.Glob(filepath.Join(d.State, "io.containerd.runtime.v2.task", "*", "*", "vm", "*.log"))
+	for _, l := range logs {
+		b, err := os.ReadFile(l)
+		if err != nil || len(b) == 0 {
+			continue
+		}
+		if len(b) > 3000 {
+			b = b[len(b)-3000:]
+		}
+		t.Logf("%s:\n%s", l, b)
+	}
 }
