@@ -6,11 +6,19 @@
 // pid. Nothing else in the agent may wait for children (no exec.Cmd.Wait): a
 // second waiter would steal exits from the first.
 //
-// Starting a process and registering its pid happen under the same lock that
-// the wait loop holds while it reaps, so an exit can never be reaped between
-// the fork and the registration ("subscribe before start"). Exits of pids that
-// nobody registered (orphans, or a pid registered late through Register) are
-// kept in a bounded table so a late Register still gets its status.
+// A child must never be reaped between its fork and the registration of its
+// pid ("subscribe before start"): its exit would be taken for an orphan's, and
+// once reaped its pid could be reused. The fork itself must not run under the
+// reaper's lock either: it can block for as long as the child does not reach
+// execve (a vfork-style clone into a frozen cgroup blocks until the thaw, and
+// under a loaded TCG host a fork+exec of the agent takes a long time), and
+// every exit in the guest would wait for it, along with every later Start.
+// So while any Start is in flight the wait loop reaps registered pids only,
+// one wait4(pid) each; unregistered zombies (orphans, and the child being
+// started) are left alone, which also keeps their pids from being reused, and
+// are collected once no Start is in flight. Exits of pids that nobody
+// registered (orphans, or a pid registered late through Register) are kept in
+// a bounded table so a late Register still gets its status.
 package reaper
 
 import (
@@ -58,13 +66,16 @@ func ExitStatus(ws unix.WaitStatus) uint32 {
 
 // Reaper reaps every child of the process and dispatches exits.
 type Reaper struct {
-	// mu guards waiters, unclaimed and order, and is held across every
-	// wait4 batch and across Start's fork+register so the two can't interleave.
+	// mu guards waiters, unclaimed, order and starting, and is held across
+	// every wait4 batch (never across a fork: see the package doc).
 	mu        sync.Mutex
 	waiters   map[int]chan Exit
 	unclaimed map[int]Exit
 	// order is the arrival order of unclaimed pids, for eviction.
 	order []int
+	// starting counts the Starts whose child may exist unregistered; while
+	// it is non-zero only registered pids are reaped.
+	starting int
 
 	// wait4 is replaceable in tests; it has the signature of unix.Wait4.
 	wait4 func(pid int, ws *unix.WaitStatus, options int, ru *unix.Rusage) (int, error)
@@ -102,10 +113,19 @@ func (r *Reaper) Run(stop <-chan struct{}) {
 	}
 }
 
-// Reap collects every child that has exited so far and dispatches it.
+// Reap collects every child that has exited so far and dispatches it (only
+// the registered ones while a Start is in flight).
 func (r *Reaper) Reap() {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	r.reapLocked()
+}
+
+func (r *Reaper) reapLocked() {
+	if r.starting > 0 {
+		r.reapRegisteredLocked()
+		return
+	}
 	for {
 		var ws unix.WaitStatus
 		pid, err := r.wait4(-1, &ws, unix.WNOHANG, nil)
@@ -116,6 +136,23 @@ func (r *Reaper) Reap() {
 			// ECHILD: no children at all; 0: none exited yet.
 			return
 		}
+		r.dispatchLocked(Exit{Pid: pid, Status: ws, At: r.now()})
+	}
+}
+
+// reapRegisteredLocked collects the registered pids that have exited,
+// leaving every other zombie for a later full reap.
+func (r *Reaper) reapRegisteredLocked() {
+	for want := range r.waiters {
+		var ws unix.WaitStatus
+		pid, err := r.wait4(want, &ws, unix.WNOHANG, nil)
+		for errors.Is(err, unix.EINTR) {
+			pid, err = r.wait4(want, &ws, unix.WNOHANG, nil)
+		}
+		if err != nil || pid != want {
+			continue
+		}
+		// Deleting the entry being visited is allowed in a range.
 		r.dispatchLocked(Exit{Pid: pid, Status: ws, At: r.now()})
 	}
 }
@@ -138,21 +175,33 @@ func (r *Reaper) dispatchLocked(e Exit) {
 	}
 }
 
-// Start runs start (which forks a child and returns its pid) with reaping
-// held off, and registers the pid before any exit can be dispatched. The
-// returned channel receives the child's exit once, then is closed.
+// Start runs start (which forks a child and returns its pid) with the
+// reaping of unregistered pids held off, and registers the pid before its
+// exit can be collected. Reaping of registered pids, and other Starts, go on
+// while start runs. The returned channel receives the child's exit once,
+// then is closed.
 func (r *Reaper) Start(start func() (int, error)) (int, <-chan Exit, error) {
 	r.mu.Lock()
-	defer r.mu.Unlock()
+	r.starting++
+	r.mu.Unlock()
 	pid, err := start()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.starting--
 	if err != nil {
+		// Orphans held back meanwhile are collected now.
+		r.reapLocked()
 		return 0, nil, err
 	}
-	// The pid is alive now, so any unclaimed exit under it belongs to an
-	// earlier process that happened to have the same pid.
+	// No unregistered pid was reaped since this Start began and the child
+	// holds its pid (alive, or a zombie not yet reaped), so any unclaimed
+	// exit under it belongs to an earlier process with the same pid.
 	r.forgetUnclaimedLocked(pid)
 	ch := make(chan Exit, 1)
 	r.waiters[pid] = ch
+	// The child may have exited already (its SIGCHLD found it unregistered),
+	// and orphans may have been held back: collect them now.
+	r.reapLocked()
 	return pid, ch, nil
 }
 

@@ -1,7 +1,10 @@
 package reaper
 
 import (
+	"fmt"
+	"os"
 	"os/exec"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -188,4 +191,128 @@ func TestRealProcesses(t *testing.T) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+// TestSlowStartDoesNotStallExits is the guest stall seen under load: a Start
+// whose fork does not return (a clone into a frozen cgroup, or a very slow
+// fork+exec) held the reaper's lock, so no exit in the guest was dispatched
+// (`sleep 1` never returned) and every later Exec hung on the lock. Exits of
+// registered processes and other Starts must go on meanwhile; the child of
+// the slow Start, which exits before it is registered, must still get its
+// exit, and orphans held back must be collected afterwards.
+func TestSlowStartDoesNotStallExits(t *testing.T) {
+	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
+		t.Fatalf("PR_SET_CHILD_SUBREAPER: %v", err)
+	}
+	r := New()
+	stop := make(chan struct{})
+	defer close(stop)
+	go r.Run(stop)
+
+	startCmd := func(args ...string) (int, <-chan Exit) {
+		t.Helper()
+		cmd := exec.Command(args[0], args[1:]...)
+		pid, ch, err := r.Start(func() (int, error) {
+			if err := cmd.Start(); err != nil {
+				return 0, err
+			}
+			return cmd.Process.Pid, nil
+		})
+		if err != nil {
+			t.Fatalf("start %v: %v", args, err)
+		}
+		return pid, ch
+	}
+	wait := func(what string, ch <-chan Exit) Exit {
+		t.Helper()
+		select {
+		case e := <-ch:
+			return e
+		case <-time.After(5 * time.Second):
+			t.Fatalf("%s: no exit within 5s while another Start is blocked", what)
+			return Exit{}
+		}
+	}
+
+	// A process started before the slow Start, exiting during it.
+	_, before := startCmd("sleep", "0.3")
+
+	// The slow Start: its child (which also leaves an orphan) exits at once,
+	// and the fork "returns" only when release is closed.
+	release := make(chan struct{})
+	slow := exec.Command("sh", "-c", "sleep 0.1 & exit 4")
+	type started struct {
+		pid int
+		ch  <-chan Exit
+		err error
+	}
+	slowc := make(chan started, 1)
+	forked := make(chan int, 1)
+	go func() {
+		pid, ch, err := r.Start(func() (int, error) {
+			if err := slow.Start(); err != nil {
+				forked <- 0
+				return 0, err
+			}
+			forked <- slow.Process.Pid
+			<-release
+			return slow.Process.Pid, nil
+		})
+		slowc <- started{pid, ch, err}
+	}()
+
+	if e := wait("process started before", before); e.ExitStatus() != 0 {
+		t.Errorf("sleep 0.3: status %d", e.ExitStatus())
+	}
+	// A Start during the slow one neither blocks nor loses its exit.
+	_, during := startCmd("sh", "-c", "exit 7")
+	if e := wait("process started during", during); e.ExitStatus() != 7 {
+		t.Errorf("exit 7: status %d", e.ExitStatus())
+	}
+
+	// The slow child has exited unregistered by now: it must still be a
+	// zombie (not reaped as an unknown pid, whose number could be reused).
+	slowPid := <-forked
+	if slowPid == 0 {
+		t.Fatal("slow Start's fork failed")
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for procState(slowPid) != "Z" {
+		if time.Now().After(deadline) {
+			t.Fatalf("slow Start's child is %q, want a zombie", procState(slowPid))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if n := r.Unclaimed(); n != 0 {
+		t.Fatalf("%d unregistered exits reaped while a Start was in flight", n)
+	}
+	close(release)
+	s := <-slowc
+	if s.err != nil {
+		t.Fatalf("slow Start: %v", s.err)
+	}
+	if e := wait("slow Start's child", s.ch); e.ExitStatus() != 4 {
+		t.Errorf("slow child: status %d, want 4", e.ExitStatus())
+	}
+	// Its orphan (sleep 0.1) is collected once no Start is in flight.
+	for r.Unclaimed() == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("orphan held back during the slow Start was never reaped")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// procState is the state letter of /proc/<pid>/stat ("" if it is gone).
+func procState(pid int) string {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return ""
+	}
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	if i < 0 || i+3 > len(s) {
+		return ""
+	}
+	return s[i+2 : i+3]
 }
