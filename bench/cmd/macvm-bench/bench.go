@@ -236,8 +236,12 @@ func (b *bench) setupVariants(snap harness.Paths, snapDir string) error {
 	return add("macvm-minimal", dst)
 }
 
-// benchBootTimeout is the macvm variants' boot_timeout (see setupVariants).
-const benchBootTimeout = "5m"
+// benchBootTimeout is the macvm variants' boot_timeout (see setupVariants),
+// and ctrTimeout bounds every ctr call.
+const (
+	benchBootTimeout = "5m"
+	ctrTimeout       = 6 * time.Minute
+)
 
 func appendFile(path, text string) error {
 	f, err := os.OpenFile(path, os.O_APPEND|os.O_WRONLY, 0)
@@ -341,6 +345,11 @@ func (r *ctrRun) wall() time.Duration { return r.end.Sub(r.start) }
 // ctr runs ctr with stdin (nil for none), timing it from just before the
 // fork to its exit. A non-zero exit is an error that carries stderr.
 func (b *bench) ctr(ctx context.Context, stdin io.Reader, args ...string) (*ctrRun, error) {
+	// A hung create (seen once with ten VMs booting at once) must fail the
+	// measurement, not the whole run: no single ctr call takes longer than
+	// a boot timeout plus a minute.
+	ctx, cancel := context.WithTimeout(ctx, ctrTimeout)
+	defer cancel()
 	cmd := b.cd.CtrCommand(ctx, args...)
 	r := &ctrRun{stdout: &timedWriter{}}
 	cmd.Stdout = r.stdout
