@@ -81,8 +81,8 @@ boot() {
 		line=${line%$'\r'}
 		echo "$line" >>"$log"
 		case $line in
-			"SMOKE: init "*) t_init=$(echo "$now - $t0" | bc) ;;
-			"SMOKE: ready "*) t_ready=$(echo "$now - $t0" | bc) ;;
+			*"SMOKE: init "*) t_init=$(echo "$now - $t0" | bc) ;;
+			*"SMOKE: ready "*) t_ready=$(echo "$now - $t0" | bc) ;;
 			"SMOKE OK") ok=1 ;;
 		esac
 	done < <(timeout 120 qemu-system-x86_64 -nodefaults -no-user-config -accel tcg "${mopts[@]}" \
