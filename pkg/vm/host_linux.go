@@ -29,11 +29,11 @@ var (
 	tscKHz  int
 )
 
-// hostTSCKHz returns the host's TSC frequency in kHz, or 0 if unknown.
+// HostTSCKHz returns the host's TSC frequency in kHz, or 0 if unknown.
 // Under TCG the guest's TSC is the host's, and a microvm guest (no PIT to
 // calibrate against) must be told its rate or may hang in calibration.
 // The host does not change its TSC rate, so it is looked up once.
-func hostTSCKHz() int {
+func HostTSCKHz() int {
 	tscOnce.Do(func() { tscKHz = lookupTSCKHz() })
 	return tscKHz
 }

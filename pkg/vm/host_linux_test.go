@@ -21,7 +21,7 @@ func TestTSCKHzFromLog(t *testing.T) {
 			t.Errorf("%s: got %d, want %d", tc.name, got, tc.want)
 		}
 	}
-	if khz := hostTSCKHz(); runtime.GOARCH == "amd64" && khz <= 0 {
-		t.Errorf("hostTSCKHz() = %d on this x86 host, want a rate", khz)
+	if khz := HostTSCKHz(); runtime.GOARCH == "amd64" && khz <= 0 {
+		t.Errorf("HostTSCKHz() = %d on this x86 host, want a rate", khz)
 	}
 }

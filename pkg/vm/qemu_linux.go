@@ -85,7 +85,7 @@ func NewQEMU(cfg Config) (*QEMU, error) {
 	}
 	if !q.kvm {
 		// Under KVM the guest learns its TSC rate from the hypervisor.
-		q.tscKHz = hostTSCKHz()
+		q.tscKHz = HostTSCKHz()
 	}
 	// Fail now, not in Start, on a Config the command line rejects.
 	if _, err := q.args(); err != nil {

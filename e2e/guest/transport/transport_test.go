@@ -115,7 +115,7 @@ func bootVM(t *testing.T) *guestVM {
 		"-accel", "tcg", "-cpu", "qemu64,+rdrand",
 		"-M", "microvm,x-option-roms=off,pit=off,pic=off", "-smp", "2", "-m", "256",
 		"-kernel", filepath.Join(boot, "vmlinux"), "-initrd", initrd,
-		"-append", vm.KernelCmdline("ttyS0", tscKHz(), nil),
+		"-append", vm.KernelCmdline("ttyS0", vm.HostTSCKHz(), nil),
 		"-chardev", "file,id=console,path=" + v.console, "-serial", "chardev:console",
 		"-chardev", "socket,id=agent,path=" + v.sock + ",server=on,wait=off",
 		"-device", "virtio-serial-device,id=vser0",
@@ -286,31 +286,4 @@ func TestVirtioSerialReconnect(t *testing.T) {
 	if !strings.Contains(v.consoleTail(), "testinit: session") {
 		t.Errorf("console does not show the guest's sessions")
 	}
-}
-
-// tscKHz reads the host TSC rate for a microvm guest without a PIT (see
-// platform-facts.md); 0 lets the guest calibrate.
-func tscKHz() int {
-	if b, err := os.ReadFile("/sys/devices/system/cpu/cpu0/tsc_freq_khz"); err == nil {
-		if v, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil {
-			return v
-		}
-	}
-	f, err := os.Open("/proc/cpuinfo")
-	if err != nil {
-		return 0
-	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		k, val, ok := strings.Cut(sc.Text(), ":")
-		if ok && strings.TrimSpace(k) == "cpu MHz" {
-			mhz, err := strconv.ParseFloat(strings.TrimSpace(val), 64)
-			if err != nil {
-				return 0
-			}
-			return int(mhz * 1000)
-		}
-	}
-	return 0
 }
