@@ -9,6 +9,8 @@ import (
 	"io"
 	"log"
 	"os"
+	"os/signal"
+	"runtime"
 	"strconv"
 	"time"
 
@@ -63,6 +65,7 @@ func run(start time.Time, pid1 bool, logf func(string, ...any)) error {
 	}
 	r := reaper.New()
 	go r.Run(nil)
+	go dumpOnSIGQUIT(logf)
 
 	events := service.NewEventQueue()
 	streams := service.NewStreams()
@@ -113,5 +116,28 @@ func openChannel(c boot.Channel) (io.ReadWriteCloser, error) {
 			return nil, fmt.Errorf("open agent channel %s:%s: %w", c.Kind, c.Name, err)
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// dumpOnSIGQUIT writes every goroutine's stack to the console each time the
+// agent gets SIGQUIT, and goes on: evidence for a stalled guest (an RPC that
+// never answers) without a debugger. Without this, Go's own SIGQUIT handler
+// dumps and exits, and PID 1 exiting panics the guest kernel (seen in the
+// stress test of e2e/guest). Any process that shares the agent's PID
+// namespace can send it (a container without a PID namespace: kill -QUIT 1).
+func dumpOnSIGQUIT(logf func(string, ...any)) {
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, unix.SIGQUIT)
+	for range sigs {
+		buf := make([]byte, 1<<20)
+		for {
+			n := runtime.Stack(buf, true)
+			if n < len(buf) || len(buf) >= 16<<20 {
+				buf = buf[:n]
+				break
+			}
+			buf = make([]byte, 2*len(buf))
+		}
+		logf("SIGQUIT: goroutine dump (%d bytes) follows\n%s\nmacvm-agent: SIGQUIT: goroutine dump ends", len(buf), buf)
 	}
 }
