@@ -117,11 +117,11 @@ check-darwin:
 fmt-check:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); [ -z "$$out" ] || (echo "gofmt needed: $$out" >&2; exit 1)
 
-test: check-generated fmt-check vet check-darwin test-macos-kernel test-unit test-vm test-e2e
+test: check-generated fmt-check vet agent-all check-darwin test-macos-kernel test-unit test-vm test-e2e
 
 # pkg/vm's tests boot the Debian kernel (with a test init), so they need `make kernel` (cached after the first run).
 test-unit: kernel
-	MACVM_KERNEL=$(KERNEL_DIR)/debian/vmlinux go test -count=1 ./pkg/... ./guest-agent/... ./cmd/...
+	MACVM_KERNEL=$(KERNEL_DIR)/debian/vmlinux go test -count=1 ./pkg/... ./guest-agent/... ./cmd/... ./bench/... ./kernel/...
 
 # Real VMs under QEMU with the guest agent: needs `make boot`.
 test-vm: boot
