@@ -197,8 +197,15 @@ func (c *container) start(ctx context.Context, b backend, shares []vm.Share, gsp
 	log.G(ctx).WithField("container_id", c.id).WithField("boot", time.Since(m.BootStarted())).Debug("guest agent connected")
 	go c.watchdog()
 
-	if _, err := client.SetTime(ctx, &agent.SetTimeRequest{Time: timestamppb.Now()}); err != nil {
-		return fmt.Errorf("set guest clock: %w", err)
+	// containerd's Create carries no deadline (ctr run waits forever), so
+	// the agent RPCs of the create are bounded here: a guest that stops
+	// answering (a stuck module load or 9p mount, a lost stream) fails the
+	// create with its console instead of hanging it. The ttrpc deadline
+	// also reaches the agent, whose own waits then end too.
+	cctx, cancel := context.WithTimeout(ctx, c.cfg.bootTimeout())
+	defer cancel()
+	if _, err := client.SetTime(cctx, &agent.SetTimeRequest{Time: timestamppb.Now()}); err != nil {
+		return c.createError("set guest clock", err)
 	}
 
 	pio, err := newProcessIO(ctx, client, c.streamPrefix(""), stdio, c.id, c.namespace)
@@ -210,7 +217,7 @@ func (c *container) start(ctx context.Context, b backend, shares []vm.Share, gsp
 		pio.close()
 		return err
 	}
-	resp, err := client.CreateContainer(ctx, &agent.CreateContainerRequest{
+	resp, err := client.CreateContainer(cctx, &agent.CreateContainerRequest{
 		ContainerId: c.id,
 		Spec:        specJSON,
 		Rootfs:      []*agent.Mount{{Type: shareFSType, Source: rootfsTag, Options: shareMount(false)}},
@@ -218,7 +225,7 @@ func (c *container) start(ctx context.Context, b backend, shares []vm.Share, gsp
 	})
 	if err != nil {
 		pio.close()
-		return fmt.Errorf("create container in VM: %w", err)
+		return c.createError("create container in VM", err)
 	}
 	c.init = newProcess(c, "", stdio, pio, resp.GetPid())
 	// The exit is waited for from now on: a process killed before Start, or
@@ -240,6 +247,17 @@ func (c *container) start(ctx context.Context, b backend, shares []vm.Share, gsp
 		}
 	}
 	return nil
+}
+
+// createError describes a failed agent RPC of the create; a time-out says
+// which bound it hit and carries the end of the guest console, where the
+// agent's own errors (and its goroutine dump on SIGQUIT) show.
+func (c *container) createError(step string, err error) error {
+	if !errdefs.IsDeadlineExceeded(err) && !errors.Is(err, context.DeadlineExceeded) {
+		return fmt.Errorf("%s: %w", step, err)
+	}
+	return fmt.Errorf("%s: the guest agent did not answer within %v (boot_timeout): %w; console: %s",
+		step, c.cfg.bootTimeout(), err, c.machine.ConsoleTail(2048))
 }
 
 // connect waits for the agent of a booting VM, bounded by the boot timeout;

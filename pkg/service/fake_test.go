@@ -83,6 +83,9 @@ type fakeAgent struct {
 	run func(p *fakeProc)
 	// wedged makes SignalProcess hang, like an agent stuck in the guest.
 	wedged bool
+	// hangCreate makes CreateContainer wait for its context to end, like an
+	// agent stuck loading modules or mounting the rootfs.
+	hangCreate bool
 
 	// mu guards everything below.
 	mu      sync.Mutex
@@ -174,8 +177,12 @@ func (a *fakeAgent) SetTime(context.Context, *agent.SetTimeRequest) (*emptypb.Em
 	return &emptypb.Empty{}, nil
 }
 
-func (a *fakeAgent) CreateContainer(_ context.Context, r *agent.CreateContainerRequest) (*agent.CreateContainerResponse, error) {
+func (a *fakeAgent) CreateContainer(ctx context.Context, r *agent.CreateContainerRequest) (*agent.CreateContainerResponse, error) {
 	a.record("CreateContainer")
+	if a.hangCreate {
+		<-ctx.Done()
+		return nil, ctx.Err()
+	}
 	p := a.newProc(r.GetContainerId(), "", r.GetStdio())
 	return &agent.CreateContainerResponse{Pid: p.pid}, nil
 }
