@@ -44,6 +44,13 @@ const (
 	rpcTimeout = 5 * time.Second
 )
 
+// createTimeout bounds the agent RPCs of a create once the agent has
+// answered (clock, container creation: module wait, rootfs mount, helper
+// start). They take about a second even with ten TCG guests booting at
+// once; the bound is separate from boot_timeout, which a busy host raises to
+// minutes for the boot alone.
+var createTimeout = 2 * time.Minute
+
 // killTimeout is how long a SIGKILL of the container may take in the guest
 // before the VM itself is stopped (a variable so tests can shorten it).
 var killTimeout = 10 * time.Second
@@ -202,7 +209,7 @@ func (c *container) start(ctx context.Context, b backend, shares []vm.Share, gsp
 	// answering (a stuck module load or 9p mount, a lost stream) fails the
 	// create with its console instead of hanging it. The ttrpc deadline
 	// also reaches the agent, whose own waits then end too.
-	cctx, cancel := context.WithTimeout(ctx, c.cfg.bootTimeout())
+	cctx, cancel := context.WithTimeout(ctx, createTimeout)
 	defer cancel()
 	if _, err := client.SetTime(cctx, &agent.SetTimeRequest{Time: timestamppb.Now()}); err != nil {
 		return c.createError("set guest clock", err)
@@ -256,8 +263,8 @@ func (c *container) createError(step string, err error) error {
 	if !errdefs.IsDeadlineExceeded(err) && !errors.Is(err, context.DeadlineExceeded) {
 		return fmt.Errorf("%s: %w", step, err)
 	}
-	return fmt.Errorf("%s: the guest agent did not answer within %v (boot_timeout): %w; console: %s",
-		step, c.cfg.bootTimeout(), err, c.machine.ConsoleTail(2048))
+	return fmt.Errorf("%s: the guest agent did not answer within %v: %w; console: %s",
+		step, createTimeout, err, c.machine.ConsoleTail(2048))
 }
 
 // connect waits for the agent of a booting VM, bounded by the boot timeout;

@@ -530,28 +530,20 @@ func TestCreateFailures(t *testing.T) {
 }
 
 // TestCreateOfWedgedGuest: containerd's Create has no deadline, so an agent
-// that never answers CreateContainer must fail the create after the boot
-// timeout, with the console in the error, and the VM must be stopped.
+// that never answers CreateContainer must fail the create after
+// createTimeout, with the console in the error, and the VM must be stopped.
 func TestCreateOfWedgedGuest(t *testing.T) {
+	old := createTimeout
+	createTimeout = 300 * time.Millisecond
+	defer func() { createTimeout = old }()
 	h := newHarness(t, nil)
 	h.agent.hangCreate = true
-	dir := t.TempDir()
-	for _, f := range []string{"vmlinux", "initrd.img"} {
-		if err := os.WriteFile(filepath.Join(dir, f), nil, 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
-	body := fmt.Sprintf("kernel = %q\ninitrd = %q\nboot_timeout = \"300ms\"\n", filepath.Join(dir, "vmlinux"), filepath.Join(dir, "initrd.img"))
-	opts, err := typeurl.MarshalAnyToProto(&runtimeoptions.Options{ConfigBody: []byte(body)})
-	if err != nil {
-		t.Fatal(err)
-	}
 	start := time.Now()
-	_, err = h.svc.Create(h.ctx, &taskAPI.CreateTaskRequest{ID: "w", Options: opts, Bundle: h.bundle("w", nil)})
+	_, err := h.svc.Create(h.ctx, &taskAPI.CreateTaskRequest{ID: "w", Options: h.opts, Bundle: h.bundle("w", nil)})
 	if err == nil {
 		t.Fatal("create of a wedged guest succeeded")
 	}
-	if msg := err.Error(); !strings.Contains(msg, "boot_timeout") || !strings.Contains(msg, "fake console") {
+	if msg := err.Error(); !strings.Contains(msg, "did not answer within 300ms") || !strings.Contains(msg, "fake console") {
 		t.Errorf("error %q names neither the bound nor the console", msg)
 	}
 	if d := time.Since(start); d > 5*time.Second {
