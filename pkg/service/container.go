@@ -675,6 +675,16 @@ func (c *container) destroy(ctx context.Context) {
 			e.pio.close()
 		}
 	}
+	// The init's exit handler records the exit in the bundle: let it finish
+	// so that nothing writes there after teardown. It returns promptly now
+	// that the VM context has ended; the bound covers a Start still in flight.
+	if c.init != nil {
+		select {
+		case <-c.init.exited:
+		case <-time.After(teardownTimeout):
+			logger.Warn("the init's exit was not recorded before teardown")
+		}
+	}
 	if c.spec.Hooks != nil && len(c.spec.Hooks.Poststop) > 0 {
 		// Poststop failures are warnings in the OCI spec: the container is
 		// gone whatever the hook says.

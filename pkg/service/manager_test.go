@@ -2,6 +2,7 @@ package service
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -23,9 +24,32 @@ func TestStopCleansUpAfterDeadShim(t *testing.T) {
 	if err := os.MkdirAll(stateDir, 0o700); err != nil {
 		t.Fatal(err)
 	}
-	vmProc := exec.Command("/bin/sh", "-c", "sleep 60", stateDir)
+	// The stand-in must keep its command line (naming stateDir) until it is
+	// killed: a shell blocked in its read builtin never execs anything, while
+	// `sh -c "sleep 60"` may exec sleep and lose the argument.
+	stdin, keepOpen, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer keepOpen.Close()
+	vmProc := exec.Command("/bin/sh", "-c", "read line", stateDir)
+	vmProc.Stdin = stdin
 	if err := vmProc.Start(); err != nil {
 		t.Fatal(err)
+	}
+	stdin.Close()
+	// Start returns once execve has passed its point of no return, a moment
+	// before the kernel fills in the new command line: wait for it, as the
+	// delete action only ever meets VMs that have long been running.
+	for deadline := time.Now().Add(5 * time.Second); ; {
+		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", vmProc.Process.Pid))
+		if len(b) > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the stand-in VM process has no command line")
+		}
+		time.Sleep(time.Millisecond)
 	}
 	exited := make(chan struct{})
 	go func() { vmProc.Wait(); close(exited) }()

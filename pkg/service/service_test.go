@@ -25,6 +25,7 @@ import (
 	"github.com/containerd/errdefs/pkg/errgrpc"
 	"github.com/containerd/typeurl/v2"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
 	"google.golang.org/protobuf/types/known/anypb"
 
 	agent "github.com/macvm/macvm/pkg/guest/api/v1"
@@ -124,18 +125,38 @@ func (h *harness) fifo(name string) string {
 	return p
 }
 
-// readAll reads a FIFO to EOF in the background, as a client does.
+// readAll reads a FIFO to EOF in the background, as a client does. Like
+// containerd's client it holds the read end open before the task is created,
+// so output written (and the FIFO closed) before the goroutine runs is not
+// lost; poll reports a hang-up only after a writer has come and gone.
 func readAll(path string) <-chan string {
 	ch := make(chan string, 1)
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
+	if err != nil {
+		ch <- "open: " + err.Error()
+		return ch
+	}
 	go func() {
-		f, err := os.OpenFile(path, os.O_RDONLY, 0)
-		if err != nil {
-			ch <- "open: " + err.Error()
-			return
+		defer unix.Close(fd)
+		var out []byte
+		buf := make([]byte, 64<<10)
+		for {
+			if _, err := unix.Poll([]unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}, -1); err != nil && err != unix.EINTR {
+				ch <- "poll: " + err.Error()
+				return
+			}
+			n, err := unix.Read(fd, buf)
+			switch {
+			case n > 0:
+				out = append(out, buf[:n]...)
+			case err == nil: // hang-up after a writer: EOF
+				ch <- string(out)
+				return
+			case err != unix.EAGAIN && err != unix.EINTR:
+				ch <- "read: " + err.Error()
+				return
+			}
 		}
-		b, _ := io.ReadAll(f)
-		f.Close()
-		ch <- string(b)
 	}()
 	return ch
 }
