@@ -4,9 +4,6 @@ import (
 	"context"
 	"errors"
 	"io"
-	"net"
-	"os"
-	"syscall"
 	"testing"
 	"time"
 
@@ -15,6 +12,7 @@ import (
 	"github.com/containerd/ttrpc"
 	"google.golang.org/protobuf/types/known/emptypb"
 
+	"github.com/macvm/macvm/internal/testutil"
 	agent "github.com/macvm/macvm/pkg/guest/api/v1"
 	"github.com/macvm/macvm/pkg/guest/transport"
 )
@@ -38,26 +36,6 @@ func (fakeAgent) Pids(_ context.Context, req *agent.PidsRequest) (*agent.PidsRes
 func (fakeAgent) WaitProcess(ctx context.Context, _ *agent.WaitProcessRequest) (*agent.WaitProcessResponse, error) {
 	<-ctx.Done()
 	return nil, errgrpc.ToGRPC(ctx.Err())
-}
-
-func socketpair(t testing.TB) (net.Conn, net.Conn) {
-	t.Helper()
-	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	conn := func(fd int) net.Conn {
-		f := os.NewFile(uintptr(fd), "socketpair")
-		defer f.Close()
-		c, err := net.FileConn(f)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return c
-	}
-	a, b := conn(fds[0]), conn(fds[1])
-	t.Cleanup(func() { a.Close(); b.Close() })
-	return a, b
 }
 
 // startGuest serves fakeAgent the way the guest agent does: one session,
@@ -108,7 +86,7 @@ func startGuest(t testing.TB, rw io.ReadWriter) (stop func()) {
 
 func newTestClient(t testing.TB) (*Client, func()) {
 	t.Helper()
-	host, guest := socketpair(t)
+	host, guest := testutil.Socketpair(t)
 	stop := startGuest(t, guest)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -189,7 +167,7 @@ func TestClientCloseAndAgentLoss(t *testing.T) {
 		}
 	})
 	t.Run("agent gone", func(t *testing.T) {
-		host, guest := socketpair(t)
+		host, guest := testutil.Socketpair(t)
 		stopGuest := startGuest(t, guest)
 		c, err := NewClient(context.Background(), host)
 		if err != nil {
@@ -214,7 +192,7 @@ func TestClientCloseAndAgentLoss(t *testing.T) {
 }
 
 func TestNewClientTimeout(t *testing.T) {
-	host, _ := socketpair(t)
+	host, _ := testutil.Socketpair(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
 	defer cancel()
 	_, err := NewClient(ctx, host)

@@ -32,6 +32,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/macvm/macvm/internal/testutil"
 	"github.com/macvm/macvm/pkg/bootimage"
 	"github.com/macvm/macvm/pkg/guest/transport"
 	"github.com/macvm/macvm/pkg/vm"
@@ -177,24 +178,7 @@ func request(t *testing.T, s *transport.Session, name string, body []byte) []byt
 	if err != nil {
 		t.Fatalf("Open(%q): %v", name, err)
 	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(2 * time.Minute))
-	errc := make(chan error, 1)
-	go func() {
-		_, err := c.Write(body)
-		if err == nil {
-			err = c.(interface{ CloseWrite() error }).CloseWrite()
-		}
-		errc <- err
-	}()
-	got, err := io.ReadAll(c)
-	if err != nil {
-		t.Fatalf("stream %q: read: %v", name, err)
-	}
-	if err := <-errc; err != nil {
-		t.Fatalf("stream %q: write: %v", name, err)
-	}
-	return got
+	return testutil.Exchange(t, c, body, 2*time.Minute)
 }
 
 func sessions(t *testing.T, s *transport.Session) int {

@@ -7,13 +7,15 @@ import (
 	"net"
 	"testing"
 	"time"
+
+	"github.com/macvm/macvm/internal/testutil"
 )
 
 // benchPair connects a host and a guest session over a unix socketpair with
 // the given options.
 func benchPair(b *testing.B, opts ...Option) (host, guest *Session) {
 	b.Helper()
-	hc, gc := socketpair(b)
+	hc, gc := testutil.Socketpair(b)
 	accepted := make(chan *Session, 1)
 	go func() {
 		s, err := Accept(context.Background(), gc, opts...)

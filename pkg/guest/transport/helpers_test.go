@@ -5,34 +5,12 @@ import (
 	"errors"
 	"io"
 	"net"
-	"os"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
-)
 
-// socketpair returns two connected unix stream sockets, the closest thing
-// to the host's chardev socket that needs no VM.
-func socketpair(t testing.TB) (net.Conn, net.Conn) {
-	t.Helper()
-	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	conn := func(fd int) net.Conn {
-		f := os.NewFile(uintptr(fd), "socketpair")
-		defer f.Close()
-		c, err := net.FileConn(f)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return c
-	}
-	a, b := conn(fds[0]), conn(fds[1])
-	t.Cleanup(func() { a.Close(); b.Close() })
-	return a, b
-}
+	"github.com/macvm/macvm/internal/testutil"
+)
 
 // fakePort imitates a virtio-serial port and its host chardev socket: the
 // guest end lives as long as the port; hosts come and go through connect.
@@ -50,7 +28,7 @@ type fakePort struct {
 }
 
 func newFakePort(t testing.TB) *fakePort {
-	g, r := socketpair(t)
+	g, r := testutil.Socketpair(t)
 	p := &fakePort{guest: g, relay: r}
 	p.cond = sync.NewCond(&p.mu)
 	go p.toHost()
@@ -99,7 +77,7 @@ func (p *fakePort) toHost() {
 // connect plugs in a new host, returning its socket. The previous host, if
 // any, must have disconnected (the chardev accepts one client).
 func (p *fakePort) connect(t testing.TB) net.Conn {
-	hostEnd, dev := socketpair(t)
+	hostEnd, dev := testutil.Socketpair(t)
 	p.mu.Lock()
 	p.host = dev
 	p.cond.Broadcast()
@@ -182,23 +160,7 @@ func roundTrip(t testing.TB, s *Session, name string, msg []byte) {
 	if err != nil {
 		t.Fatalf("Open(%q): %v", name, err)
 	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(10 * time.Second))
-	errc := make(chan error, 1)
-	go func() {
-		_, err := c.Write(msg)
-		if err == nil {
-			err = c.(interface{ CloseWrite() error }).CloseWrite()
-		}
-		errc <- err
-	}()
-	got, err := io.ReadAll(c)
-	if err != nil {
-		t.Fatalf("stream %q: read: %v", name, err)
-	}
-	if err := <-errc; err != nil {
-		t.Fatalf("stream %q: write: %v", name, err)
-	}
+	got := testutil.Exchange(t, c, msg, 10*time.Second)
 	if string(got) != string(msg) {
 		t.Fatalf("stream %q: got %d bytes %q, want %d bytes %q", name, len(got), trunc(got), len(msg), trunc(msg))
 	}

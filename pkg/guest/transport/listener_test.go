@@ -9,10 +9,12 @@ import (
 	"time"
 
 	"github.com/containerd/errdefs"
+
+	"github.com/macvm/macvm/internal/testutil"
 )
 
 func TestListenerRoutesStreams(t *testing.T) {
-	host, guest := socketpair(t)
+	host, guest := testutil.Socketpair(t)
 	accepted := make(chan *Session, 1)
 	go func() {
 		s, err := Accept(context.Background(), guest)
@@ -78,7 +80,7 @@ func TestListenerRoutesStreams(t *testing.T) {
 }
 
 func TestListenerClose(t *testing.T) {
-	host, guest := socketpair(t)
+	host, guest := testutil.Socketpair(t)
 	accepted := make(chan *Session, 1)
 	go func() {
 		s, _ := Accept(context.Background(), guest)

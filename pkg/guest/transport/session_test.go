@@ -18,6 +18,8 @@ import (
 	"time"
 
 	"github.com/containerd/errdefs"
+
+	"github.com/macvm/macvm/internal/testutil"
 )
 
 func TestConnectAccept(t *testing.T) {
@@ -25,7 +27,7 @@ func TestConnectAccept(t *testing.T) {
 		name string
 		pair func(testing.TB) (net.Conn, net.Conn)
 	}{
-		{"socketpair", socketpair},
+		{"socketpair", testutil.Socketpair},
 		{"net.Pipe", func(testing.TB) (net.Conn, net.Conn) { return net.Pipe() }},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -85,7 +87,7 @@ func TestReadToken(t *testing.T) {
 // handshake must skip them, including a stale READY for another nonce and
 // a stale, answerable SYNC from a host that went away.
 func TestStaleBytesBothSides(t *testing.T) {
-	host, guest := socketpair(t)
+	host, guest := testutil.Socketpair(t)
 	staleForHost := "\x00\x00\x00\x00\x01garbage\x00MACVM-READY1:00000000deadbeef\n\x00MACVM-REA"
 	staleForGuest := "\x00\x01\x00\x02\x00\x00\x00\x01\x00\x00\x00\x00yamux?\x00MACVM-SYNC1:00000000deadbeef\n\x00MACV"
 	if _, err := guest.Write([]byte(staleForHost)); err != nil {
@@ -136,7 +138,7 @@ func TestHostReconnect(t *testing.T) {
 }
 
 func TestConcurrentStreams(t *testing.T) {
-	host, guest := socketpair(t)
+	host, guest := testutil.Socketpair(t)
 	_, stop := guestLoop(t, guest, echo)
 	defer stop()
 	s := mustConnect(t, host)
@@ -179,7 +181,7 @@ func TestConcurrentStreams(t *testing.T) {
 }
 
 func TestLargeTransferChecksum(t *testing.T) {
-	host, guest := socketpair(t)
+	host, guest := testutil.Socketpair(t)
 	const size = 64 << 20
 	sums := make(chan string, 1)
 	_, stop := guestLoop(t, guest, func(_ string, c net.Conn) {
@@ -217,7 +219,7 @@ func TestLargeTransferChecksum(t *testing.T) {
 }
 
 func TestHalfClose(t *testing.T) {
-	host, guest := socketpair(t)
+	host, guest := testutil.Socketpair(t)
 	// The guest reads the whole request, then answers on the same stream:
 	// only possible if the host's CloseWrite left the other direction open.
 	_, stop := guestLoop(t, guest, func(_ string, c net.Conn) {
@@ -256,7 +258,7 @@ func TestHalfClose(t *testing.T) {
 }
 
 func TestCloseBothDirections(t *testing.T) {
-	host, guest := socketpair(t)
+	host, guest := testutil.Socketpair(t)
 	peer := make(chan net.Conn, 1)
 	_, stop := guestLoop(t, guest, func(_ string, c net.Conn) { peer <- c })
 	defer stop()
@@ -315,7 +317,7 @@ func TestCloseBothDirections(t *testing.T) {
 }
 
 func TestConnectTimeout(t *testing.T) {
-	host, _ := socketpair(t) // nobody answers
+	host, _ := testutil.Socketpair(t) // nobody answers
 	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
 	defer cancel()
 	start := time.Now()
@@ -332,7 +334,7 @@ func TestConnectTimeout(t *testing.T) {
 }
 
 func TestAcceptCancel(t *testing.T) {
-	_, guest := socketpair(t)
+	_, guest := testutil.Socketpair(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	errc := make(chan error, 1)
 	go func() {
@@ -384,7 +386,7 @@ func TestGuestSessionCloseKeepsPort(t *testing.T) {
 }
 
 func TestOpenRejectsBadNames(t *testing.T) {
-	host, guest := socketpair(t)
+	host, guest := testutil.Socketpair(t)
 	_, stop := guestLoop(t, guest, echo)
 	defer stop()
 	s := mustConnect(t, host)
@@ -460,7 +462,7 @@ func TestReconnectMidFrame(t *testing.T) {
 // several SYNC copies, padded, queued behind the first: it answers once
 // and its session must skip the rest, not die on them.
 func TestSlowGuestSkipsResentSyncs(t *testing.T) {
-	host, guest := socketpair(t)
+	host, guest := testutil.Socketpair(t)
 	connected := make(chan *Session, 1)
 	go func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -488,7 +490,7 @@ func TestSlowGuestSkipsResentSyncs(t *testing.T) {
 // A guest that answers the same SYNC twice (its first session died before
 // the host's first frame) must not break the host's session.
 func TestHostSkipsRepeatedReady(t *testing.T) {
-	host, guest := socketpair(t)
+	host, guest := testutil.Socketpair(t)
 	go func() {
 		br := bufio.NewReader(guest)
 		_, nonce, err := readToken(br)
