@@ -105,23 +105,40 @@ func busyboxRootfs(t testing.TB) string {
 // agent. The VM is shut down through the agent when the test ends.
 func bootVM(t *testing.T) *testVM {
 	t.Helper()
+	return bootVMWith(t, nil)
+}
+
+// vmConfig is the configuration of the tests' VMs with a fresh busybox
+// rootfs and data directory.
+func vmConfig(t testing.TB) vm.Config {
+	t.Helper()
 	dir := bootDir(t)
-	rootfs := busyboxRootfs(t)
-	data := t.TempDir()
 	state, err := os.MkdirTemp("", "macvm-e2e-")
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(state) })
-	m, err := vm.NewQEMU(vm.Config{
+	return vm.Config{
 		ID:        "e2e-" + t.Name(),
 		StateDir:  state,
 		Kernel:    filepath.Join(dir, "vmlinux"),
 		Initrd:    filepath.Join(dir, "initrd.img"),
 		CPUs:      2,
 		MemoryMiB: 512,
-		Shares:    []vm.Share{{Tag: rootfsTag, HostPath: rootfs}, {Tag: dataTag, HostPath: data}},
-	})
+		Shares:    []vm.Share{{Tag: rootfsTag, HostPath: busyboxRootfs(t)}, {Tag: dataTag, HostPath: t.TempDir()}},
+	}
+}
+
+// bootVMWith is bootVM with the VM of cfg (nil: vmConfig's), started by
+// vm.NewQEMUMachine (so cfg.Templates makes it a warm start).
+func bootVMWith(t *testing.T, cfg *vm.Config) *testVM {
+	t.Helper()
+	if cfg == nil {
+		c := vmConfig(t)
+		cfg = &c
+	}
+	rootfs, data := cfg.Shares[0].HostPath, cfg.Shares[1].HostPath
+	m, err := vm.NewQEMUMachine(*cfg)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -177,6 +177,14 @@ func (a *fakeAgent) SetTime(context.Context, *agent.SetTimeRequest) (*emptypb.Em
 	return &emptypb.Empty{}, nil
 }
 
+func (a *fakeAgent) Reseed(_ context.Context, r *agent.ReseedRequest) (*emptypb.Empty, error) {
+	a.record("Reseed")
+	if len(r.GetEntropy()) < 32 {
+		return nil, fmt.Errorf("reseed: %d bytes: %w", len(r.GetEntropy()), errdefs.ErrInvalidArgument)
+	}
+	return &emptypb.Empty{}, nil
+}
+
 func (a *fakeAgent) CreateContainer(ctx context.Context, r *agent.CreateContainerRequest) (*agent.CreateContainerResponse, error) {
 	a.record("CreateContainer")
 	if a.hangCreate {

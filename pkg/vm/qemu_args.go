@@ -40,7 +40,21 @@ type qemuOptions struct {
 	// Paused starts the VM stopped (-S) so QMP is set up before the
 	// guest runs and no event can be missed.
 	Paused bool
+	// MemPath puts guest RAM in this file (a warm-start template's memory):
+	// shared (MemShared) while the template is built, so the file receives
+	// the RAM and migration skips it; private to each clone, which reads the
+	// template and keeps its own writes. Empty: anonymous RAM.
+	MemPath   string
+	MemShared bool
+	// Incoming starts QEMU waiting for a migration stream (-incoming defer)
+	// instead of booting: a clone, restored with migrate-incoming.
+	Incoming bool
 }
+
+// memBackendID names the RAM backend of a template and its clones; the
+// RAM block carries this name in the migration stream, so it must not
+// change between them.
+const memBackendID = "mem"
 
 // qemuArgs returns the arguments (without the binary) for one VM: a
 // microvm booting an uncompressed vmlinux through PVH with no firmware,
@@ -74,8 +88,18 @@ func qemuArgs(cfg Config, o qemuOptions) ([]string, error) {
 		// never fills and Go's crypto/rand blocks; -cpu max is slower.
 		args = append(args, "-accel", "tcg", "-cpu", "qemu64,+rdrand")
 	}
+	machine := "microvm,x-option-roms=off,pit=off,pic=off"
+	if o.MemPath != "" {
+		share := "off"
+		if o.MemShared {
+			share = "on"
+		}
+		args = append(args, "-object", fmt.Sprintf("memory-backend-file,id=%s,size=%dM,mem-path=%s,share=%s",
+			memBackendID, mem, escapeOpt(o.MemPath), share))
+		machine += ",memory-backend=" + memBackendID
+	}
 	args = append(args,
-		"-M", "microvm,x-option-roms=off,pit=off,pic=off",
+		"-M", machine,
 		"-smp", strconv.Itoa(cpus),
 		"-m", strconv.Itoa(mem),
 		"-kernel", escapeOpt(cfg.Kernel),
@@ -85,6 +109,9 @@ func qemuArgs(cfg Config, o qemuOptions) ([]string, error) {
 	)
 	if cfg.Initrd != "" {
 		args = append(args, "-initrd", escapeOpt(cfg.Initrd))
+	}
+	if o.Incoming {
+		args = append(args, "-incoming", "defer")
 	}
 	args = append(args,
 		"-chardev", "file,id=console,path="+escapeOpt(o.ConsolePath),

@@ -32,6 +32,13 @@ type QEMU struct {
 	binary string
 	kvm    bool
 	tscKHz int
+	// Warm start (template.go): memPath backs guest RAM with a template's
+	// memory file, shared while the template is built (memShared), private
+	// in a clone; statePath is the saved device state a clone loads
+	// instead of booting.
+	memPath   string
+	memShared bool
+	statePath string
 
 	done chan struct{} // closed by the reaper once qemu has exited
 	// agentOpen is closed when the guest first opens the agent port
@@ -97,10 +104,12 @@ func NewQEMU(cfg Config) (*QEMU, error) {
 func (q *QEMU) consolePath() string { return filepath.Join(q.cfg.StateDir, "console.log") }
 func (q *QEMU) logPath() string     { return filepath.Join(q.cfg.StateDir, "qemu.log") }
 
-// The child's fds for the two socketpairs (ExtraFiles start at 3).
+// The child's fds for the two socketpairs (ExtraFiles start at 3), and a
+// clone's template state.
 const (
 	childQMPFD   = 3
 	childAgentFD = 4
+	childStateFD = 5
 )
 
 func (q *QEMU) args() ([]string, error) {
@@ -112,7 +121,18 @@ func (q *QEMU) args() ([]string, error) {
 		QMPFD:       childQMPFD,
 		AgentFD:     childAgentFD,
 		Paused:      true,
+		MemPath:     q.memPath,
+		MemShared:   q.memShared,
+		Incoming:    q.statePath != "",
 	})
+}
+
+// StartMode is StartTemplate for a clone restored from a template.
+func (q *QEMU) StartMode() StartMode {
+	if q.statePath != "" {
+		return StartTemplate
+	}
+	return StartCold
 }
 
 // Start launches qemu paused, sets up QMP, then lets the guest run. It
@@ -139,12 +159,25 @@ func (q *QEMU) Start(ctx context.Context) (retErr error) {
 		qmpChild.Close()
 		return q.failEarly(err)
 	}
-	log, err := os.OpenFile(q.logPath(), os.O_CREATE|os.O_TRUNC|os.O_WRONLY|os.O_APPEND, 0o644)
-	if err != nil {
+	closeAll := func() {
 		qmpHost.Close()
 		qmpChild.Close()
 		agentHost.Close()
 		agentChild.Close()
+	}
+	extra := []*os.File{qmpChild, agentChild} // fds 3 and 4
+	if q.statePath != "" {
+		state, err := os.Open(q.statePath)
+		if err != nil {
+			closeAll()
+			return q.failEarly(fmt.Errorf("vm %s: template state: %w", q.cfg.ID, err))
+		}
+		defer state.Close()
+		extra = append(extra, state) // fd 5
+	}
+	log, err := os.OpenFile(q.logPath(), os.O_CREATE|os.O_TRUNC|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		closeAll()
 		return q.failEarly(fmt.Errorf("vm %s: %w", q.cfg.ID, err))
 	}
 
@@ -152,7 +185,7 @@ func (q *QEMU) Start(ctx context.Context) (retErr error) {
 	cmd.Dir = q.cfg.StateDir
 	cmd.Stdout = log
 	cmd.Stderr = log
-	cmd.ExtraFiles = []*os.File{qmpChild, agentChild} // fds 3 and 4
+	cmd.ExtraFiles = extra
 	cmd.SysProcAttr = &syscall.SysProcAttr{
 		// A shim killed without cleanup must not leave qemu spinning.
 		Pdeathsig: syscall.SIGKILL,
@@ -193,12 +226,20 @@ func (q *QEMU) Start(ctx context.Context) (retErr error) {
 	// but q.mu for events; make the round trips without holding it.
 	q.mu.Unlock()
 	err = q.qmp.handshake(ctx)
+	if err == nil && q.statePath != "" {
+		err = q.restore(ctx)
+	}
 	if err == nil {
 		_, err = q.qmp.execute(ctx, "cont", nil)
 	}
 	q.mu.Lock()
 	if err != nil {
 		return fmt.Errorf("vm %s: qemu did not come up: %w", q.cfg.ID, err)
+	}
+	if q.statePath != "" {
+		// The template was saved with the agent's port open, so no
+		// VSERPORT_CHANGE comes: the agent is there.
+		q.agentOpenOnce.Do(func() { close(q.agentOpen) })
 	}
 	return nil
 }

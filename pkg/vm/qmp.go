@@ -7,9 +7,11 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"sync"
 
 	"github.com/containerd/errdefs"
+	"golang.org/x/sys/unix"
 )
 
 // qmpClient is a minimal QEMU Machine Protocol client: enough to unpause,
@@ -146,6 +148,47 @@ func (q *qmpClient) execute(ctx context.Context, cmd string, args any) (json.Raw
 		return nil, fmt.Errorf("qmp %s: %w: %w", cmd, errdefs.ErrUnavailable, q.readErr)
 	case <-ctx.Done():
 		return nil, fmt.Errorf("qmp %s: %w", cmd, ctx.Err())
+	}
+}
+
+// executeFD runs one command that takes a file descriptor (getfd, add-fd):
+// f travels with the command as SCM_RIGHTS.
+func (q *qmpClient) executeFD(ctx context.Context, cmd string, args any, f *os.File) error {
+	uc, ok := q.conn.(*net.UnixConn)
+	if !ok {
+		return fmt.Errorf("qmp %s: the monitor is not a unix socket: %w", cmd, errdefs.ErrNotImplemented)
+	}
+	ch := make(chan qmpMessage, 1)
+	q.mu.Lock()
+	q.nextID++
+	id := q.nextID
+	q.pending[id] = ch
+	q.mu.Unlock()
+	defer func() {
+		q.mu.Lock()
+		delete(q.pending, id)
+		q.mu.Unlock()
+	}()
+	b, err := json.Marshal(map[string]any{"execute": cmd, "id": id, "arguments": args})
+	if err != nil {
+		return err
+	}
+	if dl, ok := ctx.Deadline(); ok {
+		_ = uc.SetWriteDeadline(dl)
+	}
+	if _, _, err := uc.WriteMsgUnix(append(b, '\n'), unix.UnixRights(int(f.Fd())), nil); err != nil {
+		return fmt.Errorf("qmp %s: %w: %w", cmd, errdefs.ErrUnavailable, err)
+	}
+	select {
+	case m := <-ch:
+		if m.Error != nil {
+			return fmt.Errorf("qmp %s: %s: %s: %w", cmd, m.Error.Class, m.Error.Desc, errdefs.ErrFailedPrecondition)
+		}
+		return nil
+	case <-q.done:
+		return fmt.Errorf("qmp %s: %w: %w", cmd, errdefs.ErrUnavailable, q.readErr)
+	case <-ctx.Done():
+		return fmt.Errorf("qmp %s: %w", cmd, ctx.Err())
 	}
 }
 

@@ -49,6 +49,10 @@ type Config struct {
 	Disks      []Disk
 	// Hypervisor overrides the backend's default binary (QEMU only).
 	Hypervisor string
+	// Templates enables warm start: the VM starts as a clone of a saved
+	// template of the same boot configuration when the cache has one
+	// (see TemplateCache). nil always boots cold.
+	Templates *TemplateCache
 }
 
 // Machine is one running (or about to run) VM.

@@ -696,3 +696,17 @@ func (m *Manager) Shutdown(ctx context.Context) {
 		m.Delete(ctx, c.ID)
 	}
 }
+
+// MountsReady reports whether the kernel modules mounts need are loaded
+// (always true when nothing is loaded at boot).
+func (m *Manager) MountsReady() bool {
+	if m.cfg.MountsReady == nil {
+		return true
+	}
+	select {
+	case <-m.cfg.MountsReady:
+		return true
+	default:
+		return false
+	}
+}

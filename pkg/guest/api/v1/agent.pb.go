@@ -46,8 +46,12 @@ type InfoResponse struct {
 	CgroupControllers []string               `protobuf:"bytes,5,rep,name=cgroup_controllers,json=cgroupControllers,proto3" json:"cgroup_controllers,omitempty"`
 	Cpus              uint32                 `protobuf:"varint,6,opt,name=cpus,proto3" json:"cpus,omitempty"`
 	MemoryBytes       uint64                 `protobuf:"varint,7,opt,name=memory_bytes,json=memoryBytes,proto3" json:"memory_bytes,omitempty"`
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// modules_loaded is true once the kernel modules the agent loads at
+	// boot are in (what CreateContainer waits for): a warm-start template
+	// is saved only then, so its clones do not load them again.
+	ModulesLoaded bool `protobuf:"varint,8,opt,name=modules_loaded,json=modulesLoaded,proto3" json:"modules_loaded,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *InfoResponse) Reset() {
@@ -129,6 +133,59 @@ func (x *InfoResponse) GetMemoryBytes() uint64 {
 	return 0
 }
 
+func (x *InfoResponse) GetModulesLoaded() bool {
+	if x != nil {
+		return x.ModulesLoaded
+	}
+	return false
+}
+
+type ReseedRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// entropy is credited to the guest's input pool (RNDADDENTROPY), then
+	// the CRNG reseeds (RNDRESEEDCRNG). At least 32 bytes.
+	Entropy       []byte `protobuf:"bytes,1,opt,name=entropy,proto3" json:"entropy,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReseedRequest) Reset() {
+	*x = ReseedRequest{}
+	mi := &file_agent_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReseedRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReseedRequest) ProtoMessage() {}
+
+func (x *ReseedRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReseedRequest.ProtoReflect.Descriptor instead.
+func (*ReseedRequest) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *ReseedRequest) GetEntropy() []byte {
+	if x != nil {
+		return x.Entropy
+	}
+	return nil
+}
+
 type SetTimeRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Time          *timestamppb.Timestamp `protobuf:"bytes,1,opt,name=time,proto3" json:"time,omitempty"`
@@ -138,7 +195,7 @@ type SetTimeRequest struct {
 
 func (x *SetTimeRequest) Reset() {
 	*x = SetTimeRequest{}
-	mi := &file_agent_proto_msgTypes[1]
+	mi := &file_agent_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -150,7 +207,7 @@ func (x *SetTimeRequest) String() string {
 func (*SetTimeRequest) ProtoMessage() {}
 
 func (x *SetTimeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[1]
+	mi := &file_agent_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -163,7 +220,7 @@ func (x *SetTimeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetTimeRequest.ProtoReflect.Descriptor instead.
 func (*SetTimeRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{1}
+	return file_agent_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *SetTimeRequest) GetTime() *timestamppb.Timestamp {
@@ -191,7 +248,7 @@ type Mount struct {
 
 func (x *Mount) Reset() {
 	*x = Mount{}
-	mi := &file_agent_proto_msgTypes[2]
+	mi := &file_agent_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -203,7 +260,7 @@ func (x *Mount) String() string {
 func (*Mount) ProtoMessage() {}
 
 func (x *Mount) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[2]
+	mi := &file_agent_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -216,7 +273,7 @@ func (x *Mount) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Mount.ProtoReflect.Descriptor instead.
 func (*Mount) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{2}
+	return file_agent_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *Mount) GetType() string {
@@ -261,7 +318,7 @@ type Stdio struct {
 
 func (x *Stdio) Reset() {
 	*x = Stdio{}
-	mi := &file_agent_proto_msgTypes[3]
+	mi := &file_agent_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -273,7 +330,7 @@ func (x *Stdio) String() string {
 func (*Stdio) ProtoMessage() {}
 
 func (x *Stdio) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[3]
+	mi := &file_agent_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -286,7 +343,7 @@ func (x *Stdio) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Stdio.ProtoReflect.Descriptor instead.
 func (*Stdio) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{3}
+	return file_agent_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *Stdio) GetStdin() string {
@@ -331,7 +388,7 @@ type CreateContainerRequest struct {
 
 func (x *CreateContainerRequest) Reset() {
 	*x = CreateContainerRequest{}
-	mi := &file_agent_proto_msgTypes[4]
+	mi := &file_agent_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -343,7 +400,7 @@ func (x *CreateContainerRequest) String() string {
 func (*CreateContainerRequest) ProtoMessage() {}
 
 func (x *CreateContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[4]
+	mi := &file_agent_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -356,7 +413,7 @@ func (x *CreateContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateContainerRequest.ProtoReflect.Descriptor instead.
 func (*CreateContainerRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{4}
+	return file_agent_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *CreateContainerRequest) GetContainerId() string {
@@ -397,7 +454,7 @@ type CreateContainerResponse struct {
 
 func (x *CreateContainerResponse) Reset() {
 	*x = CreateContainerResponse{}
-	mi := &file_agent_proto_msgTypes[5]
+	mi := &file_agent_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -409,7 +466,7 @@ func (x *CreateContainerResponse) String() string {
 func (*CreateContainerResponse) ProtoMessage() {}
 
 func (x *CreateContainerResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[5]
+	mi := &file_agent_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -422,7 +479,7 @@ func (x *CreateContainerResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateContainerResponse.ProtoReflect.Descriptor instead.
 func (*CreateContainerResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{5}
+	return file_agent_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *CreateContainerResponse) GetPid() uint32 {
@@ -443,7 +500,7 @@ type StartProcessRequest struct {
 
 func (x *StartProcessRequest) Reset() {
 	*x = StartProcessRequest{}
-	mi := &file_agent_proto_msgTypes[6]
+	mi := &file_agent_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -455,7 +512,7 @@ func (x *StartProcessRequest) String() string {
 func (*StartProcessRequest) ProtoMessage() {}
 
 func (x *StartProcessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[6]
+	mi := &file_agent_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -468,7 +525,7 @@ func (x *StartProcessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartProcessRequest.ProtoReflect.Descriptor instead.
 func (*StartProcessRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{6}
+	return file_agent_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *StartProcessRequest) GetContainerId() string {
@@ -494,7 +551,7 @@ type StartProcessResponse struct {
 
 func (x *StartProcessResponse) Reset() {
 	*x = StartProcessResponse{}
-	mi := &file_agent_proto_msgTypes[7]
+	mi := &file_agent_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -506,7 +563,7 @@ func (x *StartProcessResponse) String() string {
 func (*StartProcessResponse) ProtoMessage() {}
 
 func (x *StartProcessResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[7]
+	mi := &file_agent_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -519,7 +576,7 @@ func (x *StartProcessResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartProcessResponse.ProtoReflect.Descriptor instead.
 func (*StartProcessResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{7}
+	return file_agent_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *StartProcessResponse) GetPid() uint32 {
@@ -542,7 +599,7 @@ type ExecProcessRequest struct {
 
 func (x *ExecProcessRequest) Reset() {
 	*x = ExecProcessRequest{}
-	mi := &file_agent_proto_msgTypes[8]
+	mi := &file_agent_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -554,7 +611,7 @@ func (x *ExecProcessRequest) String() string {
 func (*ExecProcessRequest) ProtoMessage() {}
 
 func (x *ExecProcessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[8]
+	mi := &file_agent_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -567,7 +624,7 @@ func (x *ExecProcessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecProcessRequest.ProtoReflect.Descriptor instead.
 func (*ExecProcessRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{8}
+	return file_agent_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *ExecProcessRequest) GetContainerId() string {
@@ -611,7 +668,7 @@ type SignalProcessRequest struct {
 
 func (x *SignalProcessRequest) Reset() {
 	*x = SignalProcessRequest{}
-	mi := &file_agent_proto_msgTypes[9]
+	mi := &file_agent_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -623,7 +680,7 @@ func (x *SignalProcessRequest) String() string {
 func (*SignalProcessRequest) ProtoMessage() {}
 
 func (x *SignalProcessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[9]
+	mi := &file_agent_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -636,7 +693,7 @@ func (x *SignalProcessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SignalProcessRequest.ProtoReflect.Descriptor instead.
 func (*SignalProcessRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{9}
+	return file_agent_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *SignalProcessRequest) GetContainerId() string {
@@ -677,7 +734,7 @@ type WaitProcessRequest struct {
 
 func (x *WaitProcessRequest) Reset() {
 	*x = WaitProcessRequest{}
-	mi := &file_agent_proto_msgTypes[10]
+	mi := &file_agent_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -689,7 +746,7 @@ func (x *WaitProcessRequest) String() string {
 func (*WaitProcessRequest) ProtoMessage() {}
 
 func (x *WaitProcessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[10]
+	mi := &file_agent_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -702,7 +759,7 @@ func (x *WaitProcessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WaitProcessRequest.ProtoReflect.Descriptor instead.
 func (*WaitProcessRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{10}
+	return file_agent_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *WaitProcessRequest) GetContainerId() string {
@@ -730,7 +787,7 @@ type WaitProcessResponse struct {
 
 func (x *WaitProcessResponse) Reset() {
 	*x = WaitProcessResponse{}
-	mi := &file_agent_proto_msgTypes[11]
+	mi := &file_agent_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -742,7 +799,7 @@ func (x *WaitProcessResponse) String() string {
 func (*WaitProcessResponse) ProtoMessage() {}
 
 func (x *WaitProcessResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[11]
+	mi := &file_agent_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -755,7 +812,7 @@ func (x *WaitProcessResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WaitProcessResponse.ProtoReflect.Descriptor instead.
 func (*WaitProcessResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{11}
+	return file_agent_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *WaitProcessResponse) GetExitStatus() uint32 {
@@ -782,7 +839,7 @@ type DeleteProcessRequest struct {
 
 func (x *DeleteProcessRequest) Reset() {
 	*x = DeleteProcessRequest{}
-	mi := &file_agent_proto_msgTypes[12]
+	mi := &file_agent_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -794,7 +851,7 @@ func (x *DeleteProcessRequest) String() string {
 func (*DeleteProcessRequest) ProtoMessage() {}
 
 func (x *DeleteProcessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[12]
+	mi := &file_agent_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -807,7 +864,7 @@ func (x *DeleteProcessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteProcessRequest.ProtoReflect.Descriptor instead.
 func (*DeleteProcessRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{12}
+	return file_agent_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *DeleteProcessRequest) GetContainerId() string {
@@ -833,7 +890,7 @@ type DeleteContainerRequest struct {
 
 func (x *DeleteContainerRequest) Reset() {
 	*x = DeleteContainerRequest{}
-	mi := &file_agent_proto_msgTypes[13]
+	mi := &file_agent_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -845,7 +902,7 @@ func (x *DeleteContainerRequest) String() string {
 func (*DeleteContainerRequest) ProtoMessage() {}
 
 func (x *DeleteContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[13]
+	mi := &file_agent_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -858,7 +915,7 @@ func (x *DeleteContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteContainerRequest.ProtoReflect.Descriptor instead.
 func (*DeleteContainerRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{13}
+	return file_agent_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *DeleteContainerRequest) GetContainerId() string {
@@ -880,7 +937,7 @@ type ResizePtyRequest struct {
 
 func (x *ResizePtyRequest) Reset() {
 	*x = ResizePtyRequest{}
-	mi := &file_agent_proto_msgTypes[14]
+	mi := &file_agent_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -892,7 +949,7 @@ func (x *ResizePtyRequest) String() string {
 func (*ResizePtyRequest) ProtoMessage() {}
 
 func (x *ResizePtyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[14]
+	mi := &file_agent_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -905,7 +962,7 @@ func (x *ResizePtyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResizePtyRequest.ProtoReflect.Descriptor instead.
 func (*ResizePtyRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{14}
+	return file_agent_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ResizePtyRequest) GetContainerId() string {
@@ -946,7 +1003,7 @@ type CloseStdinRequest struct {
 
 func (x *CloseStdinRequest) Reset() {
 	*x = CloseStdinRequest{}
-	mi := &file_agent_proto_msgTypes[15]
+	mi := &file_agent_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -958,7 +1015,7 @@ func (x *CloseStdinRequest) String() string {
 func (*CloseStdinRequest) ProtoMessage() {}
 
 func (x *CloseStdinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[15]
+	mi := &file_agent_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -971,7 +1028,7 @@ func (x *CloseStdinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseStdinRequest.ProtoReflect.Descriptor instead.
 func (*CloseStdinRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{15}
+	return file_agent_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *CloseStdinRequest) GetContainerId() string {
@@ -997,7 +1054,7 @@ type PidsRequest struct {
 
 func (x *PidsRequest) Reset() {
 	*x = PidsRequest{}
-	mi := &file_agent_proto_msgTypes[16]
+	mi := &file_agent_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1009,7 +1066,7 @@ func (x *PidsRequest) String() string {
 func (*PidsRequest) ProtoMessage() {}
 
 func (x *PidsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[16]
+	mi := &file_agent_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1022,7 +1079,7 @@ func (x *PidsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PidsRequest.ProtoReflect.Descriptor instead.
 func (*PidsRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{16}
+	return file_agent_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *PidsRequest) GetContainerId() string {
@@ -1043,7 +1100,7 @@ type ProcessInfo struct {
 
 func (x *ProcessInfo) Reset() {
 	*x = ProcessInfo{}
-	mi := &file_agent_proto_msgTypes[17]
+	mi := &file_agent_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1055,7 +1112,7 @@ func (x *ProcessInfo) String() string {
 func (*ProcessInfo) ProtoMessage() {}
 
 func (x *ProcessInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[17]
+	mi := &file_agent_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1068,7 +1125,7 @@ func (x *ProcessInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProcessInfo.ProtoReflect.Descriptor instead.
 func (*ProcessInfo) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{17}
+	return file_agent_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ProcessInfo) GetPid() uint32 {
@@ -1094,7 +1151,7 @@ type PidsResponse struct {
 
 func (x *PidsResponse) Reset() {
 	*x = PidsResponse{}
-	mi := &file_agent_proto_msgTypes[18]
+	mi := &file_agent_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1106,7 +1163,7 @@ func (x *PidsResponse) String() string {
 func (*PidsResponse) ProtoMessage() {}
 
 func (x *PidsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[18]
+	mi := &file_agent_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1119,7 +1176,7 @@ func (x *PidsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PidsResponse.ProtoReflect.Descriptor instead.
 func (*PidsResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{18}
+	return file_agent_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *PidsResponse) GetProcesses() []*ProcessInfo {
@@ -1138,7 +1195,7 @@ type StatsRequest struct {
 
 func (x *StatsRequest) Reset() {
 	*x = StatsRequest{}
-	mi := &file_agent_proto_msgTypes[19]
+	mi := &file_agent_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1150,7 +1207,7 @@ func (x *StatsRequest) String() string {
 func (*StatsRequest) ProtoMessage() {}
 
 func (x *StatsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[19]
+	mi := &file_agent_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1163,7 +1220,7 @@ func (x *StatsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatsRequest.ProtoReflect.Descriptor instead.
 func (*StatsRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{19}
+	return file_agent_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *StatsRequest) GetContainerId() string {
@@ -1182,7 +1239,7 @@ type StatsResponse struct {
 
 func (x *StatsResponse) Reset() {
 	*x = StatsResponse{}
-	mi := &file_agent_proto_msgTypes[20]
+	mi := &file_agent_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1194,7 +1251,7 @@ func (x *StatsResponse) String() string {
 func (*StatsResponse) ProtoMessage() {}
 
 func (x *StatsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[20]
+	mi := &file_agent_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1207,7 +1264,7 @@ func (x *StatsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatsResponse.ProtoReflect.Descriptor instead.
 func (*StatsResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{20}
+	return file_agent_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *StatsResponse) GetMetrics() *stats.Metrics {
@@ -1228,7 +1285,7 @@ type UpdateResourcesRequest struct {
 
 func (x *UpdateResourcesRequest) Reset() {
 	*x = UpdateResourcesRequest{}
-	mi := &file_agent_proto_msgTypes[21]
+	mi := &file_agent_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1240,7 +1297,7 @@ func (x *UpdateResourcesRequest) String() string {
 func (*UpdateResourcesRequest) ProtoMessage() {}
 
 func (x *UpdateResourcesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[21]
+	mi := &file_agent_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1253,7 +1310,7 @@ func (x *UpdateResourcesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateResourcesRequest.ProtoReflect.Descriptor instead.
 func (*UpdateResourcesRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{21}
+	return file_agent_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *UpdateResourcesRequest) GetContainerId() string {
@@ -1279,7 +1336,7 @@ type PauseRequest struct {
 
 func (x *PauseRequest) Reset() {
 	*x = PauseRequest{}
-	mi := &file_agent_proto_msgTypes[22]
+	mi := &file_agent_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1291,7 +1348,7 @@ func (x *PauseRequest) String() string {
 func (*PauseRequest) ProtoMessage() {}
 
 func (x *PauseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[22]
+	mi := &file_agent_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1304,7 +1361,7 @@ func (x *PauseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PauseRequest.ProtoReflect.Descriptor instead.
 func (*PauseRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{22}
+	return file_agent_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *PauseRequest) GetContainerId() string {
@@ -1323,7 +1380,7 @@ type ResumeRequest struct {
 
 func (x *ResumeRequest) Reset() {
 	*x = ResumeRequest{}
-	mi := &file_agent_proto_msgTypes[23]
+	mi := &file_agent_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1335,7 +1392,7 @@ func (x *ResumeRequest) String() string {
 func (*ResumeRequest) ProtoMessage() {}
 
 func (x *ResumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[23]
+	mi := &file_agent_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1348,7 +1405,7 @@ func (x *ResumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeRequest.ProtoReflect.Descriptor instead.
 func (*ResumeRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{23}
+	return file_agent_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *ResumeRequest) GetContainerId() string {
@@ -1366,7 +1423,7 @@ type WaitEventsRequest struct {
 
 func (x *WaitEventsRequest) Reset() {
 	*x = WaitEventsRequest{}
-	mi := &file_agent_proto_msgTypes[24]
+	mi := &file_agent_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1378,7 +1435,7 @@ func (x *WaitEventsRequest) String() string {
 func (*WaitEventsRequest) ProtoMessage() {}
 
 func (x *WaitEventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[24]
+	mi := &file_agent_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1391,7 +1448,7 @@ func (x *WaitEventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WaitEventsRequest.ProtoReflect.Descriptor instead.
 func (*WaitEventsRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{24}
+	return file_agent_proto_rawDescGZIP(), []int{25}
 }
 
 type OOMEvent struct {
@@ -1403,7 +1460,7 @@ type OOMEvent struct {
 
 func (x *OOMEvent) Reset() {
 	*x = OOMEvent{}
-	mi := &file_agent_proto_msgTypes[25]
+	mi := &file_agent_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1415,7 +1472,7 @@ func (x *OOMEvent) String() string {
 func (*OOMEvent) ProtoMessage() {}
 
 func (x *OOMEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[25]
+	mi := &file_agent_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1428,7 +1485,7 @@ func (x *OOMEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OOMEvent.ProtoReflect.Descriptor instead.
 func (*OOMEvent) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{25}
+	return file_agent_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *OOMEvent) GetContainerId() string {
@@ -1451,7 +1508,7 @@ type Event struct {
 
 func (x *Event) Reset() {
 	*x = Event{}
-	mi := &file_agent_proto_msgTypes[26]
+	mi := &file_agent_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1463,7 +1520,7 @@ func (x *Event) String() string {
 func (*Event) ProtoMessage() {}
 
 func (x *Event) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[26]
+	mi := &file_agent_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1476,7 +1533,7 @@ func (x *Event) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Event.ProtoReflect.Descriptor instead.
 func (*Event) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{26}
+	return file_agent_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *Event) GetTimestamp() *timestamppb.Timestamp {
@@ -1521,7 +1578,7 @@ type WaitEventsResponse struct {
 
 func (x *WaitEventsResponse) Reset() {
 	*x = WaitEventsResponse{}
-	mi := &file_agent_proto_msgTypes[27]
+	mi := &file_agent_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1533,7 +1590,7 @@ func (x *WaitEventsResponse) String() string {
 func (*WaitEventsResponse) ProtoMessage() {}
 
 func (x *WaitEventsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[27]
+	mi := &file_agent_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1546,7 +1603,7 @@ func (x *WaitEventsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WaitEventsResponse.ProtoReflect.Descriptor instead.
 func (*WaitEventsResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{27}
+	return file_agent_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *WaitEventsResponse) GetEvents() []*Event {
@@ -1560,7 +1617,7 @@ var File_agent_proto protoreflect.FileDescriptor
 
 const file_agent_proto_rawDesc = "" +
 	"\n" +
-	"\vagent.proto\x12\x0emacvm.guest.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a9github.com/containerd/cgroups/cgroup2/stats/metrics.proto\"\xa4\x02\n" +
+	"\vagent.proto\x12\x0emacvm.guest.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a9github.com/containerd/cgroups/cgroup2/stats/metrics.proto\"\xcb\x02\n" +
 	"\fInfoResponse\x12#\n" +
 	"\ragent_version\x18\x01 \x01(\tR\fagentVersion\x12)\n" +
 	"\x10protocol_version\x18\x02 \x01(\rR\x0fprotocolVersion\x12%\n" +
@@ -1568,7 +1625,10 @@ const file_agent_proto_rawDesc = "" +
 	"\tboot_time\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\bbootTime\x12-\n" +
 	"\x12cgroup_controllers\x18\x05 \x03(\tR\x11cgroupControllers\x12\x12\n" +
 	"\x04cpus\x18\x06 \x01(\rR\x04cpus\x12!\n" +
-	"\fmemory_bytes\x18\a \x01(\x04R\vmemoryBytes\"@\n" +
+	"\fmemory_bytes\x18\a \x01(\x04R\vmemoryBytes\x12%\n" +
+	"\x0emodules_loaded\x18\b \x01(\bR\rmodulesLoaded\")\n" +
+	"\rReseedRequest\x12\x18\n" +
+	"\aentropy\x18\x01 \x01(\fR\aentropy\"@\n" +
 	"\x0eSetTimeRequest\x12.\n" +
 	"\x04time\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\"e\n" +
 	"\x05Mount\x12\x12\n" +
@@ -1649,11 +1709,11 @@ const file_agent_proto_rawDesc = "" +
 	"\x03oom\x18\x02 \x01(\v2\x18.macvm.guest.v1.OOMEventH\x00R\x03oomB\a\n" +
 	"\x05event\"C\n" +
 	"\x12WaitEventsResponse\x12-\n" +
-	"\x06events\x18\x01 \x03(\v2\x15.macvm.guest.v1.EventR\x06events2\xd8\n" +
-	"\n" +
+	"\x06events\x18\x01 \x03(\v2\x15.macvm.guest.v1.EventR\x06events2\x99\v\n" +
 	"\x05Agent\x12<\n" +
 	"\x04Info\x12\x16.google.protobuf.Empty\x1a\x1c.macvm.guest.v1.InfoResponse\x12A\n" +
-	"\aSetTime\x12\x1e.macvm.guest.v1.SetTimeRequest\x1a\x16.google.protobuf.Empty\x12b\n" +
+	"\aSetTime\x12\x1e.macvm.guest.v1.SetTimeRequest\x1a\x16.google.protobuf.Empty\x12?\n" +
+	"\x06Reseed\x12\x1d.macvm.guest.v1.ReseedRequest\x1a\x16.google.protobuf.Empty\x12b\n" +
 	"\x0fCreateContainer\x12&.macvm.guest.v1.CreateContainerRequest\x1a'.macvm.guest.v1.CreateContainerResponse\x12Y\n" +
 	"\fStartProcess\x12#.macvm.guest.v1.StartProcessRequest\x1a$.macvm.guest.v1.StartProcessResponse\x12I\n" +
 	"\vExecProcess\x12\".macvm.guest.v1.ExecProcessRequest\x1a\x16.google.protobuf.Empty\x12M\n" +
@@ -1685,90 +1745,93 @@ func file_agent_proto_rawDescGZIP() []byte {
 	return file_agent_proto_rawDescData
 }
 
-var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 28)
+var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 29)
 var file_agent_proto_goTypes = []any{
 	(*InfoResponse)(nil),            // 0: macvm.guest.v1.InfoResponse
-	(*SetTimeRequest)(nil),          // 1: macvm.guest.v1.SetTimeRequest
-	(*Mount)(nil),                   // 2: macvm.guest.v1.Mount
-	(*Stdio)(nil),                   // 3: macvm.guest.v1.Stdio
-	(*CreateContainerRequest)(nil),  // 4: macvm.guest.v1.CreateContainerRequest
-	(*CreateContainerResponse)(nil), // 5: macvm.guest.v1.CreateContainerResponse
-	(*StartProcessRequest)(nil),     // 6: macvm.guest.v1.StartProcessRequest
-	(*StartProcessResponse)(nil),    // 7: macvm.guest.v1.StartProcessResponse
-	(*ExecProcessRequest)(nil),      // 8: macvm.guest.v1.ExecProcessRequest
-	(*SignalProcessRequest)(nil),    // 9: macvm.guest.v1.SignalProcessRequest
-	(*WaitProcessRequest)(nil),      // 10: macvm.guest.v1.WaitProcessRequest
-	(*WaitProcessResponse)(nil),     // 11: macvm.guest.v1.WaitProcessResponse
-	(*DeleteProcessRequest)(nil),    // 12: macvm.guest.v1.DeleteProcessRequest
-	(*DeleteContainerRequest)(nil),  // 13: macvm.guest.v1.DeleteContainerRequest
-	(*ResizePtyRequest)(nil),        // 14: macvm.guest.v1.ResizePtyRequest
-	(*CloseStdinRequest)(nil),       // 15: macvm.guest.v1.CloseStdinRequest
-	(*PidsRequest)(nil),             // 16: macvm.guest.v1.PidsRequest
-	(*ProcessInfo)(nil),             // 17: macvm.guest.v1.ProcessInfo
-	(*PidsResponse)(nil),            // 18: macvm.guest.v1.PidsResponse
-	(*StatsRequest)(nil),            // 19: macvm.guest.v1.StatsRequest
-	(*StatsResponse)(nil),           // 20: macvm.guest.v1.StatsResponse
-	(*UpdateResourcesRequest)(nil),  // 21: macvm.guest.v1.UpdateResourcesRequest
-	(*PauseRequest)(nil),            // 22: macvm.guest.v1.PauseRequest
-	(*ResumeRequest)(nil),           // 23: macvm.guest.v1.ResumeRequest
-	(*WaitEventsRequest)(nil),       // 24: macvm.guest.v1.WaitEventsRequest
-	(*OOMEvent)(nil),                // 25: macvm.guest.v1.OOMEvent
-	(*Event)(nil),                   // 26: macvm.guest.v1.Event
-	(*WaitEventsResponse)(nil),      // 27: macvm.guest.v1.WaitEventsResponse
-	(*timestamppb.Timestamp)(nil),   // 28: google.protobuf.Timestamp
-	(*stats.Metrics)(nil),           // 29: io.containerd.cgroups.v2.Metrics
-	(*emptypb.Empty)(nil),           // 30: google.protobuf.Empty
+	(*ReseedRequest)(nil),           // 1: macvm.guest.v1.ReseedRequest
+	(*SetTimeRequest)(nil),          // 2: macvm.guest.v1.SetTimeRequest
+	(*Mount)(nil),                   // 3: macvm.guest.v1.Mount
+	(*Stdio)(nil),                   // 4: macvm.guest.v1.Stdio
+	(*CreateContainerRequest)(nil),  // 5: macvm.guest.v1.CreateContainerRequest
+	(*CreateContainerResponse)(nil), // 6: macvm.guest.v1.CreateContainerResponse
+	(*StartProcessRequest)(nil),     // 7: macvm.guest.v1.StartProcessRequest
+	(*StartProcessResponse)(nil),    // 8: macvm.guest.v1.StartProcessResponse
+	(*ExecProcessRequest)(nil),      // 9: macvm.guest.v1.ExecProcessRequest
+	(*SignalProcessRequest)(nil),    // 10: macvm.guest.v1.SignalProcessRequest
+	(*WaitProcessRequest)(nil),      // 11: macvm.guest.v1.WaitProcessRequest
+	(*WaitProcessResponse)(nil),     // 12: macvm.guest.v1.WaitProcessResponse
+	(*DeleteProcessRequest)(nil),    // 13: macvm.guest.v1.DeleteProcessRequest
+	(*DeleteContainerRequest)(nil),  // 14: macvm.guest.v1.DeleteContainerRequest
+	(*ResizePtyRequest)(nil),        // 15: macvm.guest.v1.ResizePtyRequest
+	(*CloseStdinRequest)(nil),       // 16: macvm.guest.v1.CloseStdinRequest
+	(*PidsRequest)(nil),             // 17: macvm.guest.v1.PidsRequest
+	(*ProcessInfo)(nil),             // 18: macvm.guest.v1.ProcessInfo
+	(*PidsResponse)(nil),            // 19: macvm.guest.v1.PidsResponse
+	(*StatsRequest)(nil),            // 20: macvm.guest.v1.StatsRequest
+	(*StatsResponse)(nil),           // 21: macvm.guest.v1.StatsResponse
+	(*UpdateResourcesRequest)(nil),  // 22: macvm.guest.v1.UpdateResourcesRequest
+	(*PauseRequest)(nil),            // 23: macvm.guest.v1.PauseRequest
+	(*ResumeRequest)(nil),           // 24: macvm.guest.v1.ResumeRequest
+	(*WaitEventsRequest)(nil),       // 25: macvm.guest.v1.WaitEventsRequest
+	(*OOMEvent)(nil),                // 26: macvm.guest.v1.OOMEvent
+	(*Event)(nil),                   // 27: macvm.guest.v1.Event
+	(*WaitEventsResponse)(nil),      // 28: macvm.guest.v1.WaitEventsResponse
+	(*timestamppb.Timestamp)(nil),   // 29: google.protobuf.Timestamp
+	(*stats.Metrics)(nil),           // 30: io.containerd.cgroups.v2.Metrics
+	(*emptypb.Empty)(nil),           // 31: google.protobuf.Empty
 }
 var file_agent_proto_depIdxs = []int32{
-	28, // 0: macvm.guest.v1.InfoResponse.boot_time:type_name -> google.protobuf.Timestamp
-	28, // 1: macvm.guest.v1.SetTimeRequest.time:type_name -> google.protobuf.Timestamp
-	2,  // 2: macvm.guest.v1.CreateContainerRequest.rootfs:type_name -> macvm.guest.v1.Mount
-	3,  // 3: macvm.guest.v1.CreateContainerRequest.stdio:type_name -> macvm.guest.v1.Stdio
-	3,  // 4: macvm.guest.v1.ExecProcessRequest.stdio:type_name -> macvm.guest.v1.Stdio
-	28, // 5: macvm.guest.v1.WaitProcessResponse.exited_at:type_name -> google.protobuf.Timestamp
-	17, // 6: macvm.guest.v1.PidsResponse.processes:type_name -> macvm.guest.v1.ProcessInfo
-	29, // 7: macvm.guest.v1.StatsResponse.metrics:type_name -> io.containerd.cgroups.v2.Metrics
-	28, // 8: macvm.guest.v1.Event.timestamp:type_name -> google.protobuf.Timestamp
-	25, // 9: macvm.guest.v1.Event.oom:type_name -> macvm.guest.v1.OOMEvent
-	26, // 10: macvm.guest.v1.WaitEventsResponse.events:type_name -> macvm.guest.v1.Event
-	30, // 11: macvm.guest.v1.Agent.Info:input_type -> google.protobuf.Empty
-	1,  // 12: macvm.guest.v1.Agent.SetTime:input_type -> macvm.guest.v1.SetTimeRequest
-	4,  // 13: macvm.guest.v1.Agent.CreateContainer:input_type -> macvm.guest.v1.CreateContainerRequest
-	6,  // 14: macvm.guest.v1.Agent.StartProcess:input_type -> macvm.guest.v1.StartProcessRequest
-	8,  // 15: macvm.guest.v1.Agent.ExecProcess:input_type -> macvm.guest.v1.ExecProcessRequest
-	9,  // 16: macvm.guest.v1.Agent.SignalProcess:input_type -> macvm.guest.v1.SignalProcessRequest
-	10, // 17: macvm.guest.v1.Agent.WaitProcess:input_type -> macvm.guest.v1.WaitProcessRequest
-	12, // 18: macvm.guest.v1.Agent.DeleteProcess:input_type -> macvm.guest.v1.DeleteProcessRequest
-	13, // 19: macvm.guest.v1.Agent.DeleteContainer:input_type -> macvm.guest.v1.DeleteContainerRequest
-	14, // 20: macvm.guest.v1.Agent.ResizePty:input_type -> macvm.guest.v1.ResizePtyRequest
-	15, // 21: macvm.guest.v1.Agent.CloseStdin:input_type -> macvm.guest.v1.CloseStdinRequest
-	16, // 22: macvm.guest.v1.Agent.Pids:input_type -> macvm.guest.v1.PidsRequest
-	19, // 23: macvm.guest.v1.Agent.Stats:input_type -> macvm.guest.v1.StatsRequest
-	21, // 24: macvm.guest.v1.Agent.UpdateResources:input_type -> macvm.guest.v1.UpdateResourcesRequest
-	22, // 25: macvm.guest.v1.Agent.Pause:input_type -> macvm.guest.v1.PauseRequest
-	23, // 26: macvm.guest.v1.Agent.Resume:input_type -> macvm.guest.v1.ResumeRequest
-	24, // 27: macvm.guest.v1.Agent.WaitEvents:input_type -> macvm.guest.v1.WaitEventsRequest
-	30, // 28: macvm.guest.v1.Agent.Shutdown:input_type -> google.protobuf.Empty
-	0,  // 29: macvm.guest.v1.Agent.Info:output_type -> macvm.guest.v1.InfoResponse
-	30, // 30: macvm.guest.v1.Agent.SetTime:output_type -> google.protobuf.Empty
-	5,  // 31: macvm.guest.v1.Agent.CreateContainer:output_type -> macvm.guest.v1.CreateContainerResponse
-	7,  // 32: macvm.guest.v1.Agent.StartProcess:output_type -> macvm.guest.v1.StartProcessResponse
-	30, // 33: macvm.guest.v1.Agent.ExecProcess:output_type -> google.protobuf.Empty
-	30, // 34: macvm.guest.v1.Agent.SignalProcess:output_type -> google.protobuf.Empty
-	11, // 35: macvm.guest.v1.Agent.WaitProcess:output_type -> macvm.guest.v1.WaitProcessResponse
-	30, // 36: macvm.guest.v1.Agent.DeleteProcess:output_type -> google.protobuf.Empty
-	30, // 37: macvm.guest.v1.Agent.DeleteContainer:output_type -> google.protobuf.Empty
-	30, // 38: macvm.guest.v1.Agent.ResizePty:output_type -> google.protobuf.Empty
-	30, // 39: macvm.guest.v1.Agent.CloseStdin:output_type -> google.protobuf.Empty
-	18, // 40: macvm.guest.v1.Agent.Pids:output_type -> macvm.guest.v1.PidsResponse
-	20, // 41: macvm.guest.v1.Agent.Stats:output_type -> macvm.guest.v1.StatsResponse
-	30, // 42: macvm.guest.v1.Agent.UpdateResources:output_type -> google.protobuf.Empty
-	30, // 43: macvm.guest.v1.Agent.Pause:output_type -> google.protobuf.Empty
-	30, // 44: macvm.guest.v1.Agent.Resume:output_type -> google.protobuf.Empty
-	27, // 45: macvm.guest.v1.Agent.WaitEvents:output_type -> macvm.guest.v1.WaitEventsResponse
-	30, // 46: macvm.guest.v1.Agent.Shutdown:output_type -> google.protobuf.Empty
-	29, // [29:47] is the sub-list for method output_type
-	11, // [11:29] is the sub-list for method input_type
+	29, // 0: macvm.guest.v1.InfoResponse.boot_time:type_name -> google.protobuf.Timestamp
+	29, // 1: macvm.guest.v1.SetTimeRequest.time:type_name -> google.protobuf.Timestamp
+	3,  // 2: macvm.guest.v1.CreateContainerRequest.rootfs:type_name -> macvm.guest.v1.Mount
+	4,  // 3: macvm.guest.v1.CreateContainerRequest.stdio:type_name -> macvm.guest.v1.Stdio
+	4,  // 4: macvm.guest.v1.ExecProcessRequest.stdio:type_name -> macvm.guest.v1.Stdio
+	29, // 5: macvm.guest.v1.WaitProcessResponse.exited_at:type_name -> google.protobuf.Timestamp
+	18, // 6: macvm.guest.v1.PidsResponse.processes:type_name -> macvm.guest.v1.ProcessInfo
+	30, // 7: macvm.guest.v1.StatsResponse.metrics:type_name -> io.containerd.cgroups.v2.Metrics
+	29, // 8: macvm.guest.v1.Event.timestamp:type_name -> google.protobuf.Timestamp
+	26, // 9: macvm.guest.v1.Event.oom:type_name -> macvm.guest.v1.OOMEvent
+	27, // 10: macvm.guest.v1.WaitEventsResponse.events:type_name -> macvm.guest.v1.Event
+	31, // 11: macvm.guest.v1.Agent.Info:input_type -> google.protobuf.Empty
+	2,  // 12: macvm.guest.v1.Agent.SetTime:input_type -> macvm.guest.v1.SetTimeRequest
+	1,  // 13: macvm.guest.v1.Agent.Reseed:input_type -> macvm.guest.v1.ReseedRequest
+	5,  // 14: macvm.guest.v1.Agent.CreateContainer:input_type -> macvm.guest.v1.CreateContainerRequest
+	7,  // 15: macvm.guest.v1.Agent.StartProcess:input_type -> macvm.guest.v1.StartProcessRequest
+	9,  // 16: macvm.guest.v1.Agent.ExecProcess:input_type -> macvm.guest.v1.ExecProcessRequest
+	10, // 17: macvm.guest.v1.Agent.SignalProcess:input_type -> macvm.guest.v1.SignalProcessRequest
+	11, // 18: macvm.guest.v1.Agent.WaitProcess:input_type -> macvm.guest.v1.WaitProcessRequest
+	13, // 19: macvm.guest.v1.Agent.DeleteProcess:input_type -> macvm.guest.v1.DeleteProcessRequest
+	14, // 20: macvm.guest.v1.Agent.DeleteContainer:input_type -> macvm.guest.v1.DeleteContainerRequest
+	15, // 21: macvm.guest.v1.Agent.ResizePty:input_type -> macvm.guest.v1.ResizePtyRequest
+	16, // 22: macvm.guest.v1.Agent.CloseStdin:input_type -> macvm.guest.v1.CloseStdinRequest
+	17, // 23: macvm.guest.v1.Agent.Pids:input_type -> macvm.guest.v1.PidsRequest
+	20, // 24: macvm.guest.v1.Agent.Stats:input_type -> macvm.guest.v1.StatsRequest
+	22, // 25: macvm.guest.v1.Agent.UpdateResources:input_type -> macvm.guest.v1.UpdateResourcesRequest
+	23, // 26: macvm.guest.v1.Agent.Pause:input_type -> macvm.guest.v1.PauseRequest
+	24, // 27: macvm.guest.v1.Agent.Resume:input_type -> macvm.guest.v1.ResumeRequest
+	25, // 28: macvm.guest.v1.Agent.WaitEvents:input_type -> macvm.guest.v1.WaitEventsRequest
+	31, // 29: macvm.guest.v1.Agent.Shutdown:input_type -> google.protobuf.Empty
+	0,  // 30: macvm.guest.v1.Agent.Info:output_type -> macvm.guest.v1.InfoResponse
+	31, // 31: macvm.guest.v1.Agent.SetTime:output_type -> google.protobuf.Empty
+	31, // 32: macvm.guest.v1.Agent.Reseed:output_type -> google.protobuf.Empty
+	6,  // 33: macvm.guest.v1.Agent.CreateContainer:output_type -> macvm.guest.v1.CreateContainerResponse
+	8,  // 34: macvm.guest.v1.Agent.StartProcess:output_type -> macvm.guest.v1.StartProcessResponse
+	31, // 35: macvm.guest.v1.Agent.ExecProcess:output_type -> google.protobuf.Empty
+	31, // 36: macvm.guest.v1.Agent.SignalProcess:output_type -> google.protobuf.Empty
+	12, // 37: macvm.guest.v1.Agent.WaitProcess:output_type -> macvm.guest.v1.WaitProcessResponse
+	31, // 38: macvm.guest.v1.Agent.DeleteProcess:output_type -> google.protobuf.Empty
+	31, // 39: macvm.guest.v1.Agent.DeleteContainer:output_type -> google.protobuf.Empty
+	31, // 40: macvm.guest.v1.Agent.ResizePty:output_type -> google.protobuf.Empty
+	31, // 41: macvm.guest.v1.Agent.CloseStdin:output_type -> google.protobuf.Empty
+	19, // 42: macvm.guest.v1.Agent.Pids:output_type -> macvm.guest.v1.PidsResponse
+	21, // 43: macvm.guest.v1.Agent.Stats:output_type -> macvm.guest.v1.StatsResponse
+	31, // 44: macvm.guest.v1.Agent.UpdateResources:output_type -> google.protobuf.Empty
+	31, // 45: macvm.guest.v1.Agent.Pause:output_type -> google.protobuf.Empty
+	31, // 46: macvm.guest.v1.Agent.Resume:output_type -> google.protobuf.Empty
+	28, // 47: macvm.guest.v1.Agent.WaitEvents:output_type -> macvm.guest.v1.WaitEventsResponse
+	31, // 48: macvm.guest.v1.Agent.Shutdown:output_type -> google.protobuf.Empty
+	30, // [30:49] is the sub-list for method output_type
+	11, // [11:30] is the sub-list for method input_type
 	11, // [11:11] is the sub-list for extension type_name
 	11, // [11:11] is the sub-list for extension extendee
 	0,  // [0:11] is the sub-list for field type_name
@@ -1779,7 +1842,7 @@ func file_agent_proto_init() {
 	if File_agent_proto != nil {
 		return
 	}
-	file_agent_proto_msgTypes[26].OneofWrappers = []any{
+	file_agent_proto_msgTypes[27].OneofWrappers = []any{
 		(*Event_Oom)(nil),
 	}
 	type x struct{}
@@ -1788,7 +1851,7 @@ func file_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_agent_proto_rawDesc), len(file_agent_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   28,
+			NumMessages:   29,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -11,6 +11,7 @@ import (
 type AgentService interface {
 	Info(context.Context, *emptypb.Empty) (*InfoResponse, error)
 	SetTime(context.Context, *SetTimeRequest) (*emptypb.Empty, error)
+	Reseed(context.Context, *ReseedRequest) (*emptypb.Empty, error)
 	CreateContainer(context.Context, *CreateContainerRequest) (*CreateContainerResponse, error)
 	StartProcess(context.Context, *StartProcessRequest) (*StartProcessResponse, error)
 	ExecProcess(context.Context, *ExecProcessRequest) (*emptypb.Empty, error)
@@ -45,6 +46,13 @@ func RegisterAgentService(srv *ttrpc.Server, svc AgentService) {
 					return nil, err
 				}
 				return svc.SetTime(ctx, &req)
+			},
+			"Reseed": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+				var req ReseedRequest
+				if err := unmarshal(&req); err != nil {
+					return nil, err
+				}
+				return svc.Reseed(ctx, &req)
 			},
 			"CreateContainer": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
 				var req CreateContainerRequest
@@ -183,6 +191,14 @@ func (c *agentClient) Info(ctx context.Context, req *emptypb.Empty) (*InfoRespon
 func (c *agentClient) SetTime(ctx context.Context, req *SetTimeRequest) (*emptypb.Empty, error) {
 	var resp emptypb.Empty
 	if err := c.client.Call(ctx, "macvm.guest.v1.Agent", "SetTime", req, &resp); err != nil {
+		return nil, err
+	}
+	return &resp, nil
+}
+
+func (c *agentClient) Reseed(ctx context.Context, req *ReseedRequest) (*emptypb.Empty, error) {
+	var resp emptypb.Empty
+	if err := c.client.Call(ctx, "macvm.guest.v1.Agent", "Reseed", req, &resp); err != nil {
 		return nil, err
 	}
 	return &resp, nil

@@ -1,0 +1,239 @@
+package vm
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+
+	"github.com/containerd/errdefs"
+)
+
+// StartMode says how a Machine came up: a cold boot, a clone of a saved
+// template, or a process started ahead from a pool.
+type StartMode string
+
+const (
+	StartCold     StartMode = "cold"
+	StartTemplate StartMode = "template"
+	StartPool     StartMode = "pool"
+)
+
+// StartModer is implemented by machines that can start other than cold.
+type StartModer interface {
+	// StartMode is how the machine started; meaningful after Start.
+	StartMode() StartMode
+}
+
+// StartModeOf reports m's start mode; a machine that does not say booted
+// cold.
+func StartModeOf(m Machine) StartMode {
+	if s, ok := m.(StartModer); ok {
+		return s.StartMode()
+	}
+	return StartCold
+}
+
+// TemplateCache is a directory of saved VM templates (warm start). A
+// template is a VM booted once up to a ready agent and then saved: its RAM
+// in a file (memory) and its device state as a migration stream (state).
+// Clones map the memory privately and load the state, which skips the
+// kernel boot. Templates are keyed by a hash of everything that makes a
+// clone incompatible with its template (see templateKey), so a template
+// whose inputs changed is never used: its key is simply never asked for.
+//
+// The zero value is not usable; Dir must be set. A TemplateCache is safe
+// for concurrent use, also by several processes: building is serialised
+// by a lock file per key and the finished template appears by rename.
+type TemplateCache struct {
+	// Dir holds one directory per template key plus its lock file.
+	Dir string
+	// Ready is called with a template VM's agent channel once the guest
+	// opened it; when it returns the VM is saved. It should wait until
+	// the guest is quiescent (the agent answers, modules are loaded) and
+	// may return a release func, called after the save, for whatever it
+	// opened on conn. nil: saved as soon as the channel is open.
+	Ready func(ctx context.Context, conn net.Conn) (release func(), err error)
+	// OnMiss is called (from Start, so it must not block) when cfg has
+	// no usable template. The shim starts a detached builder; nil builds
+	// in a goroutine of this process.
+	OnMiss func(cfg Config)
+	// Logf reports fallbacks and rebuilds; nil is silent.
+	Logf func(format string, args ...any)
+}
+
+func (tc *TemplateCache) logf(format string, args ...any) {
+	if tc.Logf != nil {
+		tc.Logf(format, args...)
+	}
+}
+
+// Files of a template directory.
+const (
+	templateManifest = "manifest.json"
+	templateMemory   = "memory"
+	templateState    = "state"
+	// templateFormat changes whenever the layout or the way templates are
+	// made changes, so old ones are never used by a new shim.
+	templateFormat = 1
+)
+
+// fileID identifies a file's content cheaply: a replaced or rewritten
+// file has a different inode, size or mtime. Hashing a 60 MB kernel on
+// every container start would cost more than the warm start saves.
+type fileID struct {
+	Path    string `json:"path"`
+	Dev     uint64 `json:"dev"`
+	Ino     uint64 `json:"ino"`
+	Size    int64  `json:"size"`
+	MtimeNs int64  `json:"mtime_ns"`
+}
+
+func statID(path string) (fileID, error) {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return fileID{}, fmt.Errorf("template input %s: %w", path, err)
+	}
+	id := fileID{Path: path, Size: fi.Size(), MtimeNs: fi.ModTime().UnixNano()}
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+		id.Dev, id.Ino = uint64(st.Dev), uint64(st.Ino)
+	}
+	return id, nil
+}
+
+// manifest describes a finished template; it is written last, so a
+// template without one (or with one that does not match its files) is
+// partial or damaged and is rebuilt.
+type manifest struct {
+	Format int    `json:"format"`
+	Key    string `json:"key"`
+	// Args is the canonical command line the key hashes (for humans).
+	Args   []string `json:"args"`
+	Inputs []fileID `json:"inputs"`
+	// Memory is the identity of the RAM file when the save finished;
+	// it is too big to hash per clone, but any write changes its mtime.
+	Memory      fileID `json:"memory"`
+	StateBytes  int64  `json:"state_bytes"`
+	StateSHA256 string `json:"state_sha256"`
+}
+
+// templateInputs are the canonical description of a template: the
+// hypervisor command line with per-VM paths replaced by placeholders,
+// and the files it runs.
+type templateInputs struct {
+	args  []string
+	files []string
+}
+
+// key hashes the inputs and the identity of their files.
+func (in templateInputs) key() (string, []fileID, error) {
+	h := sha256.New()
+	fmt.Fprintf(h, "macvm-template-%d\n", templateFormat)
+	for _, a := range in.args {
+		fmt.Fprintf(h, "arg %q\n", a)
+	}
+	var ids []fileID
+	for _, f := range in.files {
+		id, err := statID(f)
+		if err != nil {
+			return "", nil, err
+		}
+		ids = append(ids, id)
+		fmt.Fprintf(h, "file %q %d %d %d %d\n", id.Path, id.Dev, id.Ino, id.Size, id.MtimeNs)
+	}
+	return hex.EncodeToString(h.Sum(nil))[:32], ids, nil
+}
+
+func (tc *TemplateCache) dir(key string) string      { return filepath.Join(tc.Dir, key) }
+func (tc *TemplateCache) lockPath(key string) string { return filepath.Join(tc.Dir, key+".lock") }
+
+// validate checks the template of key: the manifest matches the key and
+// format, the state file its checksum, the memory file its identity.
+func (tc *TemplateCache) validate(key string) (*manifest, error) {
+	dir := tc.dir(key)
+	b, err := os.ReadFile(filepath.Join(dir, templateManifest))
+	if err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil, fmt.Errorf("template %s: %w", key, errdefs.ErrNotFound)
+		}
+		return nil, fmt.Errorf("template %s: %w", key, err)
+	}
+	var m manifest
+	if err := json.Unmarshal(b, &m); err != nil {
+		return nil, fmt.Errorf("template %s: manifest: %v: %w", key, err, errdefs.ErrDataLoss)
+	}
+	if m.Format != templateFormat || m.Key != key {
+		return nil, fmt.Errorf("template %s: manifest is for format %d key %s: %w", key, m.Format, m.Key, errdefs.ErrDataLoss)
+	}
+	mem, err := statID(filepath.Join(dir, templateMemory))
+	if err != nil {
+		return nil, fmt.Errorf("template %s: %v: %w", key, err, errdefs.ErrDataLoss)
+	}
+	mem.Path = m.Memory.Path
+	if mem != m.Memory {
+		return nil, fmt.Errorf("template %s: memory file changed since it was saved (size %d, want %d): %w",
+			key, mem.Size, m.Memory.Size, errdefs.ErrDataLoss)
+	}
+	state, err := os.ReadFile(filepath.Join(dir, templateState))
+	if err != nil {
+		return nil, fmt.Errorf("template %s: %v: %w", key, err, errdefs.ErrDataLoss)
+	}
+	sum := sha256.Sum256(state)
+	if int64(len(state)) != m.StateBytes || hex.EncodeToString(sum[:]) != m.StateSHA256 {
+		return nil, fmt.Errorf("template %s: state file does not match its checksum (%d bytes, want %d): %w",
+			key, len(state), m.StateBytes, errdefs.ErrDataLoss)
+	}
+	return &m, nil
+}
+
+// discard removes a damaged template. Clones running from it keep their
+// open files; the next build writes a new one.
+func (tc *TemplateCache) discard(key string) {
+	tmp := filepath.Join(tc.Dir, ".discard-"+key)
+	os.RemoveAll(tmp)
+	if err := os.Rename(tc.dir(key), tmp); err == nil {
+		os.RemoveAll(tmp)
+	}
+}
+
+// prune removes templates whose input files have changed since they were
+// saved (a new kernel or initrd at the same path): they can never be used
+// again. Templates of other, still valid configurations stay.
+func (tc *TemplateCache) prune(keep string) {
+	entries, err := os.ReadDir(tc.Dir)
+	if err != nil {
+		return
+	}
+	for _, e := range entries {
+		if !e.IsDir() || e.Name() == keep || strings.HasPrefix(e.Name(), ".") {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join(tc.Dir, e.Name(), templateManifest))
+		if err != nil {
+			continue // being built, or not ours
+		}
+		var m manifest
+		if json.Unmarshal(b, &m) != nil {
+			continue
+		}
+		stale := m.Format != templateFormat
+		for _, in := range m.Inputs {
+			if id, err := statID(in.Path); err != nil || id != in {
+				stale = true
+			}
+		}
+		if stale {
+			tc.logf("warm start: removing template %s: its inputs changed", e.Name())
+			tc.discard(e.Name())
+			os.Remove(tc.lockPath(e.Name()))
+		}
+	}
+}

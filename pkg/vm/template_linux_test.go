@@ -1,0 +1,237 @@
+package vm
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/containerd/errdefs"
+)
+
+// templateTestConfig is a config with stand-in boot files: keys and
+// validation need no VM.
+func templateTestConfig(t *testing.T) Config {
+	t.Helper()
+	dir := t.TempDir()
+	for _, f := range []string{"vmlinux", "initrd.img"} {
+		if err := os.WriteFile(filepath.Join(dir, f), []byte(f), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return Config{
+		ID: "a", StateDir: t.TempDir(), Kernel: filepath.Join(dir, "vmlinux"), Initrd: filepath.Join(dir, "initrd.img"),
+		CPUs: 1, MemoryMiB: 256, Shares: []Share{{Tag: "shared", HostPath: t.TempDir()}},
+	}
+}
+
+func templateKey(t *testing.T, cfg Config) string {
+	t.Helper()
+	q, err := NewQEMU(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	in, err := q.templateInputs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	key, _, err := in.key()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return key
+}
+
+// The key ignores what differs between containers of one configuration
+// and changes with everything a clone must match.
+func TestTemplateKey(t *testing.T) {
+	cfg := templateTestConfig(t)
+	key := templateKey(t, cfg)
+
+	other := cfg
+	other.ID, other.StateDir = "b", t.TempDir()
+	other.Shares = []Share{{Tag: "shared", HostPath: t.TempDir()}}
+	if k := templateKey(t, other); k != key {
+		t.Errorf("another container's id, state dir and share path changed the key")
+	}
+
+	for name, change := range map[string]func(c *Config){
+		"memory":      func(c *Config) { c.MemoryMiB = 512 },
+		"cpus":        func(c *Config) { c.CPUs = 2 },
+		"kernel args": func(c *Config) { c.KernelArgs = []string{"quiet"} },
+		"share tag":   func(c *Config) { c.Shares = []Share{{Tag: "other", HostPath: c.Shares[0].HostPath}} },
+		"share ro":    func(c *Config) { c.Shares = []Share{{Tag: "shared", HostPath: c.Shares[0].HostPath, ReadOnly: true}} },
+		"two shares": func(c *Config) {
+			c.Shares = append([]Share{}, c.Shares[0], Share{Tag: "x", HostPath: c.Shares[0].HostPath})
+		},
+	} {
+		c := cfg
+		change(&c)
+		if k := templateKey(t, c); k == key {
+			t.Errorf("changing the %s kept the key", name)
+		}
+	}
+
+	for _, f := range []string{cfg.Kernel, cfg.Initrd} {
+		// A rebuilt boot file: same path, new content and mtime.
+		later := time.Now().Add(time.Hour)
+		if err := os.WriteFile(f, []byte("rebuilt"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		os.Chtimes(f, later, later)
+		if k := templateKey(t, cfg); k == key {
+			t.Errorf("rewriting %s kept the key", filepath.Base(f))
+		}
+		key = templateKey(t, cfg)
+	}
+
+	c := cfg
+	c.Disks = []Disk{{Path: cfg.Kernel}}
+	q, err := NewQEMU(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := q.templateInputs(); !errdefs.IsNotImplemented(err) {
+		t.Errorf("template of a VM with a disk: %v, want not implemented", err)
+	}
+}
+
+// fakeTemplate writes a template's files as Build does, without a VM.
+func fakeTemplate(t *testing.T, tc *TemplateCache, cfg Config) string {
+	t.Helper()
+	q, err := NewQEMU(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	in, err := q.templateInputs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	key, ids, err := in.key()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := tc.dir(key)
+	os.MkdirAll(dir, 0o700)
+	os.WriteFile(filepath.Join(dir, templateMemory), make([]byte, 4096), 0o600)
+	os.WriteFile(filepath.Join(dir, templateState), []byte("QEVM device state"), 0o600)
+	if err := writeManifest(dir, key, in, ids); err != nil {
+		t.Fatal(err)
+	}
+	return key
+}
+
+func TestTemplateValidation(t *testing.T) {
+	cfg := templateTestConfig(t)
+	tc := &TemplateCache{Dir: t.TempDir()}
+	if _, err := tc.Lookup(cfg); !errdefs.IsNotFound(err) {
+		t.Fatalf("lookup in an empty cache: %v, want not found", err)
+	}
+	key := fakeTemplate(t, tc, cfg)
+	if k, err := tc.Lookup(cfg); err != nil || k != key {
+		t.Fatalf("lookup of a complete template: %q %v", k, err)
+	}
+
+	damage := map[string]func(dir string){
+		"state flipped": func(dir string) {
+			p := filepath.Join(dir, templateState)
+			b, _ := os.ReadFile(p)
+			b[0] ^= 0xff
+			os.WriteFile(p, b, 0o600)
+		},
+		"memory truncated": func(dir string) { os.Truncate(filepath.Join(dir, templateMemory), 100) },
+		"memory written": func(dir string) {
+			later := time.Now().Add(time.Hour)
+			os.Chtimes(filepath.Join(dir, templateMemory), later, later)
+		},
+		"no manifest":      func(dir string) { os.Remove(filepath.Join(dir, templateManifest)) },
+		"garbled manifest": func(dir string) { os.WriteFile(filepath.Join(dir, templateManifest), []byte("{"), 0o600) },
+		"no state":         func(dir string) { os.Remove(filepath.Join(dir, templateState)) },
+	}
+	for name, f := range damage {
+		t.Run(name, func(t *testing.T) {
+			tc := &TemplateCache{Dir: t.TempDir()}
+			key := fakeTemplate(t, tc, cfg)
+			f(tc.dir(key))
+			_, err := tc.Lookup(cfg)
+			if err == nil {
+				t.Fatal("damaged template accepted")
+			}
+			if name == "no manifest" {
+				// A template without its manifest is one being built.
+				if !errdefs.IsNotFound(err) {
+					t.Fatalf("got %v, want not found", err)
+				}
+				return
+			}
+			if !errdefs.IsDataLoss(err) {
+				t.Fatalf("got %v, want data loss", err)
+			}
+		})
+	}
+
+	// A new initrd: the old template is never used, and prune removes it.
+	later := time.Now().Add(time.Hour)
+	os.WriteFile(cfg.Initrd, []byte("new initrd"), 0o644)
+	os.Chtimes(cfg.Initrd, later, later)
+	if _, err := tc.Lookup(cfg); !errdefs.IsNotFound(err) {
+		t.Fatalf("lookup after the initrd changed: %v, want not found", err)
+	}
+	newKey := fakeTemplate(t, tc, cfg)
+	tc.prune(newKey)
+	if _, err := os.Stat(tc.dir(key)); !os.IsNotExist(err) {
+		t.Errorf("stale template %s not pruned: %v", key, err)
+	}
+	if _, err := tc.Lookup(cfg); err != nil {
+		t.Errorf("new template: %v", err)
+	}
+}
+
+// Build refuses to run while another process holds the key's lock.
+func TestTemplateBuildLocked(t *testing.T) {
+	cfg := templateTestConfig(t)
+	tc := &TemplateCache{Dir: t.TempDir()}
+	key := templateKey(t, cfg)
+	f, err := os.OpenFile(tc.lockPath(key), os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := flockNB(f); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if err := tc.Build(ctx, cfg); !errdefs.IsAlreadyExists(err) {
+		t.Fatalf("build while locked: %v, want already exists", err)
+	}
+}
+
+// A template's RAM is a shared file; a clone maps it privately and waits
+// for its state instead of booting.
+func TestTemplateArgs(t *testing.T) {
+	cfg := templateTestConfig(t)
+	for _, tt := range []struct {
+		shared, incoming bool
+		want             []string
+	}{
+		{true, false, []string{"memory-backend-file,id=mem,size=256M,mem-path=/t/mem,,x,share=on", "microvm,x-option-roms=off,pit=off,pic=off,memory-backend=mem"}},
+		{false, true, []string{"memory-backend-file,id=mem,size=256M,mem-path=/t/mem,,x,share=off", "-incoming defer"}},
+	} {
+		args, err := qemuArgs(cfg, qemuOptions{Arch: "amd64", MemPath: "/t/mem,x", MemShared: tt.shared, Incoming: tt.incoming, QMPFD: 3, AgentFD: 4})
+		if err != nil {
+			t.Fatal(err)
+		}
+		joined := " " + strings.Join(args, " ") + " "
+		for _, w := range tt.want {
+			if !strings.Contains(joined, " "+w+" ") {
+				t.Errorf("args %q lack %q", joined, w)
+			}
+		}
+		if !tt.incoming && strings.Contains(joined, "-incoming") {
+			t.Errorf("template args %q wait for a migration", joined)
+		}
+	}
+}
