@@ -4,6 +4,7 @@ package main
 
 import (
 	"context"
+	"os"
 
 	"github.com/containerd/containerd/v2/pkg/shim"
 
@@ -12,6 +13,11 @@ import (
 )
 
 func main() {
+	// The shim also serves as its own detached warm-start template
+	// builder (pkg/service/warm.go); containerd never passes this.
+	if len(os.Args) == 2 && os.Args[1] == service.TemplateBuilderArg {
+		os.Exit(service.RunTemplateBuilder(os.Stdin))
+	}
 	// The shim reaps only its own children (the hypervisors, logging
 	// drivers and hooks it starts and waits for): containerd's implicit
 	// reaper would steal their exit statuses, and as a subreaper it would

@@ -84,12 +84,20 @@ func forEachRuntime(t *testing.T, vmOnly bool, f func(t *testing.T, rt harness.R
 // survives deleting every container and stopping containerd.
 func daemon(t *testing.T, rt harness.Runtime) *harness.Containerd {
 	t.Helper()
+	return daemonWith(t, rt, harness.Options{Paths: paths})
+}
+
+// daemonWith is daemon with options (Debug and Logf are filled in).
+func daemonWith(t *testing.T, rt harness.Runtime, opts harness.Options) *harness.Containerd {
+	t.Helper()
 	if err := checkShim(rt); err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	d, err := harness.Start(ctx, harness.Options{Paths: paths, Debug: os.Getenv("MACVM_E2E_DEBUG") != "", Logf: t.Logf})
+	opts.Debug = os.Getenv("MACVM_E2E_DEBUG") != ""
+	opts.Logf = t.Logf
+	d, err := harness.Start(ctx, opts)
 	if err != nil {
 		t.Fatal(err)
 	}

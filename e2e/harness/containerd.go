@@ -45,6 +45,9 @@ type Options struct {
 	CRI bool
 	// Logf receives the harness's progress lines (t.Logf); nil discards them.
 	Logf func(format string, args ...any)
+	// WarmStart is the macvm shim's warm_start mode; "" is "off" (see WriteMacvmConfig). With warm start
+	// on, templates go to TemplateDir below Dir.
+	WarmStart string
 }
 
 // Containerd is a private containerd daemon run as a child of the test process.
@@ -60,6 +63,8 @@ type Containerd struct {
 	SocketDir string
 	// ConfigPath is containerd's config.toml; MacvmConfig is the shim's config file.
 	ConfigPath, MacvmConfig string
+	// TemplateDir holds the macvm shim's warm-start templates (when Options.WarmStart is on).
+	TemplateDir string
 	// LogPath collects the daemon's stdout and stderr (shims log through it too).
 	LogPath string
 	// RuncRoot is runc's state directory for the reference runtime. runc's default,
@@ -106,6 +111,7 @@ func Start(ctx context.Context, opts Options) (*Containerd, error) {
 		SocketDir:   filepath.Join(dir, "s"),
 		ConfigPath:  filepath.Join(dir, "config.toml"),
 		MacvmConfig: filepath.Join(dir, "macvm.toml"),
+		TemplateDir: filepath.Join(dir, "templates"),
 		LogPath:     filepath.Join(dir, "containerd.log"),
 		RuncRoot:    filepath.Join(dir, "runc"),
 		Namespace:   opts.Namespace,
@@ -121,7 +127,11 @@ func Start(ctx context.Context, opts Options) (*Containerd, error) {
 		os.RemoveAll(dir)
 		return nil, err
 	}
-	if err := WriteMacvmConfig(c.MacvmConfig, opts.Paths); err != nil {
+	warm := opts.WarmStart
+	if warm == "" {
+		warm = "off"
+	}
+	if err := WriteMacvmConfigWarm(c.MacvmConfig, opts.Paths, warm, c.TemplateDir); err != nil {
 		return fail(err)
 	}
 	if err := os.WriteFile(c.ConfigPath, []byte(c.config()), 0o644); err != nil {

@@ -85,12 +85,25 @@ const EnvShimConfig = "MACVM_CONFIG"
 
 // WriteMacvmConfig writes the shim's config file naming the boot files, the same format that
 // hack/install.sh installs as /etc/macvm/config.toml.
+//
+// Warm start is off: every VM boots cold, so results do not depend on which test happened to build a
+// template, and no detached template builder outlives a test. WriteMacvmConfigWarm turns it on.
 func WriteMacvmConfig(path string, p Paths) error {
+	return WriteMacvmConfigWarm(path, p, "off", "")
+}
+
+// WriteMacvmConfigWarm is WriteMacvmConfig with the shim's warm_start mode ("template", "pool", "off")
+// and the directory its templates go to (private to the caller, so nothing leaks between runs).
+func WriteMacvmConfigWarm(path string, p Paths, warmStart, templateDir string) error {
 	kernel := filepath.Join(p.BootDir, "vmlinux")
 	initrd := filepath.Join(p.BootDir, "initrd.img")
 	cfg := fmt.Sprintf(`# macvm shim configuration, written by the e2e harness.
 kernel = %q
 initrd = %q
-`, kernel, initrd)
+warm_start = %q
+`, kernel, initrd, warmStart)
+	if templateDir != "" {
+		cfg += fmt.Sprintf("template_dir = %q\n", templateDir)
+	}
 	return os.WriteFile(path, []byte(cfg), 0o644)
 }

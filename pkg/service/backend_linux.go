@@ -15,7 +15,9 @@ import (
 func platformBackend() backend {
 	return backend{
 		newMachine: func(cfg vm.Config) (vm.Machine, error) {
-			m, err := vm.NewQEMU(cfg)
+			// A cold-booting QEMU, or one that starts from a template
+			// when cfg.Templates is set.
+			m, err := vm.NewQEMUMachine(cfg)
 			if err != nil {
 				return nil, err
 			}

@@ -38,6 +38,9 @@ const (
 //	memory_overhead_mib = 96  # guest kernel + agent, on top of the limit
 //	kernel_args = ["loglevel=4"]
 //	boot_timeout = "60s"      # from hypervisor start to the agent's answer
+//	warm_start = "template"   # "template" (default), "pool" (not built yet: as template) or "off"
+//	pool_size = 0             # VMs started ahead in pool mode
+//	template_dir = "/var/lib/macvm/templates"
 type Config struct {
 	Kernel            string   `toml:"kernel"`
 	Initrd            string   `toml:"initrd"`
@@ -48,6 +51,10 @@ type Config struct {
 	MemoryOverheadMiB int      `toml:"memory_overhead_mib"`
 	KernelArgs        []string `toml:"kernel_args"`
 	BootTimeout       string   `toml:"boot_timeout"`
+	// Warm start (warm.go): how VMs start, and where templates are kept.
+	WarmStart   string `toml:"warm_start"`
+	PoolSize    int    `toml:"pool_size"`
+	TemplateDir string `toml:"template_dir"`
 
 	// source names where the configuration came from, for error messages.
 	source string
@@ -78,6 +85,18 @@ func parseConfig(data []byte, source string) (*Config, error) {
 	}
 	if cfg.CPUs < 0 || cfg.MemoryMiB < 0 || cfg.DefaultMemoryMiB < 0 || cfg.MemoryOverheadMiB < 0 {
 		return nil, fmt.Errorf("macvm config %s: cpus and memory sizes must not be negative: %w", source, errdefs.ErrInvalidArgument)
+	}
+	switch cfg.WarmStart {
+	case "", WarmTemplate, WarmPool, WarmOff:
+	default:
+		return nil, fmt.Errorf("macvm config %s: warm_start %q: want %q, %q or %q: %w", source, cfg.WarmStart,
+			WarmTemplate, WarmPool, WarmOff, errdefs.ErrInvalidArgument)
+	}
+	if cfg.PoolSize < 0 {
+		return nil, fmt.Errorf("macvm config %s: pool_size must not be negative: %w", source, errdefs.ErrInvalidArgument)
+	}
+	if cfg.TemplateDir != "" && !filepath.IsAbs(cfg.TemplateDir) {
+		return nil, fmt.Errorf("macvm config %s: template_dir %q is not an absolute path: %w", source, cfg.TemplateDir, errdefs.ErrInvalidArgument)
 	}
 	if cfg.BootTimeout != "" {
 		if d, err := time.ParseDuration(cfg.BootTimeout); err != nil || d <= 0 {

@@ -146,3 +146,36 @@ func TestVMSize(t *testing.T) {
 		}
 	}
 }
+
+func TestWarmStartConfig(t *testing.T) {
+	for body, want := range map[string]string{
+		``:                                     WarmTemplate,
+		`warm_start = "template"`:              WarmTemplate,
+		`warm_start = "off"`:                   WarmOff,
+		`warm_start = "pool"`:                  WarmTemplate, // not built yet
+		"warm_start = \"pool\"\npool_size = 2": WarmTemplate,
+	} {
+		cfg, err := parseConfig([]byte(body), "t.toml")
+		if err != nil {
+			t.Fatalf("%q: %v", body, err)
+		}
+		if got := cfg.warmStart(); got != want {
+			t.Errorf("%q: warm start %q, want %q", body, got, want)
+		}
+		if (cfg.templates(t.Context()) == nil) != (want == WarmOff) {
+			t.Errorf("%q: template cache %v", body, cfg.templates(t.Context()))
+		}
+	}
+	cfg, _ := parseConfig([]byte(`template_dir = "/x/t"`), "t.toml")
+	if cfg.templateDir() != "/x/t" {
+		t.Errorf("template_dir %q", cfg.templateDir())
+	}
+	if cfg, _ := parseConfig(nil, "t.toml"); cfg.templateDir() != DefaultTemplateDir {
+		t.Errorf("default template dir %q", cfg.templateDir())
+	}
+	for _, bad := range []string{`warm_start = "on"`, `pool_size = -1`, `template_dir = "rel/dir"`} {
+		if _, err := parseConfig([]byte(bad), "bad.toml"); !errdefs.IsInvalidArgument(err) {
+			t.Errorf("%q: %v, want invalid argument", bad, err)
+		}
+	}
+}

@@ -166,7 +166,7 @@ func (c *container) start(ctx context.Context, b backend, shares []vm.Share, gsp
 	if err := os.MkdirAll(c.stateDir, 0o700); err != nil {
 		return fmt.Errorf("vm state dir: %w", err)
 	}
-	m, err := b.newMachine(vm.Config{
+	vcfg := vm.Config{
 		ID:         c.id,
 		StateDir:   c.stateDir,
 		Kernel:     c.cfg.Kernel,
@@ -176,32 +176,26 @@ func (c *container) start(ctx context.Context, b backend, shares []vm.Share, gsp
 		MemoryMiB:  mem,
 		Shares:     shares,
 		Hypervisor: c.cfg.Hypervisor,
-	})
-	if err != nil {
-		return fmt.Errorf("configure VM: %w", err)
+		Templates:  c.cfg.templates(ctx),
 	}
-	// The VM lives as long as the container, not as long as this RPC.
-	if err := m.Start(context.WithoutCancel(ctx)); err != nil {
-		return fmt.Errorf("start VM: %w", err)
+	client, err := c.boot(ctx, b, vcfg)
+	if err != nil && vcfg.Templates != nil && vm.StartModeOf(c.machine) != vm.StartCold && ctx.Err() == nil {
+		// A clone that came up but never answered: its template passed
+		// the checks and is still wrong. Never a failed container for it.
+		log.G(ctx).WithError(err).WithField("container_id", c.id).Warn("warm start: the clone's agent did not answer; booting cold")
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), teardownTimeout)
+		c.machine.Stop(sctx)
+		cancel()
+		vcfg.Templates = nil
+		client, err = c.boot(ctx, b, vcfg)
 	}
-	c.machine = m
-	c.mu.Lock()
-	c.state.VMPid = m.Pid()
-	c.state.VMStateDir = c.stateDir
-	c.state.Rootfs = c.rootfs
-	st := c.state
-	c.mu.Unlock()
-	if err := writeBundleState(c.bundle, &st); err != nil {
-		return fmt.Errorf("record VM in bundle: %w", err)
-	}
-
-	log.G(ctx).WithField("container_id", c.id).WithField("vm_pid", m.Pid()).Debug("VM started")
-	client, err := c.connect(ctx, b)
 	if err != nil {
 		return err
 	}
+	m := c.machine
 	c.client = client
-	log.G(ctx).WithField("container_id", c.id).WithField("boot", time.Since(m.BootStarted())).Debug("guest agent connected")
+	log.G(ctx).WithField("container_id", c.id).WithField("start_mode", string(vm.StartModeOf(m))).
+		WithField("agent_ready", time.Since(m.BootStarted())).Info("VM ready")
 	go c.watchdog()
 
 	// containerd's Create carries no deadline (ctr run waits forever), so
@@ -211,6 +205,9 @@ func (c *container) start(ctx context.Context, b backend, shares []vm.Share, gsp
 	// also reaches the agent, whose own waits then end too.
 	cctx, cancel := context.WithTimeout(ctx, createTimeout)
 	defer cancel()
+	if err := c.reseed(cctx, client, vm.StartModeOf(m)); err != nil {
+		return c.createError("reseed guest RNG", err)
+	}
 	if _, err := client.SetTime(cctx, &agent.SetTimeRequest{Time: timestamppb.Now()}); err != nil {
 		return c.createError("set guest clock", err)
 	}
@@ -254,6 +251,31 @@ func (c *container) start(ctx context.Context, b backend, shares []vm.Share, gsp
 		}
 	}
 	return nil
+}
+
+// boot creates and starts the VM of vcfg (c.machine) and connects to its
+// agent.
+func (c *container) boot(ctx context.Context, b backend, vcfg vm.Config) (agentClient, error) {
+	m, err := b.newMachine(vcfg)
+	if err != nil {
+		return nil, fmt.Errorf("configure VM: %w", err)
+	}
+	// The VM lives as long as the container, not as long as this RPC.
+	if err := m.Start(context.WithoutCancel(ctx)); err != nil {
+		return nil, fmt.Errorf("start VM: %w", err)
+	}
+	c.machine = m
+	c.mu.Lock()
+	c.state.VMPid = m.Pid()
+	c.state.VMStateDir = c.stateDir
+	c.state.Rootfs = c.rootfs
+	st := c.state
+	c.mu.Unlock()
+	if err := writeBundleState(c.bundle, &st); err != nil {
+		return nil, fmt.Errorf("record VM in bundle: %w", err)
+	}
+	log.G(ctx).WithField("container_id", c.id).WithField("vm_pid", m.Pid()).Debug("VM started")
+	return c.connect(ctx, b)
 }
 
 // createError describes a failed agent RPC of the create; a time-out says

@@ -325,7 +325,7 @@ func TestTaskLifecycle(t *testing.T) {
 	if err != nil || dr.ExitStatus != 3 || dr.Pid != 101 {
 		t.Fatalf("delete: %v, %v", dr, err)
 	}
-	for _, call := range []string{"SetTime", "CreateContainer", "DeleteContainer", "Shutdown"} {
+	for _, call := range []string{"Reseed", "SetTime", "CreateContainer", "DeleteContainer", "Shutdown"} {
 		if !h.agent.called(call) {
 			t.Errorf("the agent never got %s", call)
 		}
