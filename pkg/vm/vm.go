@@ -52,7 +52,7 @@ type Config struct {
 	// Templates enables warm start: the VM starts as a clone of a saved
 	// template of the same boot configuration when the cache has one
 	// (see TemplateCache). nil always boots cold.
-	Templates *TemplateCache
+	Templates *TemplateCache `json:"-"`
 }
 
 // Machine is one running (or about to run) VM.
