@@ -264,6 +264,10 @@ func writeManifest(dir, key string, in templateInputs, ids []fileID) error {
 			return err
 		}
 	}
+	// Guest RAM (QEMU creates the file 0644) is for the shim's eyes only.
+	if err := os.Chmod(memPath, 0o600); err != nil {
+		return err
+	}
 	var err error
 	if m.Memory, err = statID(memPath); err != nil {
 		return err
