@@ -10,7 +10,8 @@ KERNEL_DIR := $(OUT)/kernel
 BOOT_DIR   := $(OUT)/boot
 
 .PHONY: all build shim agent agent-all initrd kernel kernel-minimal boot-minimal kernel-smoke boot generate check-generated \
-	vet fmt-check check-darwin boot-macos kernel-debs test-macos-kernel test test-unit test-vm test-e2e containerd demo install clean
+	vet fmt-check check-darwin boot-macos kernel-debs test-macos-kernel test test-unit test-vm test-e2e test-cri containerd \
+	cri-tools cni demo install clean
 
 all: build
 
@@ -117,7 +118,7 @@ check-darwin:
 fmt-check:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); [ -z "$$out" ] || (echo "gofmt needed: $$out" >&2; exit 1)
 
-test: check-generated fmt-check vet agent-all check-darwin test-macos-kernel test-unit test-vm test-e2e
+test: check-generated fmt-check vet agent-all check-darwin test-macos-kernel test-unit test-vm test-e2e test-cri
 
 # pkg/vm's tests boot the Debian kernel (with a test init), so they need `make kernel` (cached after the first run).
 test-unit: kernel
@@ -133,6 +134,18 @@ test-e2e: boot shim containerd
 
 containerd:
 	hack/build-containerd.sh $(BIN)
+
+# crictl, critest and the local registry, pinned (cri-tools v1.34.0); cached by version.
+cri-tools:
+	hack/build-cri-tools.sh $(BIN)
+
+# The CNI reference plugins (bridge, host-local, loopback, portmap, ...), pinned; cached by version.
+cni:
+	hack/build-cni-plugins.sh $(BIN)/cni
+
+# Kubernetes' view: containerd's CRI plugin driven by crictl, pods on runc and on macvm (docs/kubernetes.md).
+test-cri: boot shim containerd cri-tools cni
+	MACVM_BOOT_DIR=$(BOOT_DIR) MACVM_BIN_DIR=$(BIN) go test -count=1 -timeout 30m -v ./e2e/cri/...
 
 demo: boot shim containerd
 	hack/demo.sh

@@ -43,6 +43,8 @@ type Options struct {
 	// CRI keeps containerd's CRI plugins loaded; they are disabled by default because the ctr
 	// scenarios do not need them and they slow start-up.
 	CRI bool
+	// CRIConfig configures the CRI plugin when CRI is set (CNI, sandbox image, registry mirrors).
+	CRIConfig CRIConfig
 	// Logf receives the harness's progress lines (t.Logf); nil discards them.
 	Logf func(format string, args ...any)
 	// WarmStart is the macvm shim's warm_start mode; "" is "off" (see WriteMacvmConfig). With warm start
@@ -134,6 +136,11 @@ func Start(ctx context.Context, opts Options) (*Containerd, error) {
 	if err := WriteMacvmConfigWarm(c.MacvmConfig, opts.Paths, warm, c.TemplateDir); err != nil {
 		return fail(err)
 	}
+	if opts.CRI {
+		if err := c.writeCNIConfig(); err != nil {
+			return fail(err)
+		}
+	}
 	if err := os.WriteFile(c.ConfigPath, []byte(c.config()), 0o644); err != nil {
 		return fail(err)
 	}
@@ -154,6 +161,10 @@ func (c *Containerd) config() string {
 	level := "info"
 	if c.opts.Debug {
 		level = "debug"
+	}
+	cri := ""
+	if c.opts.CRI {
+		cri = c.criConfig()
 	}
 	disabled := `["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.runtime", "io.containerd.cri.v1.images", "io.containerd.podsandbox.controller.v1.podsandbox"]`
 	if c.opts.CRI {
@@ -191,7 +202,7 @@ disabled_plugins = %[3]s
 
 [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.macvm.options]
   ConfigPath = %[8]q
-`, c.Root, c.State, disabled, c.Address, level, c.SocketDir, EnvShimConfig, c.MacvmConfig, c.Dir, MacvmName)
+%[11]s`, c.Root, c.State, disabled, c.Address, level, c.SocketDir, EnvShimConfig, c.MacvmConfig, c.Dir, MacvmName, cri)
 }
 
 // start launches the daemon and waits until it answers.
@@ -468,8 +479,14 @@ func (c *Containerd) Run(ctx context.Context, rt Runtime, stdin []byte, extra []
 
 // ShimPid finds the shim serving container id from the socket address containerd recorded in its bundle.
 func (c *Containerd) ShimPid(id string) (int, error) {
+	return shimPidOf(c.BundleDir(id))
+}
+
+// shimPidOf finds the shim serving the task whose bundle is bundle.
+func shimPidOf(bundle string) (int, error) {
+	id := filepath.Base(bundle)
 	// containerd 2.x records the shim's BootstrapResult as JSON in bootstrap.json.
-	b, err := os.ReadFile(filepath.Join(c.BundleDir(id), "bootstrap.json"))
+	b, err := os.ReadFile(filepath.Join(bundle, "bootstrap.json"))
 	if err != nil {
 		return 0, err
 	}
@@ -674,6 +691,7 @@ func (c *Containerd) Cleanup(ctx context.Context) error {
 	}
 	// runc leaves the namespace's parent cgroups behind (and a killed shim the container's).
 	removeCgroups(c.Namespace)
+	c.removeBridge()
 	c.guard.release()
 	liveMu.Lock()
 	delete(live, c)

@@ -93,8 +93,8 @@ func isExecutable(path string) error {
 	return nil
 }
 
-// Snapshot copies the shims and boot files into dir and returns Paths pointing there (containerd and
-// ctr are linked, not copied). A test run then keeps using the binaries it started with even when
+// Snapshot copies the shims and boot files into dir and returns Paths pointing there (containerd,
+// ctr and the CRI tools are linked, not copied). A test run then keeps using the binaries it started with even when
 // `make shim` or `make boot` replaces the build outputs half-way through, which happens whenever
 // someone rebuilds while a long e2e run is going. The returned function removes dir; should the process
 // die first, a guardian removes it (and kills anything still running from it).
@@ -122,7 +122,9 @@ func (p Paths) snapshot(dir string) (Paths, error) {
 			return Paths{}, err
 		}
 	}
-	for _, b := range []string{"containerd", "ctr"} {
+	// The CRI tools and the CNI plugin directory are linked too (they may be missing: the tests that
+	// need them say so).
+	for _, b := range []string{"containerd", "ctr", "crictl", "critest", "registry", "cni"} {
 		if err := os.Symlink(filepath.Join(p.BinDir, b), filepath.Join(s.BinDir, b)); err != nil {
 			return Paths{}, err
 		}

@@ -45,6 +45,34 @@ func Seed() []byte {
 // BuildBusyboxImage writes an OCI image-layout tar of the busybox test image to w, named name (the
 // io.containerd.image.name annotation that `ctr images import` uses).
 func BuildBusyboxImage(w io.Writer, name string) error {
+	return BuildImage(w, Image{Name: name})
+}
+
+// Image describes a test image built on the busybox layer: the CRI tests need a pause image and
+// critest a dozen small images that differ only in their config (user, entrypoint) or an extra file.
+type Image struct {
+	// Name is the image reference recorded in the layout's index.
+	Name string
+	// Entrypoint, Cmd, User, WorkingDir and Env (added after PATH) go into the image config;
+	// Cmd defaults to ["sh"].
+	Entrypoint, Cmd []string
+	User            string
+	WorkingDir      string
+	Env             []string
+	// Files are written in a second layer, over the busybox layer (parents are created).
+	Files []File
+}
+
+// File is one regular file of an Image's extra layer.
+type File struct {
+	Path string
+	Mode int64
+	Data []byte
+}
+
+// BuildImage writes an OCI image-layout tar of img to w.
+func BuildImage(w io.Writer, img Image) error {
+	name := img.Name
 	bb, err := os.ReadFile(BusyboxPath)
 	if err != nil {
 		return fmt.Errorf("reading busybox (apt-get install busybox-static): %w", err)
@@ -53,20 +81,51 @@ func BuildBusyboxImage(w io.Writer, name string) error {
 	if err != nil {
 		return err
 	}
-	layer, err := busyboxLayer(bb, applets)
+	base, err := busyboxLayer(bb, applets)
 	if err != nil {
 		return err
 	}
-	layerDigest := digestOf(layer)
+	layers := [][]byte{base}
+	if len(img.Files) > 0 {
+		extra, err := filesLayer(img.Files)
+		if err != nil {
+			return err
+		}
+		layers = append(layers, extra)
+	}
+	var diffIDs []string
+	var layerDescs []map[string]any
+	for _, l := range layers {
+		diffIDs = append(diffIDs, digestOf(l))
+		layerDescs = append(layerDescs, map[string]any{
+			"mediaType": "application/vnd.oci.image.layer.v1.tar",
+			"digest":    digestOf(l),
+			"size":      len(l),
+		})
+	}
+	cmd := img.Cmd
+	if cmd == nil && img.Entrypoint == nil {
+		cmd = []string{"sh"}
+	}
+	cfg := map[string]any{
+		"Env": append([]string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}, img.Env...),
+		"Cmd": cmd,
+	}
+	if img.Entrypoint != nil {
+		cfg["Entrypoint"] = img.Entrypoint
+	}
+	if img.User != "" {
+		cfg["User"] = img.User
+	}
+	if img.WorkingDir != "" {
+		cfg["WorkingDir"] = img.WorkingDir
+	}
 
 	config, err := json.Marshal(map[string]any{
 		"architecture": runtime.GOARCH,
 		"os":           "linux",
-		"config": map[string]any{
-			"Env": []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"},
-			"Cmd": []string{"sh"},
-		},
-		"rootfs": map[string]any{"type": "layers", "diff_ids": []string{layerDigest}},
+		"config":       cfg,
+		"rootfs":       map[string]any{"type": "layers", "diff_ids": diffIDs},
 	})
 	if err != nil {
 		return err
@@ -79,11 +138,7 @@ func BuildBusyboxImage(w io.Writer, name string) error {
 			"digest":    digestOf(config),
 			"size":      len(config),
 		},
-		"layers": []map[string]any{{
-			"mediaType": "application/vnd.oci.image.layer.v1.tar",
-			"digest":    layerDigest,
-			"size":      len(layer),
-		}},
+		"layers": layerDescs,
 	})
 	if err != nil {
 		return err
@@ -117,9 +172,14 @@ func BuildBusyboxImage(w io.Writer, name string) error {
 	}{
 		{"oci-layout", []byte(`{"imageLayoutVersion":"1.0.0"}`)},
 		{"index.json", index},
-		{blobPath(layer), layer},
 		{blobPath(config), config},
 		{blobPath(manifest), manifest},
+	}
+	for _, l := range layers {
+		files = append(files, struct {
+			name string
+			data []byte
+		}{blobPath(l), l})
 	}
 	for _, d := range []string{"blobs/", "blobs/sha256/"} {
 		if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeDir, Name: d, Mode: 0o755}); err != nil {
@@ -200,6 +260,41 @@ func busyboxLayer(bb []byte, applets []string) ([]byte, error) {
 	}
 	if err := file(strings.TrimPrefix(SeedPath, "/"), 0o644, Seed()); err != nil {
 		return nil, err
+	}
+	if err := tw.Close(); err != nil {
+		return nil, err
+	}
+	return buf.Bytes(), nil
+}
+
+// filesLayer builds a layer holding files (and their parent directories), as an uncompressed tar.
+func filesLayer(files []File) ([]byte, error) {
+	var buf bytes.Buffer
+	tw := tar.NewWriter(&buf)
+	mtime := time.Unix(0, 0)
+	dirs := map[string]bool{}
+	for _, f := range files {
+		p := strings.TrimPrefix(path.Clean("/"+f.Path), "/")
+		var parents []string
+		for d := path.Dir(p); d != "." && !dirs[d]; d = path.Dir(d) {
+			parents = append([]string{d}, parents...)
+			dirs[d] = true
+		}
+		for _, d := range parents {
+			if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeDir, Name: d + "/", Mode: 0o755, ModTime: mtime}); err != nil {
+				return nil, err
+			}
+		}
+		mode := f.Mode
+		if mode == 0 {
+			mode = 0o644
+		}
+		if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeReg, Name: p, Mode: mode, Size: int64(len(f.Data)), ModTime: mtime}); err != nil {
+			return nil, err
+		}
+		if _, err := tw.Write(f.Data); err != nil {
+			return nil, err
+		}
 	}
 	if err := tw.Close(); err != nil {
 		return nil, err

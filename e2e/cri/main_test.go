@@ -1,0 +1,138 @@
+// Package cri_test drives containerd's CRI plugin through crictl, the way the kubelet drives it, against
+// the macvm runtime handler, with runc as the known-good reference for every scenario: pods of several
+// containers, exec/logs/stats, stop and removal, OOM reporting.
+//
+// It needs root, containerd (`make containerd`), crictl (`make cri-tools`), the CNI plugins
+// (`make cni`), the shim and the boot files: `make test-cri` sets MACVM_BIN_DIR and MACVM_BOOT_DIR.
+// Without them the tests fail rather than skip. MACVM_E2E_RUNTIMES=runc (or macvm) narrows the runtimes.
+package cri_test
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/macvm/macvm/e2e/harness"
+)
+
+var (
+	// paths is what the tests use: a snapshot of built, the build outputs.
+	paths, built harness.Paths
+	runtimes     []harness.Runtime
+)
+
+func TestMain(m *testing.M) {
+	var err error
+	if paths, err = harness.PathsFromEnv(); err != nil {
+		fmt.Fprintf(os.Stderr, "FAIL: e2e/cri: %v\n", err)
+		os.Exit(1)
+	}
+	if runtimes, err = harness.RuntimesFromEnv(); err != nil {
+		fmt.Fprintf(os.Stderr, "FAIL: e2e/cri: %v\n", err)
+		os.Exit(1)
+	}
+	if os.Geteuid() != 0 {
+		fmt.Fprintln(os.Stderr, "FAIL: e2e/cri: must run as root (it runs containerd)")
+		os.Exit(1)
+	}
+	os.Exit(runWithSnapshot(m))
+}
+
+// runWithSnapshot runs the tests on a private copy of the shims and boot files (see Paths.Snapshot).
+func runWithSnapshot(m *testing.M) int {
+	built = paths
+	dir, err := os.MkdirTemp("", "mvm-snap-")
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "FAIL: e2e/cri: %v\n", err)
+		return 1
+	}
+	var release func()
+	if paths, release, err = paths.Snapshot(dir); err != nil {
+		fmt.Fprintf(os.Stderr, "FAIL: e2e/cri: snapshot of the build outputs: %v\n", err)
+		return 1
+	}
+	defer release()
+	return m.Run()
+}
+
+// forEachRuntime runs f as one subtest per selected runtime.
+func forEachRuntime(t *testing.T, f func(t *testing.T, rt harness.Runtime)) {
+	t.Helper()
+	if len(runtimes) == 0 {
+		t.Fatalf("%s selects no runtime", harness.EnvRuntimes)
+	}
+	for _, rt := range runtimes {
+		t.Run(rt.Short, func(t *testing.T) { f(t, rt) })
+	}
+}
+
+// handler is the CRI runtime handler (crictl runp --runtime) of rt.
+func handler(rt harness.Runtime) string {
+	if rt.VM {
+		return harness.CRIMacvmHandler
+	}
+	return harness.CRIRuncHandler
+}
+
+// daemon starts a private containerd with CRI, the pause and busybox images imported into CRI's
+// namespace, and registers its cleanup: every pod is removed through CRI, then the harness checks that
+// nothing the test started (shim, VM, container process, mount, socket) survives.
+func daemon(t *testing.T, rt harness.Runtime, cri harness.CRIConfig) *harness.Containerd {
+	t.Helper()
+	for _, b := range []string{rt.Shim, "crictl", "cni/bridge", "cni/host-local", "cni/loopback"} {
+		if fi, err := os.Stat(filepath.Join(paths.BinDir, b)); err != nil || fi.Mode()&0o111 == 0 {
+			t.Fatalf("%s missing from %s (run `make shim containerd cri-tools cni`)", b, built.BinDir)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	d, err := harness.Start(ctx, harness.Options{Paths: paths, CRI: true, CRIConfig: cri,
+		Debug: os.Getenv("MACVM_E2E_DEBUG") != "", Logf: t.Logf})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("containerd log tail:\n%s", d.LogTail(8000))
+			logVMConsoles(t, d)
+		}
+		cctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+		defer cancel()
+		// Through CRI first, as the kubelet would, so CRI's own state (netns, logs) is released too.
+		if res, err := d.Crictl(cctx, "rmp", "--all", "--force"); err != nil || res.ExitCode != 0 {
+			t.Errorf("crictl rmp --all --force: %v %v", res, err)
+		}
+		if err := d.Cleanup(context.Background()); err != nil {
+			t.Errorf("cleanup: %v", err)
+		}
+	})
+	if err := d.ImportCRIImages(ctx); err != nil {
+		t.Fatal(err)
+	}
+	return d
+}
+
+// logVMConsoles prints the tail of every VM console log still in the daemon's bundles.
+func logVMConsoles(t *testing.T, d *harness.Containerd) {
+	logs, _ := filepath.Glob(filepath.Join(d.State, "io.containerd.runtime.v2.task", "*", "*", "vm", "*.log"))
+	for _, l := range logs {
+		b, err := os.ReadFile(l)
+		if err != nil || len(b) == 0 {
+			continue
+		}
+		if len(b) > 3000 {
+			b = b[len(b)-3000:]
+		}
+		t.Logf("%s:\n%s", l, b)
+	}
+}
+
+// ctx returns a context bounded for one scenario step; VMs boot under TCG here, so steps get minutes.
+func ctx(t *testing.T, d time.Duration) context.Context {
+	c, cancel := context.WithTimeout(context.Background(), d)
+	t.Cleanup(cancel)
+	return c
+}
