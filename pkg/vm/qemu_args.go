@@ -14,6 +14,14 @@ const (
 	DefaultMemoryMiB = 256
 )
 
+// tcgTBSizeMiB caps TCG's translation cache. QEMU 7.2 reserves 1 GiB for
+// it and a Debian kernel boot fills ~45 MiB of that, all of it resident for
+// the VM's life; 16 MiB took ~33 MiB off an idle VM's RSS here, with no
+// measurable change in the boot's CPU time (the cache is flushed and
+// refilled a few times during the boot; the steady-state working set of a
+// container is far smaller).
+const tcgTBSizeMiB = 16
+
 // The ids QEMU knows our devices by; agentPortID is what VSERPORT_CHANGE
 // events name when the guest opens the agent port.
 const (
@@ -86,7 +94,7 @@ func qemuArgs(cfg Config, o qemuOptions) ([]string, error) {
 	} else {
 		// qemu64 lacks RDRAND, without which the guest's entropy pool
 		// never fills and Go's crypto/rand blocks; -cpu max is slower.
-		args = append(args, "-accel", "tcg", "-cpu", "qemu64,+rdrand")
+		args = append(args, "-accel", fmt.Sprintf("tcg,tb-size=%d", tcgTBSizeMiB), "-cpu", "qemu64,+rdrand")
 	}
 	machine := "microvm,x-option-roms=off,pit=off,pic=off"
 	if o.MemPath != "" {
