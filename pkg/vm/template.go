@@ -11,10 +11,13 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/containerd/errdefs"
+	"golang.org/x/sys/unix"
 )
 
 // StartMode says how a Machine came up: a cold boot, a clone of a saved
@@ -120,9 +123,12 @@ type manifest struct {
 	Inputs []fileID `json:"inputs"`
 	// Memory is the identity of the RAM file when the save finished;
 	// it is too big to hash per clone, but any write changes its mtime.
-	Memory      fileID `json:"memory"`
+	Memory fileID `json:"memory,omitzero"`
+	// The state file is checked by its checksum when it is small
+	// (QEMU: device state only), else by its identity (State).
+	State       fileID `json:"state,omitzero"`
 	StateBytes  int64  `json:"state_bytes"`
-	StateSHA256 string `json:"state_sha256"`
+	StateSHA256 string `json:"state_sha256,omitempty"`
 }
 
 // templateInputs are the canonical description of a template: the
@@ -173,14 +179,28 @@ func (tc *TemplateCache) validate(key string) (*manifest, error) {
 	if m.Format != templateFormat || m.Key != key {
 		return nil, fmt.Errorf("template %s: manifest is for format %d key %s: %w", key, m.Format, m.Key, errdefs.ErrDataLoss)
 	}
-	mem, err := statID(filepath.Join(dir, templateMemory))
-	if err != nil {
-		return nil, fmt.Errorf("template %s: %v: %w", key, err, errdefs.ErrDataLoss)
+	if m.Memory.Path != "" {
+		mem, err := statID(filepath.Join(dir, templateMemory))
+		if err != nil {
+			return nil, fmt.Errorf("template %s: %v: %w", key, err, errdefs.ErrDataLoss)
+		}
+		mem.Path = m.Memory.Path
+		if mem != m.Memory {
+			return nil, fmt.Errorf("template %s: memory file changed since it was saved (size %d, want %d): %w",
+				key, mem.Size, m.Memory.Size, errdefs.ErrDataLoss)
+		}
 	}
-	mem.Path = m.Memory.Path
-	if mem != m.Memory {
-		return nil, fmt.Errorf("template %s: memory file changed since it was saved (size %d, want %d): %w",
-			key, mem.Size, m.Memory.Size, errdefs.ErrDataLoss)
+	if m.StateSHA256 == "" {
+		st, err := statID(filepath.Join(dir, templateState))
+		if err != nil {
+			return nil, fmt.Errorf("template %s: %v: %w", key, err, errdefs.ErrDataLoss)
+		}
+		st.Path = m.State.Path
+		if m.State.Path == "" || st != m.State {
+			return nil, fmt.Errorf("template %s: state file changed since it was saved (size %d, want %d): %w",
+				key, st.Size, m.State.Size, errdefs.ErrDataLoss)
+		}
+		return &m, nil
 	}
 	state, err := os.ReadFile(filepath.Join(dir, templateState))
 	if err != nil {
@@ -236,4 +256,153 @@ func (tc *TemplateCache) prune(keep string) {
 			os.Remove(tc.lockPath(e.Name()))
 		}
 	}
+}
+
+// templateBoot boots cfg's template VM (its state directory and shares
+// are in dir) up to the TemplateCache's Ready and saves it into dir.
+type templateBoot func(ctx context.Context, cfg Config, dir string) error
+
+// build is Build for any backend: under the key's lock, unless a valid
+// template exists, boot saves a template into a temporary directory with
+// empty stand-ins for the shares, the manifest is written last and the
+// directory renamed into place. hashState checksums the state file (small
+// under QEMU) instead of recording its identity (a whole-VM save under
+// Virtualization.framework, RAM included, too big to hash per lookup).
+func (tc *TemplateCache) build(ctx context.Context, cfg Config, in templateInputs, boot templateBoot, hashState bool) error {
+	key, ids, err := in.key()
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(tc.Dir, 0o700); err != nil {
+		return fmt.Errorf("template cache: %w", err)
+	}
+	lock, err := os.OpenFile(tc.lockPath(key), os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return fmt.Errorf("template lock: %w", err)
+	}
+	defer lock.Close() // releases the flock
+	if err := flockNB(lock); err != nil {
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return fmt.Errorf("template %s is being built by another process: %w", key, errdefs.ErrAlreadyExists)
+		}
+		return fmt.Errorf("template lock: %w", err)
+	}
+	if _, err := tc.validate(key); err == nil {
+		return nil
+	}
+	tc.discard(key)
+
+	tmp, err := os.MkdirTemp(tc.Dir, ".build-"+key+"-")
+	if err != nil {
+		return fmt.Errorf("template cache: %w", err)
+	}
+	defer os.RemoveAll(tmp)
+	tcfg := cfg
+	tcfg.ID = "template-" + key[:12]
+	tcfg.StateDir = filepath.Join(tmp, "vm")
+	tcfg.Templates = nil
+	tcfg.Shares = make([]Share, len(cfg.Shares))
+	for i, s := range cfg.Shares {
+		// Same devices, empty directories: nothing of a container may
+		// be in a template, and a mounted 9p share cannot be migrated.
+		s.HostPath = filepath.Join(tmp, "share"+strconv.Itoa(i))
+		if err := os.MkdirAll(s.HostPath, 0o700); err != nil {
+			return err
+		}
+		tcfg.Shares[i] = s
+	}
+	if err := os.MkdirAll(tcfg.StateDir, 0o700); err != nil {
+		return err
+	}
+	if err := boot(ctx, tcfg, tmp); err != nil {
+		return err
+	}
+
+	if err := writeManifest(tmp, key, in, ids, hashState); err != nil {
+		return err
+	}
+	os.RemoveAll(tcfg.StateDir)
+	for _, s := range tcfg.Shares {
+		os.Remove(s.HostPath)
+	}
+	if err := os.Rename(tmp, tc.dir(key)); err != nil {
+		return fmt.Errorf("template %s: %w", key, err)
+	}
+	tc.prune(key)
+	tc.logf("warm start: template %s saved", key)
+	return nil
+}
+
+// flockNB takes f's exclusive lock without waiting (EWOULDBLOCK if held).
+func flockNB(f *os.File) error { return unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB) }
+
+// writeManifest records a finished template's files in dir, last: the
+// files are synced first, so a manifest never describes data that a crash
+// could still lose.
+func writeManifest(dir, key string, in templateInputs, ids []fileID, hashState bool) error {
+	m := manifest{Format: templateFormat, Key: key, Args: in.args, Inputs: ids}
+	memPath, statePath := filepath.Join(dir, templateMemory), filepath.Join(dir, templateState)
+	if _, err := os.Stat(memPath); err == nil {
+		if err := fsyncPath(memPath); err != nil {
+			return err
+		}
+		// Guest RAM (QEMU creates the file 0644) is for the shim's eyes only.
+		if err := os.Chmod(memPath, 0o600); err != nil {
+			return err
+		}
+		if m.Memory, err = statID(memPath); err != nil {
+			return err
+		}
+		m.Memory.Path = templateMemory
+	}
+	if err := fsyncPath(statePath); err != nil {
+		return err
+	}
+	if hashState {
+		state, err := os.ReadFile(statePath)
+		if err != nil {
+			return err
+		}
+		sum := sha256.Sum256(state)
+		m.StateBytes, m.StateSHA256 = int64(len(state)), hex.EncodeToString(sum[:])
+	} else {
+		id, err := statID(statePath)
+		if err != nil {
+			return err
+		}
+		id.Path = templateState
+		m.State, m.StateBytes = id, id.Size
+	}
+	b, err := json.MarshalIndent(&m, "", "  ")
+	if err != nil {
+		return err
+	}
+	if err := os.WriteFile(filepath.Join(dir, templateManifest), b, 0o600); err != nil {
+		return err
+	}
+	return fsyncPath(filepath.Join(dir, templateManifest))
+}
+
+func fsyncPath(p string) error {
+	f, err := os.Open(p)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return f.Sync()
+}
+
+// miss asks for cfg's template to be built.
+func (tc *TemplateCache) miss(cfg Config) {
+	if tc.OnMiss != nil {
+		tc.OnMiss(cfg)
+		return
+	}
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+		defer cancel()
+		if err := tc.Build(ctx, cfg); err != nil && !errdefs.IsAlreadyExists(err) {
+			tc.logf("warm start: building template for vm %s: %v", cfg.ID, err)
+		}
+	}()
 }

@@ -117,7 +117,7 @@ func fakeTemplate(t *testing.T, tc *TemplateCache, cfg Config) string {
 	os.MkdirAll(dir, 0o700)
 	os.WriteFile(filepath.Join(dir, templateMemory), make([]byte, 4096), 0o600)
 	os.WriteFile(filepath.Join(dir, templateState), []byte("QEVM device state"), 0o600)
-	if err := writeManifest(dir, key, in, ids); err != nil {
+	if err := writeManifest(dir, key, in, ids, true); err != nil {
 		t.Fatal(err)
 	}
 	return key

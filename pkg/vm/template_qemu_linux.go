@@ -2,10 +2,7 @@ package vm
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -16,7 +13,6 @@ import (
 	"time"
 
 	"github.com/containerd/errdefs"
-	"golang.org/x/sys/unix"
 )
 
 // NewQEMUMachine returns the machine for cfg: a cold-booting QEMU, or,
@@ -186,107 +182,8 @@ func (tc *TemplateCache) Build(ctx context.Context, cfg Config) error {
 	if err != nil {
 		return err
 	}
-	key, ids, err := in.key()
-	if err != nil {
-		return err
-	}
-	if err := os.MkdirAll(tc.Dir, 0o700); err != nil {
-		return fmt.Errorf("template cache: %w", err)
-	}
-	lock, err := os.OpenFile(tc.lockPath(key), os.O_CREATE|os.O_RDWR|unix.O_CLOEXEC, 0o600)
-	if err != nil {
-		return fmt.Errorf("template lock: %w", err)
-	}
-	defer lock.Close() // releases the flock
-	if err := flockNB(lock); err != nil {
-		if errors.Is(err, unix.EWOULDBLOCK) {
-			return fmt.Errorf("template %s is being built by another process: %w", key, errdefs.ErrAlreadyExists)
-		}
-		return fmt.Errorf("template lock: %w", err)
-	}
-	if _, err := tc.validate(key); err == nil {
-		return nil
-	}
-	tc.discard(key)
-
-	tmp, err := os.MkdirTemp(tc.Dir, ".build-"+key+"-")
-	if err != nil {
-		return fmt.Errorf("template cache: %w", err)
-	}
-	defer os.RemoveAll(tmp)
-	tcfg := cfg
-	tcfg.ID = "template-" + key[:12]
-	tcfg.StateDir = filepath.Join(tmp, "vm")
-	tcfg.Templates = nil
-	tcfg.Shares = make([]Share, len(cfg.Shares))
-	for i, s := range cfg.Shares {
-		// Same devices, empty directories: nothing of a container may
-		// be in a template, and a mounted 9p share cannot be migrated.
-		s.HostPath = filepath.Join(tmp, "share"+strconv.Itoa(i))
-		if err := os.MkdirAll(s.HostPath, 0o700); err != nil {
-			return err
-		}
-		tcfg.Shares[i] = s
-	}
-	if err := os.MkdirAll(tcfg.StateDir, 0o700); err != nil {
-		return err
-	}
-	if err := tc.boot(ctx, tcfg, tmp); err != nil {
-		return err
-	}
-
-	if err := writeManifest(tmp, key, in, ids); err != nil {
-		return err
-	}
-	os.RemoveAll(tcfg.StateDir)
-	for _, s := range tcfg.Shares {
-		os.Remove(s.HostPath)
-	}
-	if err := os.Rename(tmp, tc.dir(key)); err != nil {
-		return fmt.Errorf("template %s: %w", key, err)
-	}
-	tc.prune(key)
-	tc.logf("warm start: template %s saved", key)
-	return nil
-}
-
-// flockNB takes f's exclusive lock without waiting (EWOULDBLOCK if held).
-func flockNB(f *os.File) error { return unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB) }
-
-// writeManifest records a finished template's files in dir, last: the
-// files are synced first, so a manifest never describes data that a crash
-// could still lose.
-func writeManifest(dir, key string, in templateInputs, ids []fileID) error {
-	m := manifest{Format: templateFormat, Key: key, Args: in.args, Inputs: ids}
-	memPath, statePath := filepath.Join(dir, templateMemory), filepath.Join(dir, templateState)
-	for _, p := range []string{memPath, statePath} {
-		if err := fsyncPath(p); err != nil {
-			return err
-		}
-	}
-	// Guest RAM (QEMU creates the file 0644) is for the shim's eyes only.
-	if err := os.Chmod(memPath, 0o600); err != nil {
-		return err
-	}
-	var err error
-	if m.Memory, err = statID(memPath); err != nil {
-		return err
-	}
-	m.Memory.Path = templateMemory
-	state, err := os.ReadFile(statePath)
-	if err != nil {
-		return err
-	}
-	sum := sha256.Sum256(state)
-	m.StateBytes, m.StateSHA256 = int64(len(state)), hex.EncodeToString(sum[:])
-	b, err := json.MarshalIndent(&m, "", "  ")
-	if err != nil {
-		return err
-	}
-	if err := os.WriteFile(filepath.Join(dir, templateManifest), b, 0o600); err != nil {
-		return err
-	}
-	return fsyncPath(filepath.Join(dir, templateManifest))
+	// The device state is small: checksummed on every lookup.
+	return tc.build(ctx, cfg, in, tc.boot, true)
 }
 
 // boot runs the template VM up to Ready and saves it into dir.
@@ -332,15 +229,6 @@ func (tc *TemplateCache) boot(ctx context.Context, cfg Config, dir string) error
 		return ctx.Err()
 	}
 	return nil
-}
-
-func fsyncPath(p string) error {
-	f, err := os.Open(p)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	return f.Sync()
 }
 
 // warmQEMU starts as a template clone when it can and as a cold boot
@@ -397,21 +285,6 @@ func (w *warmQEMU) Start(ctx context.Context) error {
 	tc.discard(key)
 	tc.miss(w.cfg)
 	return cold.Start(ctx)
-}
-
-// miss asks for cfg's template to be built.
-func (tc *TemplateCache) miss(cfg Config) {
-	if tc.OnMiss != nil {
-		tc.OnMiss(cfg)
-		return
-	}
-	go func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-		defer cancel()
-		if err := tc.Build(ctx, cfg); err != nil && !errdefs.IsAlreadyExists(err) {
-			tc.logf("warm start: building template for vm %s: %v", cfg.ID, err)
-		}
-	}()
 }
 
 func (w *warmQEMU) StartMode() StartMode                            { return w.m().StartMode() }

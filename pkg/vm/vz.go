@@ -190,6 +190,12 @@ type vzInstance interface {
 	StateChanges() <-chan vzState
 	// Listen accepts guest vsock connections to port on the host.
 	Listen(port uint32) (vzListener, error)
+	// SaveState writes the whole state of the paused VM, RAM included,
+	// to path (warm-start templates; macOS 14+ on arm64).
+	SaveState(path string) error
+	// RestoreState loads a saved state into the created, never started
+	// VM, which is paused afterwards.
+	RestoreState(path string) error
 }
 
 // vzListener is a vsock listener whose Accept is not woken by Close (vz's
@@ -215,6 +221,9 @@ type vzMachine struct {
 	plan vzPlan
 	// create builds the framework objects; vz_darwin.go supplies it.
 	create func(vzPlan) (vzInstance, error)
+	// restorePath, when set, is a template's saved state: Start restores
+	// it and resumes instead of booting (template_vz.go).
+	restorePath string
 
 	done chan struct{} // closed by finish once the VM has exited
 	// startReturned is closed when Start's framework call has returned, so a
@@ -304,7 +313,16 @@ func (m *vzMachine) Start(ctx context.Context) error {
 	go m.watch(inst)
 
 	defer close(m.startReturned)
-	if err := callCtx(ctx, inst.Start); err != nil {
+	start := inst.Start
+	if m.restorePath != "" {
+		start = func() error {
+			if err := inst.RestoreState(m.restorePath); err != nil {
+				return fmt.Errorf("restore %s: %w", m.restorePath, err)
+			}
+			return inst.Resume()
+		}
+	}
+	if err := callCtx(ctx, start); err != nil {
 		err = fmt.Errorf("vm %s: start: %w: %w", m.cfg.ID, errdefs.ErrUnavailable, err)
 		m.finish(fmt.Errorf("%w; %s", err, describeTail("console", m.ConsoleTail(vzConsoleTailBytes))))
 		// A Start that outlived ctx may still bring the VM up.
@@ -351,7 +369,7 @@ func (m *vzMachine) watch(inst vzInstance) {
 			return
 		}
 		switch st {
-		case vzStarting, vzRunning, vzPaused, vzPausing, vzResuming, vzStopping:
+		case vzStarting, vzRunning, vzPaused, vzPausing, vzResuming, vzStopping, vzSaving, vzRestoring:
 			seenRunning = true
 			continue
 		case vzError:
@@ -406,6 +424,14 @@ func (m *vzMachine) hardStop(why string) {
 	ctx, cancel := context.WithTimeout(context.Background(), vzStopTimeout)
 	defer cancel()
 	_ = callCtx(ctx, inst.Stop)
+}
+
+// StartMode is StartTemplate for a VM restored from a template.
+func (m *vzMachine) StartMode() StartMode {
+	if m.restorePath != "" {
+		return StartTemplate
+	}
+	return StartCold
 }
 
 // AgentConn waits until the guest agent has dialled the host's vsock

@@ -28,6 +28,10 @@ func NewVZ(cfg Config) (Machine, error) {
 			return nil, fmt.Errorf("vm %s: boot file: %w: %w", cfg.ID, errdefs.ErrNotFound, err)
 		}
 	}
+	if cfg.Templates != nil && vzSaveRestoreAvailable() {
+		// Starts from a saved template when there is one (template_vz.go).
+		return newWarmVZ(cfg, createVZ)
+	}
 	m, err := newVZMachine(cfg, createVZ)
 	if err != nil {
 		return nil, err

@@ -3,6 +3,7 @@ package vm
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"os"
 	"path/filepath"
@@ -150,6 +151,22 @@ func (f *fakeVZ) Stop() error {
 	return nil
 }
 func (f *fakeVZ) StateChanges() <-chan vzState { return f.states }
+func (f *fakeVZ) SaveState(path string) error {
+	f.record("save")
+	return os.WriteFile(path, []byte("saved VM"), 0o600)
+}
+func (f *fakeVZ) RestoreState(path string) error {
+	f.record("restore")
+	b, err := os.ReadFile(path)
+	if err != nil || string(b) != "saved VM" {
+		f.states <- vzRestoring
+		f.states <- vzError
+		return fmt.Errorf("restore: bad state file: %v", err)
+	}
+	f.states <- vzRestoring
+	f.states <- vzPaused
+	return nil
+}
 func (f *fakeVZ) Listen(port uint32) (vzListener, error) {
 	f.mu.Lock()
 	f.listened = port
@@ -345,4 +362,101 @@ func TestVZAgentConnTimeout(t *testing.T) {
 	stopCtx, cancel2 := context.WithTimeout(context.Background(), 50*time.Millisecond)
 	defer cancel2()
 	m.Stop(stopCtx)
+}
+
+// Warm start under Virtualization.framework, on the fake: a miss boots
+// cold and asks for a build; the build saves a paused VM; the next VM is
+// restored and resumed instead of booted; a damaged template means a cold
+// boot, its removal and a rebuild request.
+func TestVZTemplate(t *testing.T) {
+	kernel := filepath.Join(t.TempDir(), "Image")
+	if err := os.WriteFile(kernel, []byte("kernel"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var made []*fakeVZ
+	create := func(vzPlan) (vzInstance, error) {
+		f := newFakeVZ()
+		host, guest := net.Pipe()
+		t.Cleanup(func() { guest.Close() })
+		f.dials <- host
+		mu.Lock()
+		made = append(made, f)
+		mu.Unlock()
+		return f, nil
+	}
+	last := func() []string {
+		mu.Lock()
+		defer mu.Unlock()
+		return made[len(made)-1].called()
+	}
+	var misses, readies int
+	tc := &TemplateCache{
+		Dir:    t.TempDir(),
+		OnMiss: func(Config) { misses++ },
+		Ready:  func(context.Context, net.Conn) (func(), error) { readies++; return nil, nil },
+		Logf:   t.Logf,
+	}
+	cfg := Config{ID: "c", StateDir: t.TempDir(), Kernel: kernel, Shares: []Share{{Tag: "shared", HostPath: t.TempDir()}}, Templates: tc}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	startVZ := func() *warmVZ {
+		t.Helper()
+		w, err := newWarmVZ(cfg, create)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := w.Start(ctx); err != nil {
+			t.Fatalf("Start: %v", err)
+		}
+		if _, err := w.AgentConn(ctx); err != nil {
+			t.Fatalf("AgentConn: %v", err)
+		}
+		t.Cleanup(func() {
+			sctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+			defer cancel()
+			w.Stop(sctx)
+		})
+		return w
+	}
+
+	if w := startVZ(); w.StartMode() != StartCold || misses != 1 || !slicesContain(last(), "start") {
+		t.Fatalf("no template: mode %s, %d misses, calls %v", w.StartMode(), misses, last())
+	}
+	if err := tc.buildVZ(ctx, cfg, create); err != nil {
+		t.Fatalf("build: %v", err)
+	}
+	if got := strings.Join(last(), ","); !strings.HasPrefix(got, "start,pause,save") || readies != 1 {
+		t.Fatalf("template VM calls %s, %d Ready calls; want start,pause,save then a stop", got, readies)
+	}
+	if w := startVZ(); w.StartMode() != StartTemplate || strings.Join(last(), ",") != "restore,resume" || misses != 1 {
+		t.Fatalf("with a template: mode %s, calls %v, %d misses", w.StartMode(), last(), misses)
+	}
+
+	// Damage the saved state (its identity changes): cold, removed, rebuild asked.
+	ents, _ := os.ReadDir(tc.Dir)
+	var key string
+	for _, e := range ents {
+		if e.IsDir() {
+			key = e.Name()
+		}
+	}
+	if err := os.WriteFile(filepath.Join(tc.Dir, key, templateState), []byte("garbage!"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if w := startVZ(); w.StartMode() != StartCold || misses != 2 {
+		t.Fatalf("damaged template: mode %s, %d misses", w.StartMode(), misses)
+	}
+	if _, err := os.Stat(filepath.Join(tc.Dir, key)); !os.IsNotExist(err) {
+		t.Errorf("damaged template not removed: %v", err)
+	}
+}
+
+func slicesContain(s []string, v string) bool {
+	for _, x := range s {
+		if x == v {
+			return true
+		}
+	}
+	return false
 }
