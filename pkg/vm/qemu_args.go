@@ -110,16 +110,21 @@ func qemuArgs(cfg Config, o qemuOptions) ([]string, error) {
 		"-M", machine,
 		"-smp", strconv.Itoa(cpus),
 		"-m", strconv.Itoa(mem),
-		"-kernel", escapeOpt(cfg.Kernel),
-		// microvm has no PCI bus (its virtio devices are MMIO, described
-		// by ACPI): pci=off skips the probe and its "Fatal" console line.
-		"-append", KernelCmdline("ttyS0", o.TSCKHz, append([]string{"pci=off"}, cfg.KernelArgs...)),
 	)
-	if cfg.Initrd != "" {
-		args = append(args, "-initrd", escapeOpt(cfg.Initrd))
-	}
 	if o.Incoming {
+		// A clone resumes a booted guest: QEMU would only load the kernel
+		// and initramfs into its heap (fw_cfg) for nothing.
 		args = append(args, "-incoming", "defer")
+	} else {
+		args = append(args,
+			"-kernel", escapeOpt(cfg.Kernel),
+			// microvm has no PCI bus (its virtio devices are MMIO, described
+			// by ACPI): pci=off skips the probe and its "Fatal" console line.
+			"-append", KernelCmdline("ttyS0", o.TSCKHz, append([]string{"pci=off"}, cfg.KernelArgs...)),
+		)
+		if cfg.Initrd != "" {
+			args = append(args, "-initrd", escapeOpt(cfg.Initrd))
+		}
 	}
 	args = append(args,
 		"-chardev", "file,id=console,path="+escapeOpt(o.ConsolePath),
