@@ -45,6 +45,8 @@ type qemuOptions struct {
 	// AgentFD and QMPFD are the child's fd numbers of the connected
 	// sockets for the agent port and the QMP monitor.
 	AgentFD, QMPFD int
+	// NICFDs are the child's fd numbers of Config.NICs' files, in order.
+	NICFDs []int
 	// Paused starts the VM stopped (-S) so QMP is set up before the
 	// guest runs and no event can be missed.
 	Paused bool
@@ -171,6 +173,41 @@ func qemuArgs(cfg Config, o qemuOptions) ([]string, error) {
 			// trusting the enumeration order.
 			"-device", fmt.Sprintf("virtio-blk-device,drive=disk%d,serial=disk%d", i, i),
 		)
+	}
+	nics, err := nicArgs(cfg, o.NICFDs)
+	if err != nil {
+		return nil, err
+	}
+	return append(args, nics...), nil
+}
+
+// nicArgs attaches each NIC as a virtio-net-device (microvm has no PCI)
+// over the fd the child inherits: -netdev tap,fd= for a tap, -netdev
+// dgram with an fd as local address for the user-space stack's datagram
+// socket (QEMU sends each frame as one datagram on the connected socket).
+func nicArgs(cfg Config, fds []int) ([]string, error) {
+	if len(fds) != len(cfg.NICs) {
+		return nil, fmt.Errorf("vm %s: %d NICs but %d fds: %w", cfg.ID, len(cfg.NICs), len(fds), errdefs.ErrInvalidArgument)
+	}
+	var args []string
+	for i, n := range cfg.NICs {
+		var netdev string
+		switch n.Kind {
+		case NICTap:
+			netdev = fmt.Sprintf("tap,id=net%d,fd=%d", i, fds[i])
+		case NICDatagram:
+			netdev = fmt.Sprintf("dgram,id=net%d,local.type=fd,local.str=%d", i, fds[i])
+		default:
+			return nil, fmt.Errorf("vm %s: NIC %d: kind %d: %w", cfg.ID, i, n.Kind, errdefs.ErrInvalidArgument)
+		}
+		dev := fmt.Sprintf("virtio-net-device,netdev=net%d", i)
+		if len(n.MAC) != 0 {
+			if len(n.MAC) != 6 {
+				return nil, fmt.Errorf("vm %s: NIC %d: MAC %s is not 48-bit: %w", cfg.ID, i, n.MAC, errdefs.ErrInvalidArgument)
+			}
+			dev += ",mac=" + n.MAC.String()
+		}
+		args = append(args, "-netdev", netdev, "-device", dev)
 	}
 	return args, nil
 }

@@ -75,6 +75,11 @@ func NewQEMU(cfg Config) (*QEMU, error) {
 			return nil, fmt.Errorf("vm %s: boot file: %w: %w", cfg.ID, errdefs.ErrNotFound, err)
 		}
 	}
+	for i, n := range cfg.NICs {
+		if n.File == nil {
+			return nil, fmt.Errorf("vm %s: NIC %d (%s) has no file: %w", cfg.ID, i, n.Kind, errdefs.ErrInvalidArgument)
+		}
+	}
 	binary := cfg.Hypervisor
 	if binary == "" {
 		binary = DefaultQEMU
@@ -112,6 +117,16 @@ const (
 	childStateFD = 5
 )
 
+// nicFDs are the child's fds of the NICs' files, after the sockets and
+// the template state's place.
+func nicFDs(n int) []int {
+	fds := make([]int, n)
+	for i := range fds {
+		fds[i] = childStateFD + 1 + i
+	}
+	return fds
+}
+
 func (q *QEMU) args() ([]string, error) {
 	return qemuArgs(q.cfg, qemuOptions{
 		Arch:        runtime.GOARCH,
@@ -120,6 +135,7 @@ func (q *QEMU) args() ([]string, error) {
 		ConsolePath: q.consolePath(),
 		QMPFD:       childQMPFD,
 		AgentFD:     childAgentFD,
+		NICFDs:      nicFDs(len(q.cfg.NICs)),
 		Paused:      true,
 		MemPath:     q.memPath,
 		MemShared:   q.memShared,
@@ -185,6 +201,14 @@ func (q *QEMU) Start(ctx context.Context) (retErr error) {
 	cmd.Dir = q.cfg.StateDir
 	cmd.Stdout = log
 	cmd.Stderr = log
+	if len(q.cfg.NICs) > 0 {
+		if len(extra) == 2 {
+			extra = append(extra, nil) // fd 5 (the template state) stays closed
+		}
+		for _, n := range q.cfg.NICs {
+			extra = append(extra, n.File) // fds 6...
+		}
+	}
 	cmd.ExtraFiles = extra
 	cmd.SysProcAttr = &syscall.SysProcAttr{
 		// A shim killed without cleanup must not leave qemu spinning.

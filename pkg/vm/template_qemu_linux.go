@@ -35,6 +35,11 @@ func (q *QEMU) templateInputs() (templateInputs, error) {
 	if len(q.cfg.Disks) > 0 {
 		return templateInputs{}, fmt.Errorf("vm %s: templates of VMs with disks: %w", q.cfg.ID, errdefs.ErrNotImplemented)
 	}
+	if len(q.cfg.NICs) > 0 {
+		// A NIC's backend (tap, stack socket) is per VM and inherited as
+		// an fd; a template would have to be booted with a stand-in.
+		return templateInputs{}, fmt.Errorf("vm %s: templates of VMs with NICs: %w", q.cfg.ID, errdefs.ErrNotImplemented)
+	}
 	c := q.cfg
 	c.Shares = make([]Share, len(q.cfg.Shares))
 	for i, s := range q.cfg.Shares {

@@ -10,6 +10,7 @@ package vm
 import (
 	"context"
 	"net"
+	"os"
 	"time"
 )
 
@@ -30,6 +31,45 @@ type Disk struct {
 	ReadOnly bool
 }
 
+// NICKind says what the host end of a NIC is.
+type NICKind int
+
+const (
+	// NICDatagram is a connected SOCK_DGRAM unix socket carrying one bare
+	// Ethernet frame per datagram: the user-space network stack's end.
+	// Both backends take it (QEMU -netdev dgram, Virtualization.framework
+	// VZFileHandleNetworkDeviceAttachment), so they share one stack.
+	NICDatagram NICKind = iota
+	// NICTap is an open tap device (IFF_TAP|IFF_NO_PI) in the pod's network
+	// namespace; QEMU on Linux only.
+	NICTap
+)
+
+func (k NICKind) String() string {
+	switch k {
+	case NICDatagram:
+		return "datagram"
+	case NICTap:
+		return "tap"
+	}
+	return "unknown"
+}
+
+// NIC is one virtio-net device. The guest finds it by MAC (or by its
+// position among the VM's NICs, which follows the order in Config.NICs) and
+// the agent gives it its final name, MAC and addresses.
+type NIC struct {
+	Kind NICKind
+	// File is the host end (see NICKind). The backend hands it to the
+	// hypervisor while starting; the caller keeps ownership and closes it
+	// after Start returns (QEMU has its own copy by then) or after the VM
+	// has stopped (Virtualization.framework uses it in-process).
+	File *os.File
+	// MAC is the device's MAC; empty lets the backend pick none (QEMU's
+	// default) or a random one.
+	MAC net.HardwareAddr
+}
+
 // Config describes one VM.
 type Config struct {
 	// ID names the VM in logs; it is not interpreted.
@@ -47,6 +87,9 @@ type Config struct {
 	MemoryMiB  int
 	Shares     []Share
 	Disks      []Disk
+	// NICs are the VM's virtio-net devices, in order; none means the
+	// guest has loopback only.
+	NICs []NIC
 	// Hypervisor overrides the backend's default binary (QEMU only).
 	Hypervisor string
 	// Templates enables warm start: the VM starts as a clone of a saved

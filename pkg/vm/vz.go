@@ -71,10 +71,9 @@ type vzPlan struct {
 	Shares []Share
 	// Disks become virtio-blk devices, raw images, cached with fsync.
 	Disks []vzDisk
-	// NAT attaches one virtio-net device behind macOS's NAT. The guest
-	// uses it only when the container asks for a network; without a NIC
-	// that choice would not exist.
-	NAT bool
+	// NICs become virtio-net devices over file handle attachments
+	// (connected SOCK_DGRAM sockets to the shim's user-space stack).
+	NICs []NIC
 }
 
 // planVZ validates cfg for Virtualization.framework and translates it.
@@ -110,7 +109,6 @@ func planVZ(cfg Config) (vzPlan, error) {
 		MemoryBytes: uint64(mem) << 20,
 		ConsolePath: filepath.Join(cfg.StateDir, "console.log"),
 		AgentPort:   AgentVsockPort,
-		NAT:         true,
 	}
 	tags := map[string]bool{}
 	for _, s := range cfg.Shares {
@@ -128,6 +126,17 @@ func planVZ(cfg Config) (vzPlan, error) {
 			return vzPlan{}, fmt.Errorf("vm %s: share %q: host path %q is not absolute: %w", cfg.ID, s.Tag, s.HostPath, errdefs.ErrInvalidArgument)
 		}
 		p.Shares = append(p.Shares, s)
+	}
+	for i, n := range cfg.NICs {
+		// A tap is a Linux device; the framework attaches a NIC to a
+		// datagram socket (or its own NAT/bridge, which macvm does not use).
+		if n.Kind != NICDatagram {
+			return vzPlan{}, fmt.Errorf("vm %s: NIC %d: %s NICs need QEMU on Linux: %w", cfg.ID, i, n.Kind, errdefs.ErrNotImplemented)
+		}
+		if n.File == nil {
+			return vzPlan{}, fmt.Errorf("vm %s: NIC %d has no file: %w", cfg.ID, i, errdefs.ErrInvalidArgument)
+		}
+		p.NICs = append(p.NICs, n)
 	}
 	for i, d := range cfg.Disks {
 		if !filepath.IsAbs(d.Path) {

@@ -124,22 +124,34 @@ func createVZ(plan vzPlan) (vzInstance, error) {
 	cfg.SetEntropyDevicesVirtualMachineConfiguration([]*vz.VirtioEntropyDeviceConfiguration{entropy})
 	v.keep = append(v.keep, entropy)
 
-	if plan.NAT {
-		nat, err := vz.NewNATNetworkDeviceAttachment()
+	// NICs: each a file handle attachment over the connected datagram
+	// socket of the shim's user-space stack; one Ethernet frame per
+	// datagram, as QEMU's dgram netdev, so both backends share the stack.
+	var nics []*vz.VirtioNetworkDeviceConfiguration
+	for _, n := range plan.NICs {
+		attach, err := vz.NewFileHandleNetworkDeviceAttachment(n.File)
 		if err != nil {
 			return fail("network", err)
 		}
-		nic, err := vz.NewVirtioNetworkDeviceConfiguration(nat)
+		nic, err := vz.NewVirtioNetworkDeviceConfiguration(attach)
 		if err != nil {
 			return fail("network", err)
 		}
-		mac, err := vz.NewRandomLocallyAdministeredMACAddress()
+		var mac *vz.MACAddress
+		if len(n.MAC) != 0 {
+			mac, err = vz.NewMACAddress(n.MAC)
+		} else {
+			mac, err = vz.NewRandomLocallyAdministeredMACAddress()
+		}
 		if err != nil {
 			return fail("network", err)
 		}
 		nic.SetMACAddress(mac)
-		cfg.SetNetworkDevicesVirtualMachineConfiguration([]*vz.VirtioNetworkDeviceConfiguration{nic})
-		v.keep = append(v.keep, nat, nic, mac)
+		nics = append(nics, nic)
+		v.keep = append(v.keep, attach, nic, mac)
+	}
+	if len(nics) > 0 {
+		cfg.SetNetworkDevicesVirtualMachineConfiguration(nics)
 	}
 
 	// virtiofs: one device per share, tag = Share.Tag. Shares are fixed

@@ -34,8 +34,8 @@ func TestPlanVZ(t *testing.T) {
 	if p.MemoryBytes%(1<<20) != 0 {
 		t.Errorf("memory %d is not a multiple of 1 MiB", p.MemoryBytes)
 	}
-	if p.ConsolePath != "/run/c1/console.log" || p.AgentPort != AgentVsockPort || !p.NAT {
-		t.Errorf("console %q port %d nat %v", p.ConsolePath, p.AgentPort, p.NAT)
+	if p.ConsolePath != "/run/c1/console.log" || p.AgentPort != AgentVsockPort || len(p.NICs) != 0 {
+		t.Errorf("console %q port %d NICs %v (a Config without NICs gets none)", p.ConsolePath, p.AgentPort, p.NICs)
 	}
 	if AgentVsockArg != "macvm.channel=vsock:"+strconv.Itoa(AgentVsockPort) {
 		t.Errorf("AgentVsockArg %q does not name port %d", AgentVsockArg, AgentVsockPort)
@@ -459,4 +459,37 @@ func slicesContain(s []string, v string) bool {
 		}
 	}
 	return false
+}
+
+func TestPlanVZNICs(t *testing.T) {
+	f, err := os.Open(os.DevNull)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	base := Config{ID: "c1", StateDir: "/run/c1", Kernel: "/k/Image"}
+	mac := net.HardwareAddr{0x0a, 0x58, 0, 0, 0, 5}
+	cfg := base
+	cfg.NICs = []NIC{{Kind: NICDatagram, File: f, MAC: mac}}
+	p, err := planVZ(cfg)
+	if err != nil {
+		t.Fatalf("planVZ: %v", err)
+	}
+	if len(p.NICs) != 1 || p.NICs[0].File != f || p.NICs[0].MAC.String() != mac.String() {
+		t.Errorf("NICs %v, want the one datagram NIC with MAC %s", p.NICs, mac)
+	}
+	for _, tc := range []struct {
+		name string
+		nic  NIC
+		want error
+	}{
+		{"tap", NIC{Kind: NICTap, File: f}, errdefs.ErrNotImplemented},
+		{"no file", NIC{Kind: NICDatagram}, errdefs.ErrInvalidArgument},
+	} {
+		cfg := base
+		cfg.NICs = []NIC{tc.nic}
+		if _, err := planVZ(cfg); !errors.Is(err, tc.want) {
+			t.Errorf("%s: got %v, want %v", tc.name, err, tc.want)
+		}
+	}
 }

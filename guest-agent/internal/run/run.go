@@ -19,6 +19,7 @@ import (
 
 	"github.com/macvm/macvm/guest-agent/internal/boot"
 	"github.com/macvm/macvm/guest-agent/internal/container"
+	"github.com/macvm/macvm/guest-agent/internal/network"
 	"github.com/macvm/macvm/guest-agent/internal/reaper"
 	"github.com/macvm/macvm/guest-agent/internal/service"
 	"github.com/macvm/macvm/pkg/guest/transport"
@@ -80,6 +81,15 @@ func run(start time.Time, pid1 bool, logf func(string, ...any)) error {
 		}
 	}
 	svc := service.New(mgr, events, boot.CgroupRoot, powerOff)
+	if pid1 {
+		// The VM is the pod's network namespace: the agent configures
+		// its NICs once virtio_net (a module) is loaded.
+		nw, err := network.New(modules)
+		if err != nil {
+			return err
+		}
+		svc.SetNetwork(nw)
+	}
 
 	ch, err := openChannel(opts.Channel)
 	if err != nil {

@@ -19,6 +19,7 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/macvm/macvm/guest-agent/internal/container"
+	"github.com/macvm/macvm/guest-agent/internal/network"
 	agent "github.com/macvm/macvm/pkg/guest/api/v1"
 )
 
@@ -36,6 +37,8 @@ type Service struct {
 	cgroupRoot string
 	// powerOff is called (after the reply is on its way) by Shutdown.
 	powerOff func()
+	// network configures the VM's NICs; nil outside a VM (see SetNetwork).
+	network *network.Configurator
 }
 
 var _ agent.AgentService = (*Service)(nil)

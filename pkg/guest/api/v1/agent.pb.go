@@ -1613,6 +1613,303 @@ func (x *WaitEventsResponse) GetEvents() []*Event {
 	return nil
 }
 
+// NetworkInterface configures one virtio-net NIC of the guest.
+type NetworkInterface struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// device_mac finds the NIC by the MAC the host gave the device; when
+	// empty, index does: the position among the guest's non-loopback
+	// interfaces in ifindex (probe) order, which follows the host's device order.
+	DeviceMac string `protobuf:"bytes,1,opt,name=device_mac,json=deviceMac,proto3" json:"device_mac,omitempty"`
+	Index     uint32 `protobuf:"varint,2,opt,name=index,proto3" json:"index,omitempty"`
+	// name renames the interface (e.g. to the CNI interface's eth0).
+	Name string `protobuf:"bytes,3,opt,name=name,proto3" json:"name,omitempty"`
+	// mac is set on the interface even when it equals device_mac: a VM
+	// cloned from a template carries the template's MAC.
+	Mac string `protobuf:"bytes,4,opt,name=mac,proto3" json:"mac,omitempty"`
+	// mtu, when not zero, is set on the interface.
+	Mtu uint32 `protobuf:"varint,5,opt,name=mtu,proto3" json:"mtu,omitempty"`
+	// addresses in CIDR notation (10.4.0.5/24, fd00::5/64).
+	Addresses     []string `protobuf:"bytes,6,rep,name=addresses,proto3" json:"addresses,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NetworkInterface) Reset() {
+	*x = NetworkInterface{}
+	mi := &file_agent_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NetworkInterface) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NetworkInterface) ProtoMessage() {}
+
+func (x *NetworkInterface) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NetworkInterface.ProtoReflect.Descriptor instead.
+func (*NetworkInterface) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *NetworkInterface) GetDeviceMac() string {
+	if x != nil {
+		return x.DeviceMac
+	}
+	return ""
+}
+
+func (x *NetworkInterface) GetIndex() uint32 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+func (x *NetworkInterface) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *NetworkInterface) GetMac() string {
+	if x != nil {
+		return x.Mac
+	}
+	return ""
+}
+
+func (x *NetworkInterface) GetMtu() uint32 {
+	if x != nil {
+		return x.Mtu
+	}
+	return 0
+}
+
+func (x *NetworkInterface) GetAddresses() []string {
+	if x != nil {
+		return x.Addresses
+	}
+	return nil
+}
+
+// Route is one routing table entry.
+type Route struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// destination in CIDR notation; empty means the default route.
+	Destination string `protobuf:"bytes,1,opt,name=destination,proto3" json:"destination,omitempty"`
+	// gateway is empty for a link-scope route.
+	Gateway string `protobuf:"bytes,2,opt,name=gateway,proto3" json:"gateway,omitempty"`
+	// device names the interface (after renaming).
+	Device string `protobuf:"bytes,3,opt,name=device,proto3" json:"device,omitempty"`
+	// source is the preferred source address, if any.
+	Source        string `protobuf:"bytes,4,opt,name=source,proto3" json:"source,omitempty"`
+	Metric        uint32 `protobuf:"varint,5,opt,name=metric,proto3" json:"metric,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Route) Reset() {
+	*x = Route{}
+	mi := &file_agent_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Route) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Route) ProtoMessage() {}
+
+func (x *Route) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Route.ProtoReflect.Descriptor instead.
+func (*Route) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{30}
+}
+
+func (x *Route) GetDestination() string {
+	if x != nil {
+		return x.Destination
+	}
+	return ""
+}
+
+func (x *Route) GetGateway() string {
+	if x != nil {
+		return x.Gateway
+	}
+	return ""
+}
+
+func (x *Route) GetDevice() string {
+	if x != nil {
+		return x.Device
+	}
+	return ""
+}
+
+func (x *Route) GetSource() string {
+	if x != nil {
+		return x.Source
+	}
+	return ""
+}
+
+func (x *Route) GetMetric() uint32 {
+	if x != nil {
+		return x.Metric
+	}
+	return 0
+}
+
+// Neighbour is a permanent ARP/NDP entry.
+type Neighbour struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Ip            string                 `protobuf:"bytes,1,opt,name=ip,proto3" json:"ip,omitempty"`
+	Mac           string                 `protobuf:"bytes,2,opt,name=mac,proto3" json:"mac,omitempty"`
+	Device        string                 `protobuf:"bytes,3,opt,name=device,proto3" json:"device,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Neighbour) Reset() {
+	*x = Neighbour{}
+	mi := &file_agent_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Neighbour) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Neighbour) ProtoMessage() {}
+
+func (x *Neighbour) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Neighbour.ProtoReflect.Descriptor instead.
+func (*Neighbour) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{31}
+}
+
+func (x *Neighbour) GetIp() string {
+	if x != nil {
+		return x.Ip
+	}
+	return ""
+}
+
+func (x *Neighbour) GetMac() string {
+	if x != nil {
+		return x.Mac
+	}
+	return ""
+}
+
+func (x *Neighbour) GetDevice() string {
+	if x != nil {
+		return x.Device
+	}
+	return ""
+}
+
+type ConfigureNetworkRequest struct {
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	Interfaces []*NetworkInterface    `protobuf:"bytes,1,rep,name=interfaces,proto3" json:"interfaces,omitempty"`
+	// routes are installed after every interface is up, in order (link
+	// routes before the routes that go through their gateways).
+	Routes        []*Route     `protobuf:"bytes,2,rep,name=routes,proto3" json:"routes,omitempty"`
+	Neighbours    []*Neighbour `protobuf:"bytes,3,rep,name=neighbours,proto3" json:"neighbours,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ConfigureNetworkRequest) Reset() {
+	*x = ConfigureNetworkRequest{}
+	mi := &file_agent_proto_msgTypes[32]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ConfigureNetworkRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ConfigureNetworkRequest) ProtoMessage() {}
+
+func (x *ConfigureNetworkRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[32]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ConfigureNetworkRequest.ProtoReflect.Descriptor instead.
+func (*ConfigureNetworkRequest) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{32}
+}
+
+func (x *ConfigureNetworkRequest) GetInterfaces() []*NetworkInterface {
+	if x != nil {
+		return x.Interfaces
+	}
+	return nil
+}
+
+func (x *ConfigureNetworkRequest) GetRoutes() []*Route {
+	if x != nil {
+		return x.Routes
+	}
+	return nil
+}
+
+func (x *ConfigureNetworkRequest) GetNeighbours() []*Neighbour {
+	if x != nil {
+		return x.Neighbours
+	}
+	return nil
+}
+
 var File_agent_proto protoreflect.FileDescriptor
 
 const file_agent_proto_rawDesc = "" +
@@ -1709,11 +2006,38 @@ const file_agent_proto_rawDesc = "" +
 	"\x03oom\x18\x02 \x01(\v2\x18.macvm.guest.v1.OOMEventH\x00R\x03oomB\a\n" +
 	"\x05event\"C\n" +
 	"\x12WaitEventsResponse\x12-\n" +
-	"\x06events\x18\x01 \x03(\v2\x15.macvm.guest.v1.EventR\x06events2\x99\v\n" +
+	"\x06events\x18\x01 \x03(\v2\x15.macvm.guest.v1.EventR\x06events\"\x9d\x01\n" +
+	"\x10NetworkInterface\x12\x1d\n" +
+	"\n" +
+	"device_mac\x18\x01 \x01(\tR\tdeviceMac\x12\x14\n" +
+	"\x05index\x18\x02 \x01(\rR\x05index\x12\x12\n" +
+	"\x04name\x18\x03 \x01(\tR\x04name\x12\x10\n" +
+	"\x03mac\x18\x04 \x01(\tR\x03mac\x12\x10\n" +
+	"\x03mtu\x18\x05 \x01(\rR\x03mtu\x12\x1c\n" +
+	"\taddresses\x18\x06 \x03(\tR\taddresses\"\x8b\x01\n" +
+	"\x05Route\x12 \n" +
+	"\vdestination\x18\x01 \x01(\tR\vdestination\x12\x18\n" +
+	"\agateway\x18\x02 \x01(\tR\agateway\x12\x16\n" +
+	"\x06device\x18\x03 \x01(\tR\x06device\x12\x16\n" +
+	"\x06source\x18\x04 \x01(\tR\x06source\x12\x16\n" +
+	"\x06metric\x18\x05 \x01(\rR\x06metric\"E\n" +
+	"\tNeighbour\x12\x0e\n" +
+	"\x02ip\x18\x01 \x01(\tR\x02ip\x12\x10\n" +
+	"\x03mac\x18\x02 \x01(\tR\x03mac\x12\x16\n" +
+	"\x06device\x18\x03 \x01(\tR\x06device\"\xc5\x01\n" +
+	"\x17ConfigureNetworkRequest\x12@\n" +
+	"\n" +
+	"interfaces\x18\x01 \x03(\v2 .macvm.guest.v1.NetworkInterfaceR\n" +
+	"interfaces\x12-\n" +
+	"\x06routes\x18\x02 \x03(\v2\x15.macvm.guest.v1.RouteR\x06routes\x129\n" +
+	"\n" +
+	"neighbours\x18\x03 \x03(\v2\x19.macvm.guest.v1.NeighbourR\n" +
+	"neighbours2\xee\v\n" +
 	"\x05Agent\x12<\n" +
 	"\x04Info\x12\x16.google.protobuf.Empty\x1a\x1c.macvm.guest.v1.InfoResponse\x12A\n" +
 	"\aSetTime\x12\x1e.macvm.guest.v1.SetTimeRequest\x1a\x16.google.protobuf.Empty\x12?\n" +
-	"\x06Reseed\x12\x1d.macvm.guest.v1.ReseedRequest\x1a\x16.google.protobuf.Empty\x12b\n" +
+	"\x06Reseed\x12\x1d.macvm.guest.v1.ReseedRequest\x1a\x16.google.protobuf.Empty\x12S\n" +
+	"\x10ConfigureNetwork\x12'.macvm.guest.v1.ConfigureNetworkRequest\x1a\x16.google.protobuf.Empty\x12b\n" +
 	"\x0fCreateContainer\x12&.macvm.guest.v1.CreateContainerRequest\x1a'.macvm.guest.v1.CreateContainerResponse\x12Y\n" +
 	"\fStartProcess\x12#.macvm.guest.v1.StartProcessRequest\x1a$.macvm.guest.v1.StartProcessResponse\x12I\n" +
 	"\vExecProcess\x12\".macvm.guest.v1.ExecProcessRequest\x1a\x16.google.protobuf.Empty\x12M\n" +
@@ -1745,7 +2069,7 @@ func file_agent_proto_rawDescGZIP() []byte {
 	return file_agent_proto_rawDescData
 }
 
-var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 29)
+var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 33)
 var file_agent_proto_goTypes = []any{
 	(*InfoResponse)(nil),            // 0: macvm.guest.v1.InfoResponse
 	(*ReseedRequest)(nil),           // 1: macvm.guest.v1.ReseedRequest
@@ -1776,65 +2100,74 @@ var file_agent_proto_goTypes = []any{
 	(*OOMEvent)(nil),                // 26: macvm.guest.v1.OOMEvent
 	(*Event)(nil),                   // 27: macvm.guest.v1.Event
 	(*WaitEventsResponse)(nil),      // 28: macvm.guest.v1.WaitEventsResponse
-	(*timestamppb.Timestamp)(nil),   // 29: google.protobuf.Timestamp
-	(*stats.Metrics)(nil),           // 30: io.containerd.cgroups.v2.Metrics
-	(*emptypb.Empty)(nil),           // 31: google.protobuf.Empty
+	(*NetworkInterface)(nil),        // 29: macvm.guest.v1.NetworkInterface
+	(*Route)(nil),                   // 30: macvm.guest.v1.Route
+	(*Neighbour)(nil),               // 31: macvm.guest.v1.Neighbour
+	(*ConfigureNetworkRequest)(nil), // 32: macvm.guest.v1.ConfigureNetworkRequest
+	(*timestamppb.Timestamp)(nil),   // 33: google.protobuf.Timestamp
+	(*stats.Metrics)(nil),           // 34: io.containerd.cgroups.v2.Metrics
+	(*emptypb.Empty)(nil),           // 35: google.protobuf.Empty
 }
 var file_agent_proto_depIdxs = []int32{
-	29, // 0: macvm.guest.v1.InfoResponse.boot_time:type_name -> google.protobuf.Timestamp
-	29, // 1: macvm.guest.v1.SetTimeRequest.time:type_name -> google.protobuf.Timestamp
+	33, // 0: macvm.guest.v1.InfoResponse.boot_time:type_name -> google.protobuf.Timestamp
+	33, // 1: macvm.guest.v1.SetTimeRequest.time:type_name -> google.protobuf.Timestamp
 	3,  // 2: macvm.guest.v1.CreateContainerRequest.rootfs:type_name -> macvm.guest.v1.Mount
 	4,  // 3: macvm.guest.v1.CreateContainerRequest.stdio:type_name -> macvm.guest.v1.Stdio
 	4,  // 4: macvm.guest.v1.ExecProcessRequest.stdio:type_name -> macvm.guest.v1.Stdio
-	29, // 5: macvm.guest.v1.WaitProcessResponse.exited_at:type_name -> google.protobuf.Timestamp
+	33, // 5: macvm.guest.v1.WaitProcessResponse.exited_at:type_name -> google.protobuf.Timestamp
 	18, // 6: macvm.guest.v1.PidsResponse.processes:type_name -> macvm.guest.v1.ProcessInfo
-	30, // 7: macvm.guest.v1.StatsResponse.metrics:type_name -> io.containerd.cgroups.v2.Metrics
-	29, // 8: macvm.guest.v1.Event.timestamp:type_name -> google.protobuf.Timestamp
+	34, // 7: macvm.guest.v1.StatsResponse.metrics:type_name -> io.containerd.cgroups.v2.Metrics
+	33, // 8: macvm.guest.v1.Event.timestamp:type_name -> google.protobuf.Timestamp
 	26, // 9: macvm.guest.v1.Event.oom:type_name -> macvm.guest.v1.OOMEvent
 	27, // 10: macvm.guest.v1.WaitEventsResponse.events:type_name -> macvm.guest.v1.Event
-	31, // 11: macvm.guest.v1.Agent.Info:input_type -> google.protobuf.Empty
-	2,  // 12: macvm.guest.v1.Agent.SetTime:input_type -> macvm.guest.v1.SetTimeRequest
-	1,  // 13: macvm.guest.v1.Agent.Reseed:input_type -> macvm.guest.v1.ReseedRequest
-	5,  // 14: macvm.guest.v1.Agent.CreateContainer:input_type -> macvm.guest.v1.CreateContainerRequest
-	7,  // 15: macvm.guest.v1.Agent.StartProcess:input_type -> macvm.guest.v1.StartProcessRequest
-	9,  // 16: macvm.guest.v1.Agent.ExecProcess:input_type -> macvm.guest.v1.ExecProcessRequest
-	10, // 17: macvm.guest.v1.Agent.SignalProcess:input_type -> macvm.guest.v1.SignalProcessRequest
-	11, // 18: macvm.guest.v1.Agent.WaitProcess:input_type -> macvm.guest.v1.WaitProcessRequest
-	13, // 19: macvm.guest.v1.Agent.DeleteProcess:input_type -> macvm.guest.v1.DeleteProcessRequest
-	14, // 20: macvm.guest.v1.Agent.DeleteContainer:input_type -> macvm.guest.v1.DeleteContainerRequest
-	15, // 21: macvm.guest.v1.Agent.ResizePty:input_type -> macvm.guest.v1.ResizePtyRequest
-	16, // 22: macvm.guest.v1.Agent.CloseStdin:input_type -> macvm.guest.v1.CloseStdinRequest
-	17, // 23: macvm.guest.v1.Agent.Pids:input_type -> macvm.guest.v1.PidsRequest
-	20, // 24: macvm.guest.v1.Agent.Stats:input_type -> macvm.guest.v1.StatsRequest
-	22, // 25: macvm.guest.v1.Agent.UpdateResources:input_type -> macvm.guest.v1.UpdateResourcesRequest
-	23, // 26: macvm.guest.v1.Agent.Pause:input_type -> macvm.guest.v1.PauseRequest
-	24, // 27: macvm.guest.v1.Agent.Resume:input_type -> macvm.guest.v1.ResumeRequest
-	25, // 28: macvm.guest.v1.Agent.WaitEvents:input_type -> macvm.guest.v1.WaitEventsRequest
-	31, // 29: macvm.guest.v1.Agent.Shutdown:input_type -> google.protobuf.Empty
-	0,  // 30: macvm.guest.v1.Agent.Info:output_type -> macvm.guest.v1.InfoResponse
-	31, // 31: macvm.guest.v1.Agent.SetTime:output_type -> google.protobuf.Empty
-	31, // 32: macvm.guest.v1.Agent.Reseed:output_type -> google.protobuf.Empty
-	6,  // 33: macvm.guest.v1.Agent.CreateContainer:output_type -> macvm.guest.v1.CreateContainerResponse
-	8,  // 34: macvm.guest.v1.Agent.StartProcess:output_type -> macvm.guest.v1.StartProcessResponse
-	31, // 35: macvm.guest.v1.Agent.ExecProcess:output_type -> google.protobuf.Empty
-	31, // 36: macvm.guest.v1.Agent.SignalProcess:output_type -> google.protobuf.Empty
-	12, // 37: macvm.guest.v1.Agent.WaitProcess:output_type -> macvm.guest.v1.WaitProcessResponse
-	31, // 38: macvm.guest.v1.Agent.DeleteProcess:output_type -> google.protobuf.Empty
-	31, // 39: macvm.guest.v1.Agent.DeleteContainer:output_type -> google.protobuf.Empty
-	31, // 40: macvm.guest.v1.Agent.ResizePty:output_type -> google.protobuf.Empty
-	31, // 41: macvm.guest.v1.Agent.CloseStdin:output_type -> google.protobuf.Empty
-	19, // 42: macvm.guest.v1.Agent.Pids:output_type -> macvm.guest.v1.PidsResponse
-	21, // 43: macvm.guest.v1.Agent.Stats:output_type -> macvm.guest.v1.StatsResponse
-	31, // 44: macvm.guest.v1.Agent.UpdateResources:output_type -> google.protobuf.Empty
-	31, // 45: macvm.guest.v1.Agent.Pause:output_type -> google.protobuf.Empty
-	31, // 46: macvm.guest.v1.Agent.Resume:output_type -> google.protobuf.Empty
-	28, // 47: macvm.guest.v1.Agent.WaitEvents:output_type -> macvm.guest.v1.WaitEventsResponse
-	31, // 48: macvm.guest.v1.Agent.Shutdown:output_type -> google.protobuf.Empty
-	30, // [30:49] is the sub-list for method output_type
-	11, // [11:30] is the sub-list for method input_type
-	11, // [11:11] is the sub-list for extension type_name
-	11, // [11:11] is the sub-list for extension extendee
-	0,  // [0:11] is the sub-list for field type_name
+	29, // 11: macvm.guest.v1.ConfigureNetworkRequest.interfaces:type_name -> macvm.guest.v1.NetworkInterface
+	30, // 12: macvm.guest.v1.ConfigureNetworkRequest.routes:type_name -> macvm.guest.v1.Route
+	31, // 13: macvm.guest.v1.ConfigureNetworkRequest.neighbours:type_name -> macvm.guest.v1.Neighbour
+	35, // 14: macvm.guest.v1.Agent.Info:input_type -> google.protobuf.Empty
+	2,  // 15: macvm.guest.v1.Agent.SetTime:input_type -> macvm.guest.v1.SetTimeRequest
+	1,  // 16: macvm.guest.v1.Agent.Reseed:input_type -> macvm.guest.v1.ReseedRequest
+	32, // 17: macvm.guest.v1.Agent.ConfigureNetwork:input_type -> macvm.guest.v1.ConfigureNetworkRequest
+	5,  // 18: macvm.guest.v1.Agent.CreateContainer:input_type -> macvm.guest.v1.CreateContainerRequest
+	7,  // 19: macvm.guest.v1.Agent.StartProcess:input_type -> macvm.guest.v1.StartProcessRequest
+	9,  // 20: macvm.guest.v1.Agent.ExecProcess:input_type -> macvm.guest.v1.ExecProcessRequest
+	10, // 21: macvm.guest.v1.Agent.SignalProcess:input_type -> macvm.guest.v1.SignalProcessRequest
+	11, // 22: macvm.guest.v1.Agent.WaitProcess:input_type -> macvm.guest.v1.WaitProcessRequest
+	13, // 23: macvm.guest.v1.Agent.DeleteProcess:input_type -> macvm.guest.v1.DeleteProcessRequest
+	14, // 24: macvm.guest.v1.Agent.DeleteContainer:input_type -> macvm.guest.v1.DeleteContainerRequest
+	15, // 25: macvm.guest.v1.Agent.ResizePty:input_type -> macvm.guest.v1.ResizePtyRequest
+	16, // 26: macvm.guest.v1.Agent.CloseStdin:input_type -> macvm.guest.v1.CloseStdinRequest
+	17, // 27: macvm.guest.v1.Agent.Pids:input_type -> macvm.guest.v1.PidsRequest
+	20, // 28: macvm.guest.v1.Agent.Stats:input_type -> macvm.guest.v1.StatsRequest
+	22, // 29: macvm.guest.v1.Agent.UpdateResources:input_type -> macvm.guest.v1.UpdateResourcesRequest
+	23, // 30: macvm.guest.v1.Agent.Pause:input_type -> macvm.guest.v1.PauseRequest
+	24, // 31: macvm.guest.v1.Agent.Resume:input_type -> macvm.guest.v1.ResumeRequest
+	25, // 32: macvm.guest.v1.Agent.WaitEvents:input_type -> macvm.guest.v1.WaitEventsRequest
+	35, // 33: macvm.guest.v1.Agent.Shutdown:input_type -> google.protobuf.Empty
+	0,  // 34: macvm.guest.v1.Agent.Info:output_type -> macvm.guest.v1.InfoResponse
+	35, // 35: macvm.guest.v1.Agent.SetTime:output_type -> google.protobuf.Empty
+	35, // 36: macvm.guest.v1.Agent.Reseed:output_type -> google.protobuf.Empty
+	35, // 37: macvm.guest.v1.Agent.ConfigureNetwork:output_type -> google.protobuf.Empty
+	6,  // 38: macvm.guest.v1.Agent.CreateContainer:output_type -> macvm.guest.v1.CreateContainerResponse
+	8,  // 39: macvm.guest.v1.Agent.StartProcess:output_type -> macvm.guest.v1.StartProcessResponse
+	35, // 40: macvm.guest.v1.Agent.ExecProcess:output_type -> google.protobuf.Empty
+	35, // 41: macvm.guest.v1.Agent.SignalProcess:output_type -> google.protobuf.Empty
+	12, // 42: macvm.guest.v1.Agent.WaitProcess:output_type -> macvm.guest.v1.WaitProcessResponse
+	35, // 43: macvm.guest.v1.Agent.DeleteProcess:output_type -> google.protobuf.Empty
+	35, // 44: macvm.guest.v1.Agent.DeleteContainer:output_type -> google.protobuf.Empty
+	35, // 45: macvm.guest.v1.Agent.ResizePty:output_type -> google.protobuf.Empty
+	35, // 46: macvm.guest.v1.Agent.CloseStdin:output_type -> google.protobuf.Empty
+	19, // 47: macvm.guest.v1.Agent.Pids:output_type -> macvm.guest.v1.PidsResponse
+	21, // 48: macvm.guest.v1.Agent.Stats:output_type -> macvm.guest.v1.StatsResponse
+	35, // 49: macvm.guest.v1.Agent.UpdateResources:output_type -> google.protobuf.Empty
+	35, // 50: macvm.guest.v1.Agent.Pause:output_type -> google.protobuf.Empty
+	35, // 51: macvm.guest.v1.Agent.Resume:output_type -> google.protobuf.Empty
+	28, // 52: macvm.guest.v1.Agent.WaitEvents:output_type -> macvm.guest.v1.WaitEventsResponse
+	35, // 53: macvm.guest.v1.Agent.Shutdown:output_type -> google.protobuf.Empty
+	34, // [34:54] is the sub-list for method output_type
+	14, // [14:34] is the sub-list for method input_type
+	14, // [14:14] is the sub-list for extension type_name
+	14, // [14:14] is the sub-list for extension extendee
+	0,  // [0:14] is the sub-list for field type_name
 }
 
 func init() { file_agent_proto_init() }
@@ -1851,7 +2184,7 @@ func file_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_agent_proto_rawDesc), len(file_agent_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   29,
+			NumMessages:   33,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -12,6 +12,7 @@ type AgentService interface {
 	Info(context.Context, *emptypb.Empty) (*InfoResponse, error)
 	SetTime(context.Context, *SetTimeRequest) (*emptypb.Empty, error)
 	Reseed(context.Context, *ReseedRequest) (*emptypb.Empty, error)
+	ConfigureNetwork(context.Context, *ConfigureNetworkRequest) (*emptypb.Empty, error)
 	CreateContainer(context.Context, *CreateContainerRequest) (*CreateContainerResponse, error)
 	StartProcess(context.Context, *StartProcessRequest) (*StartProcessResponse, error)
 	ExecProcess(context.Context, *ExecProcessRequest) (*emptypb.Empty, error)
@@ -53,6 +54,13 @@ func RegisterAgentService(srv *ttrpc.Server, svc AgentService) {
 					return nil, err
 				}
 				return svc.Reseed(ctx, &req)
+			},
+			"ConfigureNetwork": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+				var req ConfigureNetworkRequest
+				if err := unmarshal(&req); err != nil {
+					return nil, err
+				}
+				return svc.ConfigureNetwork(ctx, &req)
 			},
 			"CreateContainer": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
 				var req CreateContainerRequest
@@ -199,6 +207,14 @@ func (c *agentClient) SetTime(ctx context.Context, req *SetTimeRequest) (*emptyp
 func (c *agentClient) Reseed(ctx context.Context, req *ReseedRequest) (*emptypb.Empty, error) {
 	var resp emptypb.Empty
 	if err := c.client.Call(ctx, "macvm.guest.v1.Agent", "Reseed", req, &resp); err != nil {
+		return nil, err
+	}
+	return &resp, nil
+}
+
+func (c *agentClient) ConfigureNetwork(ctx context.Context, req *ConfigureNetworkRequest) (*emptypb.Empty, error) {
+	var resp emptypb.Empty
+	if err := c.client.Call(ctx, "macvm.guest.v1.Agent", "ConfigureNetwork", req, &resp); err != nil {
 		return nil, err
 	}
 	return &resp, nil
