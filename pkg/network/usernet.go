@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 
 	"github.com/containerd/errdefs"
 	"github.com/containers/gvisor-tap-vsock/pkg/types"
@@ -121,7 +122,15 @@ func NewUserNet(ports []PortForward) (u *UserNet, retErr error) {
 	}
 	// One frame per datagram, as QEMU's dgram netdev and the framework's
 	// file handle attachment send them (gvisor-tap-vsock's vfkit protocol).
-	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	// macOS has no SOCK_CLOEXEC: mark both ends under the fork lock, as
+	// the standard library does, so no child started meanwhile inherits them.
+	syscall.ForkLock.RLock()
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_DGRAM, 0)
+	if err == nil {
+		unix.CloseOnExec(fds[0])
+		unix.CloseOnExec(fds[1])
+	}
+	syscall.ForkLock.RUnlock()
 	if err != nil {
 		return nil, fmt.Errorf("user-space network: socketpair: %w", err)
 	}
