@@ -25,6 +25,10 @@ func (m *vzMachine) templateInputs() (templateInputs, error) {
 	if len(m.plan.Disks) > 0 {
 		return templateInputs{}, fmt.Errorf("vm %s: templates of VMs with disks: %w", m.cfg.ID, errdefs.ErrNotImplemented)
 	}
+	if len(m.plan.NICs) > 0 {
+		// A NIC's file handle is the VM's own stack socket.
+		return templateInputs{}, fmt.Errorf("vm %s: templates of VMs with NICs: %w", m.cfg.ID, errdefs.ErrNotImplemented)
+	}
 	p := m.plan
 	p.ConsolePath = "console"
 	p.Shares = make([]Share, len(m.plan.Shares))
