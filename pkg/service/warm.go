@@ -42,6 +42,10 @@ const DefaultTemplateDir = "/var/lib/macvm/templates"
 // template builder (see RunTemplateBuilder).
 const TemplateBuilderArg = "macvm-template-build"
 
+// maxBuildLog is the size past which build.log starts over (one old
+// copy is kept as build.log.1).
+const maxBuildLog = 1 << 20
+
 // templateBuildTimeout bounds a detached build (a boot and a save).
 const templateBuildTimeout = 10 * time.Minute
 
@@ -110,7 +114,11 @@ func spawnTemplateBuilder(ctx context.Context, dir string, cfg vm.Config) {
 		logger.WithError(err).Warn("warm start: template job")
 		return
 	}
-	out, err := os.OpenFile(filepath.Join(dir, "build.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	logPath := filepath.Join(dir, "build.log")
+	if fi, err := os.Stat(logPath); err == nil && fi.Size() > maxBuildLog {
+		os.Rename(logPath, logPath+".1") // keep one old log, bounded
+	}
+	out, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
 		logger.WithError(err).Warn("warm start: template build log")
 		return

@@ -393,7 +393,10 @@ func fsyncPath(p string) error {
 }
 
 // miss asks for cfg's template to be built.
-func (tc *TemplateCache) miss(cfg Config) {
+func (tc *TemplateCache) miss(key string, cfg Config) {
+	if tc.building(key) {
+		return // the builder that holds the lock will finish it
+	}
 	if tc.OnMiss != nil {
 		tc.OnMiss(cfg)
 		return
@@ -405,4 +408,18 @@ func (tc *TemplateCache) miss(cfg Config) {
 			tc.logf("warm start: building template for vm %s: %v", cfg.ID, err)
 		}
 	}()
+}
+
+// building reports whether some process holds key's build lock now.
+func (tc *TemplateCache) building(key string) bool {
+	f, err := os.Open(tc.lockPath(key))
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	if err := flockNB(f); err != nil {
+		return errors.Is(err, unix.EWOULDBLOCK)
+	}
+	unix.Flock(int(f.Fd()), unix.LOCK_UN)
+	return false
 }

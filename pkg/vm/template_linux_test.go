@@ -207,6 +207,18 @@ func TestTemplateBuildLocked(t *testing.T) {
 	if err := tc.Build(ctx, cfg); !errdefs.IsAlreadyExists(err) {
 		t.Fatalf("build while locked: %v, want already exists", err)
 	}
+	// While it is being built, a miss asks for no other builder.
+	misses := 0
+	tc.OnMiss = func(Config) { misses++ }
+	tc.miss(key, cfg)
+	if misses != 0 || !tc.building(key) {
+		t.Errorf("miss during a build: %d builder requests (building %v), want none", misses, tc.building(key))
+	}
+	f.Close()
+	tc.miss(key, cfg)
+	if misses != 1 || tc.building(key) {
+		t.Errorf("miss after the build: %d builder requests (building %v), want 1", misses, tc.building(key))
+	}
 }
 
 // A template's RAM is a shared file; a clone maps it privately and waits

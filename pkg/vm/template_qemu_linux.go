@@ -267,7 +267,7 @@ func (w *warmQEMU) Start(ctx context.Context) error {
 			tc.logf("warm start: vm %s boots cold, rebuilding the template: %v", w.cfg.ID, err)
 			tc.discard(key)
 		}
-		tc.miss(w.cfg)
+		tc.miss(key, w.cfg)
 		return cold.Start(ctx)
 	}
 	clone, err := NewQEMU(w.cfg)
@@ -288,7 +288,7 @@ func (w *warmQEMU) Start(ctx context.Context) error {
 	}
 	tc.logf("warm start: vm %s: restoring template %s failed, cold boot and rebuild: %v", w.cfg.ID, key, err)
 	tc.discard(key)
-	tc.miss(w.cfg)
+	tc.miss(key, w.cfg)
 	return cold.Start(ctx)
 }
 

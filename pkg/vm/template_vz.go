@@ -149,7 +149,7 @@ func (w *warmVZ) Start(ctx context.Context) error {
 			tc.logf("warm start: vm %s boots cold, rebuilding the template: %v", w.cfg.ID, err)
 			tc.discard(key)
 		}
-		tc.miss(w.cfg)
+		tc.miss(key, w.cfg)
 		return cold.Start(ctx)
 	}
 	clone, err := newVZMachine(w.cfg, w.create)
@@ -169,7 +169,7 @@ func (w *warmVZ) Start(ctx context.Context) error {
 	}
 	tc.logf("warm start: vm %s: restoring template %s failed, cold boot and rebuild: %v", w.cfg.ID, key, err)
 	tc.discard(key)
-	tc.miss(w.cfg)
+	tc.miss(key, w.cfg)
 	return cold.Start(ctx)
 }
 
