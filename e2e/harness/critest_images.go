@@ -8,8 +8,9 @@ import "runtime"
 // of the image-user images, the marker file naming each test image, a web server on the port the
 // networking tests use, and a process named nginx that records its PID in /var/run/nginx.pid.
 //
-// One reference cannot be rebuilt: the digest-pinned test-image-digest@sha256:9700f9a2... names the
-// upstream manifest's exact bytes. Its tests fail the same way on every runtime (docs/critest.md).
+// Two cannot be rebuilt: the digest-pinned test-image-digest@sha256:9700f9a2... names the upstream
+// manifest's exact bytes, and nonewprivs:1.3 needs a setuid-root program that prints its effective
+// uid. Their tests fail the same way on every runtime (docs/critest.md).
 
 // TaggedImage is a locally built image and every reference it is pushed under.
 type TaggedImage struct {
@@ -30,24 +31,26 @@ const (
 	imageGroup = "root:x:0:\nwww-data:x:33:\nnogroup:x:65534:\n"
 )
 
-// fakeNginx stands in for nginx: a shell whose process name is nginx (the kernel names a script's
-// process after the script), which records its PID where nginx does and serves DIR on PORT with
-// busybox httpd until it is told to stop.
-func fakeNginx(port, dir string) File {
-	return File{Path: "/usr/sbin/nginx", Mode: 0o755, Data: []byte(`#!/bin/sh
+// fakeServer stands in for nginx or Apache's httpd: a shell whose process name is name (the kernel
+// names a script's process after the script), which records its PID where nginx does, says so on
+// stdout (the multi-container log test looks for "httpd") and serves dir on port with busybox httpd
+// until it is told to stop.
+func fakeServer(name, port, dir string) File {
+	return File{Path: "/usr/sbin/" + name, Mode: 0o755, Data: []byte(`#!/bin/sh
 mkdir -p /var/run
-echo $$ > /var/run/nginx.pid
+echo $$ > /var/run/` + name + `.pid
+echo "` + name + ` serving ` + dir + ` on port ` + port + `"
 httpd -f -p ` + port + ` -h ` + dir + ` &
 trap 'kill $! 2>/dev/null; exit 0' TERM INT QUIT
 wait
 `)}
 }
 
-func webServer(port string) Image {
+func webServer(name, port string) Image {
 	return Image{
-		Cmd: []string{"/usr/sbin/nginx"},
+		Cmd: []string{"/usr/sbin/" + name},
 		Files: []File{
-			fakeNginx(port, "/usr/share/nginx/html"),
+			fakeServer(name, port, "/usr/share/nginx/html"),
 			{Path: "/usr/share/nginx/html/index.html", Data: []byte("<title>Welcome to nginx!</title>\n")},
 			{Path: "/etc/passwd", Data: []byte(imagePasswd)},
 			{Path: "/etc/group", Data: []byte(imageGroup)},
@@ -72,8 +75,9 @@ func marker(name string) Image {
 func CritestImages() []TaggedImage {
 	imgs := []TaggedImage{
 		{Image{}, []string{e2eImages + "busybox:1.29-2"}},
-		{webServer("80"), []string{e2eImages + "nginx:1.14-2"}},
-		{webServer("12003"), []string{criToolsRegistry + "hostnet-nginx-" + runtime.GOARCH + ":latest"}},
+		{webServer("nginx", "80"), []string{e2eImages + "nginx:1.14-2"}},
+		{webServer("httpd", "80"), []string{e2eImages + "httpd:2.4.39-4"}},
+		{webServer("nginx", "12003"), []string{criToolsRegistry + "hostnet-nginx-" + runtime.GOARCH + ":latest"}},
 		{userImage("1002"), []string{criToolsRegistry + "test-image-user-uid:latest"}},
 		{userImage("www-data"), []string{criToolsRegistry + "test-image-user-username:latest"}},
 		{userImage("1003:1004"), []string{criToolsRegistry + "test-image-user-uid-group:latest"}},

@@ -1,0 +1,96 @@
+package critest
+
+import (
+	"fmt"
+	"sort"
+	"strings"
+	"time"
+)
+
+// Differences explains, one line each, why a critest spec that passes with runc does not pass with
+// macvm. A difference found by a run and missing here fails the comparison; an entry here that no run
+// shows is reported as stale.
+var Differences = map[string]string{}
+
+// Comparison is the result of a runc run and a macvm run of the same specs.
+type Comparison struct {
+	Runc, Macvm *Run
+	// Focus and Skip are the ginkgo expressions both runs used.
+	Focus, Skip string
+	// Regressions pass on runc and not on macvm; Unexplained are those without an entry in Differences.
+	Regressions, Unexplained []string
+	// Gains pass on macvm and not on runc.
+	Gains []string
+}
+
+// Compare compares two runs of the same specs.
+func Compare(runc, macvm *Run, focus, skip string) Comparison {
+	c := Comparison{Runc: runc, Macvm: macvm, Focus: focus, Skip: skip}
+	for _, n := range runc.Names() {
+		r, m := runc.Specs[n], macvm.Specs[n]
+		if r.State == "passed" && m.State != "passed" {
+			c.Regressions = append(c.Regressions, n)
+			if _, ok := Differences[n]; !ok {
+				c.Unexplained = append(c.Unexplained, n)
+			}
+		}
+	}
+	for _, n := range macvm.Names() {
+		if macvm.Specs[n].State == "passed" && runc.Specs[n].State != "passed" {
+			c.Gains = append(c.Gains, n)
+		}
+	}
+	return c
+}
+
+// Markdown renders the comparison as docs/critest.md.
+func (c Comparison) Markdown(when time.Time) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "# critest: runc vs macvm\n\n")
+	fmt.Fprintf(&b, "Written by `make critest` (e2e/critest) on %s: cri-tools' critest v1.34.0 against containerd v2.4.2's CRI\n", when.UTC().Format("2006-01-02 15:04 MST"))
+	fmt.Fprintf(&b, "plugin on this project's machine (2 cores, QEMU under TCG, no KVM), once with `-runtime-handler runc`\n")
+	fmt.Fprintf(&b, "(Debian's runc 1.1.5, host cgroup v1) and once with `-runtime-handler macvm`. Images come from a local\n")
+	fmt.Fprintf(&b, "registry (see e2e/critest); pods get a CNI bridge network without port mapping (no iptables here).\n\n")
+	if c.Focus != "" || c.Skip != "" {
+		fmt.Fprintf(&b, "Specs selected: focus `%s`, skip `%s`.\n\n", c.Focus, c.Skip)
+	}
+	fmt.Fprintf(&b, "| runtime | specs | passed | failed | skipped | time |\n|---|---|---|---|---|---|\n")
+	for _, r := range []*Run{c.Runc, c.Macvm} {
+		fmt.Fprintf(&b, "| %s | %d | %d | %d | %d | %v |\n", r.Handler, len(r.Specs), r.Count("passed"),
+			len(r.Specs)-r.Count("passed")-r.Count("skipped")-r.Count("pending"), r.Count("skipped"), r.Duration.Round(time.Second))
+	}
+	fmt.Fprintf(&b, "\n## Pass on runc, not on macvm\n\n")
+	if len(c.Regressions) == 0 {
+		fmt.Fprintf(&b, "None.\n")
+	}
+	for _, n := range c.Regressions {
+		reason := Differences[n]
+		if reason == "" {
+			reason = "UNEXPLAINED: " + c.Macvm.Specs[n].Failure
+		}
+		fmt.Fprintf(&b, "- `%s` (%s): %s\n", n, c.Macvm.Specs[n].State, reason)
+	}
+	fmt.Fprintf(&b, "\n## Pass on macvm, not on runc\n\n")
+	if len(c.Gains) == 0 {
+		fmt.Fprintf(&b, "None.\n")
+	}
+	for _, n := range c.Gains {
+		fmt.Fprintf(&b, "- `%s`: runc %s: %s\n", n, c.Runc.Specs[n].State, c.Runc.Specs[n].Failure)
+	}
+	fmt.Fprintf(&b, "\n## Fail on both\n\n")
+	var both []string
+	for _, n := range c.Runc.Names() {
+		r, m := c.Runc.Specs[n], c.Macvm.Specs[n]
+		if r.State != "passed" && r.State != "skipped" && m.State != "passed" {
+			both = append(both, n)
+		}
+	}
+	sort.Strings(both)
+	if len(both) == 0 {
+		fmt.Fprintf(&b, "None.\n")
+	}
+	for _, n := range both {
+		fmt.Fprintf(&b, "- `%s`: runc: %s\n", n, c.Runc.Specs[n].Failure)
+	}
+	return b.String()
+}
