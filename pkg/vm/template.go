@@ -11,6 +11,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"sort"
 	"strconv"
 	"strings"
 	"syscall"
@@ -232,6 +233,11 @@ func (tc *TemplateCache) prune(keep string) {
 	if err != nil {
 		return
 	}
+	type kept struct {
+		key  string
+		used time.Time
+	}
+	var live []kept
 	for _, e := range entries {
 		if !e.IsDir() || e.Name() == keep || strings.HasPrefix(e.Name(), ".") {
 			continue
@@ -254,8 +260,29 @@ func (tc *TemplateCache) prune(keep string) {
 			tc.logf("warm start: removing template %s: its inputs changed", e.Name())
 			tc.discard(e.Name())
 			os.Remove(tc.lockPath(e.Name()))
+			continue
+		}
+		if fi, err := e.Info(); err == nil {
+			live = append(live, kept{e.Name(), fi.ModTime()})
 		}
 	}
+	// Bounded: every VM size is a template of its own. The least recently
+	// used ones go (a clone start touches its template's directory).
+	sort.Slice(live, func(i, j int) bool { return live[i].used.After(live[j].used) })
+	for i := MaxTemplates - 1; i < len(live); i++ {
+		tc.logf("warm start: removing template %s: least recently used of more than %d", live[i].key, MaxTemplates)
+		tc.discard(live[i].key)
+	}
+}
+
+// MaxTemplates bounds how many templates a cache keeps (each costs its
+// touched guest RAM on disk, ~120 MB for a 512 MiB Debian-kernel guest).
+const MaxTemplates = 8
+
+// touch marks key's template as just used, for prune's LRU order.
+func (tc *TemplateCache) touch(key string) {
+	now := time.Now()
+	os.Chtimes(tc.dir(key), now, now)
 }
 
 // templateBoot boots cfg's template VM (its state directory and shares

@@ -247,3 +247,30 @@ func TestTemplateArgs(t *testing.T) {
 		}
 	}
 }
+
+// The cache keeps the MaxTemplates most recently used templates.
+func TestTemplatePruneLRU(t *testing.T) {
+	cfg := templateTestConfig(t)
+	tc := &TemplateCache{Dir: t.TempDir()}
+	var keys []string
+	base := time.Now().Add(-time.Hour)
+	for i := 0; i < MaxTemplates+2; i++ {
+		c := cfg
+		c.MemoryMiB = 256 + i
+		key := fakeTemplate(t, tc, c)
+		used := base.Add(time.Duration(i) * time.Minute)
+		os.Chtimes(tc.dir(key), used, used)
+		keys = append(keys, key)
+	}
+	tc.touch(keys[0]) // the oldest, used just now
+	tc.prune(keys[len(keys)-1])
+	for i, key := range keys {
+		_, err := os.Stat(tc.dir(key))
+		gone := os.IsNotExist(err)
+		// Kept: the one just built, keys[0] (touched), and the newest others.
+		wantGone := i == 1 || i == 2
+		if gone != wantGone {
+			t.Errorf("template %d (of %d): removed %v, want %v", i, len(keys), gone, wantGone)
+		}
+	}
+}

@@ -278,6 +278,7 @@ func (w *warmQEMU) Start(ctx context.Context) error {
 	clone.statePath = filepath.Join(tc.dir(key), templateState)
 	err = clone.Start(ctx)
 	if err == nil {
+		tc.touch(key)
 		w.mu.Lock()
 		w.cur = clone
 		w.mu.Unlock()

@@ -159,6 +159,7 @@ func (w *warmVZ) Start(ctx context.Context) error {
 	clone.restorePath = filepath.Join(tc.dir(key), templateState)
 	err = clone.Start(ctx)
 	if err == nil {
+		tc.touch(key)
 		w.mu.Lock()
 		w.cur = clone
 		w.mu.Unlock()
