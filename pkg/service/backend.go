@@ -35,4 +35,6 @@ type backend struct {
 	// dialAgent performs the handshake on a VM's agent channel and returns
 	// the RPC client.
 	dialAgent func(ctx context.Context, conn net.Conn) (agentClient, error)
+	// mounter performs the pod share's host mounts (nil: the real ones).
+	mounter hostMounter
 }

@@ -24,6 +24,9 @@ type bundleState struct {
 	VMStateDir string `json:"vm_state_dir,omitempty"`
 	// Rootfs is the host mount point the shim mounted, if any.
 	Rootfs string `json:"rootfs,omitempty"`
+	// Share is the container's directory in the pod share on the host:
+	// its rootfs and bind sources are mounted below it.
+	Share string `json:"share,omitempty"`
 	// Exit is set once the init process has exited.
 	Exit *bundleExit `json:"exit,omitempty"`
 }

@@ -5,11 +5,13 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
 
 	"github.com/containerd/cgroups/v3/cgroup2/stats"
+	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/errdefs"
 	"google.golang.org/protobuf/types/known/emptypb"
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -269,8 +271,21 @@ func (a *fakeAgent) DeleteProcess(_ context.Context, r *agent.DeleteProcessReque
 	return &emptypb.Empty{}, nil
 }
 
-func (a *fakeAgent) DeleteContainer(context.Context, *agent.DeleteContainerRequest) (*emptypb.Empty, error) {
+// DeleteContainer kills what is left of the container, as the agent does.
+func (a *fakeAgent) DeleteContainer(_ context.Context, r *agent.DeleteContainerRequest) (*emptypb.Empty, error) {
 	a.record("DeleteContainer")
+	a.record("DeleteContainer " + r.GetContainerId())
+	a.mu.Lock()
+	var ps []*fakeProc
+	for _, p := range a.procs {
+		if p.cid == r.GetContainerId() {
+			ps = append(ps, p)
+		}
+	}
+	a.mu.Unlock()
+	for _, p := range ps {
+		p.exitWith(137)
+	}
 	return &emptypb.Empty{}, nil
 }
 
@@ -363,3 +378,55 @@ func (m *fakeMachine) Err() error             { return nil }
 func (m *fakeMachine) ConsoleTail(int) string { return "fake console" }
 func (m *fakeMachine) Pid() int               { return 0 }
 func (m *fakeMachine) BootStarted() time.Time { return time.Time{} }
+
+// fakeMounter records the pod share's host mounts instead of mounting.
+type fakeMounter struct {
+	// mu guards mounted.
+	mu sync.Mutex
+	// mounted maps a target to "bind SRC [ro]" or "rootfs".
+	mounted map[string]string
+}
+
+func newFakeMounter() *fakeMounter { return &fakeMounter{mounted: map[string]string{}} }
+
+func (m *fakeMounter) mountAll(_ []mount.Mount, target string) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.mounted[target] = "rootfs"
+	return nil
+}
+
+func (m *fakeMounter) bind(src, target string, ro bool) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.mounted[target] = "bind " + src
+	if ro {
+		m.mounted[target] += " ro"
+	}
+	return nil
+}
+
+func (m *fakeMounter) unmountAll(dir string) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for t := range m.mounted {
+		if t == dir || strings.HasPrefix(t, dir+"/") {
+			delete(m.mounted, t)
+		}
+	}
+	return nil
+}
+
+// get returns what is mounted on target ("" for nothing).
+func (m *fakeMounter) get(target string) string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.mounted[target]
+}
+
+// count returns how many mounts are left.
+func (m *fakeMounter) count() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return len(m.mounted)
+}

@@ -14,7 +14,6 @@ import (
 
 	bootapi "github.com/containerd/containerd/api/runtime/bootstrap/v1"
 	"github.com/containerd/containerd/api/types"
-	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/defaults"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/containerd/v2/pkg/shim"
@@ -165,14 +164,12 @@ func (m Manager) Stop(ctx context.Context, id string) (shim.StopStatus, error) {
 		log.G(ctx).WithField("vm_pid", st.VMPid).Info("killed the VM of a dead shim")
 	}
 	exitedAt := time.Now()
-	rootfs := st.Rootfs
-	if rootfs == "" {
-		rootfs = filepath.Join(bundle, "rootfs")
-	}
-	if err := mount.UnmountRecursive(rootfs, 0); err != nil {
-		log.G(ctx).WithError(err).Warn("unmount rootfs")
-	}
-	if st.VMStateDir != "" {
+	// The VM is gone, and every container of the pod with it: the whole
+	// pod share is unmounted, and the state dir removed only if nothing is
+	// left mounted in it.
+	if err := undoHostMounts(st); err != nil {
+		log.G(ctx).WithError(err).Warn("undo host mounts; VM state dir kept")
+	} else if st.VMStateDir != "" {
 		if err := os.RemoveAll(st.VMStateDir); err != nil {
 			log.G(ctx).WithError(err).Warn("remove VM state dir")
 		}

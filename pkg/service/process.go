@@ -79,7 +79,7 @@ func (p *process) start(ctx context.Context) (uint32, error) {
 		p.pio.startStdin()
 	}
 
-	resp, err := p.c.client.StartProcess(ctx, &agent.StartProcessRequest{ContainerId: p.c.id, ExecId: p.execID})
+	resp, err := p.c.sb.client.StartProcess(ctx, &agent.StartProcessRequest{ContainerId: p.c.id, ExecId: p.execID})
 
 	p.mu.Lock()
 	defer p.mu.Unlock()

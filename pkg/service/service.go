@@ -33,7 +33,6 @@ import (
 	eventstypes "github.com/containerd/containerd/api/events"
 
 	agent "github.com/macvm/macvm/pkg/guest/api/v1"
-	"github.com/macvm/macvm/pkg/vm"
 )
 
 // Version is reported by Connect and Info.
@@ -41,7 +40,8 @@ const Version = "0.1.0"
 
 var empty = &emptypb.Empty{}
 
-// Service implements containerd's Task API v3 with one VM per container.
+// Service implements containerd's Task API v3 for one pod: one VM (the
+// sandbox) running every container of the pod.
 type Service struct {
 	ctx     context.Context
 	events  *eventQueue
@@ -51,11 +51,17 @@ type Service struct {
 	// relative to it.
 	exeDir string
 
-	// mu guards containers and creating.
+	// stateBase is where VM state directories are made.
+	stateBase string
+
+	// mu guards containers, creating and sb.
 	mu         sync.Mutex
 	containers map[string]*container
 	// creating reserves IDs whose Create is in flight.
 	creating map[string]bool
+	// sb is the pod's VM, nil before the first create and after the last
+	// container is deleted.
+	sb *sandbox
 }
 
 var _ taskAPI.TTRPCTaskService = (*Service)(nil)
@@ -80,6 +86,7 @@ func newService(ctx context.Context, publisher Publisher, sd shutdown.Service, b
 		sd:         sd,
 		backend:    b,
 		exeDir:     filepath.Dir(exe),
+		stateBase:  defaultStateBase(),
 		containers: map[string]*container{},
 		creating:   map[string]bool{},
 	}
@@ -93,20 +100,63 @@ func (s *Service) RegisterTTRPC(server *ttrpc.Server) error {
 	return nil
 }
 
-// shutdownAll runs when the shim exits: any VM still running goes with it,
-// and queued events are flushed.
+// shutdownAll runs when the shim exits: the VM, if still running, goes
+// with it, and queued events are flushed.
 func (s *Service) shutdownAll(ctx context.Context) error {
 	s.mu.Lock()
 	cs := make([]*container, 0, len(s.containers))
 	for _, c := range s.containers {
 		cs = append(cs, c)
 	}
+	sb := s.sb
+	s.sb = nil
 	s.mu.Unlock()
 	for _, c := range cs {
 		c.destroy(ctx)
 	}
+	if sb != nil {
+		sb.destroy(ctx)
+	}
 	s.events.close(ctx)
 	return nil
+}
+
+// sandboxFor returns the pod's VM, booting it for the first container:
+// the caller whose create made it boots it (boot is true), the others wait
+// for it. Called with r.ID reserved in s.creating.
+func (s *Service) sandboxFor(ctx context.Context, id, ns, bundle string, cfg *Config) (sb *sandbox, boot bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.sb != nil {
+		return s.sb, false
+	}
+	s.sb = newSandbox(s.ctx, id, ns, bundle, s.stateBase, cfg, s.events, s.backend.mounter)
+	return s.sb, true
+}
+
+// releaseSandboxIfIdle tears the VM down when no container is left in it
+// and no create is under way: the last Delete (or a failed first create)
+// ends the pod's VM.
+func (s *Service) releaseSandboxIfIdle(ctx context.Context, sb *sandbox) {
+	s.mu.Lock()
+	idle := s.sb == sb && len(s.containers) == 0 && len(s.creating) == 0
+	if idle {
+		s.sb = nil
+	}
+	s.mu.Unlock()
+	if idle {
+		sb.destroy(ctx)
+	}
+}
+
+// dropSandbox forgets a sandbox that failed to boot, so that the next
+// create boots a fresh one.
+func (s *Service) dropSandbox(sb *sandbox) {
+	s.mu.Lock()
+	if s.sb == sb {
+		s.sb = nil
+	}
+	s.mu.Unlock()
 }
 
 func (s *Service) get(id string) (*container, error) {
@@ -192,52 +242,60 @@ func (s *Service) create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 		return nil, err
 	}
 	ns, _ := namespaces.Namespace(ctx)
-	vmCtx, vmCancel := context.WithCancel(context.WithoutCancel(s.ctx))
+	sb, boot := s.sandboxFor(ctx, r.ID, ns, r.Bundle, cfg)
 	c := &container{
-		id:          r.ID,
-		bundle:      r.Bundle,
-		namespace:   ns,
-		spec:        spec,
-		cfg:         cfg,
-		events:      s.events,
-		stateDir:    vmStateDir(r.Bundle, ns, r.ID),
-		vmCtx:       log.WithLogger(vmCtx, log.G(s.ctx).WithField("container_id", r.ID)),
-		vmCancel:    vmCancel,
-		tearingDown: make(chan struct{}),
-		execs:       map[string]*process{},
+		id:        r.ID,
+		bundle:    r.Bundle,
+		namespace: ns,
+		spec:      spec,
+		sb:        sb,
+		events:    s.events,
+		execs:     map[string]*process{},
 	}
 	defer func() {
-		if retErr != nil {
-			c.destroy(ctx)
+		if retErr == nil {
+			return
 		}
+		c.destroy(ctx)
+		if boot && !sb.booted() {
+			sb.finishBoot(retErr)
+			s.dropSandbox(sb)
+			sb.destroy(ctx)
+			return
+		}
+		// A failed create in a running pod must not end the pod, unless
+		// nothing else runs in it.
+		s.mu.Lock()
+		delete(s.creating, r.ID)
+		s.mu.Unlock()
+		s.releaseSandboxIfIdle(ctx, sb)
 	}()
 
-	rootfs := filepath.Join(r.Bundle, "rootfs")
-	if len(r.Rootfs) > 0 {
-		if err := os.MkdirAll(rootfs, 0o711); err != nil {
-			return nil, err
-		}
-		dir, mounted, err := mountRootfs(mount.FromProto(r.Rootfs), rootfs)
-		if err != nil {
-			return nil, err
-		}
-		if mounted {
-			c.rootfs = rootfs
-		}
-		rootfs = dir
-	} else if spec.Root != nil && spec.Root.Path != "" {
-		rootfs = spec.Root.Path
-		if !filepath.IsAbs(rootfs) {
-			rootfs = filepath.Join(r.Bundle, rootfs)
+	root := containerRootfs{mounts: mount.FromProto(r.Rootfs)}
+	if len(root.mounts) == 0 && spec.Root != nil && spec.Root.Path != "" {
+		root.dir = spec.Root.Path
+		if !filepath.IsAbs(root.dir) {
+			root.dir = filepath.Join(r.Bundle, root.dir)
 		}
 	}
-	gspec, binds, err := guestSpec(spec)
-	if err != nil {
+	if c.files, err = sb.share.add(r.ID, root, spec); err != nil {
 		return nil, err
 	}
-	shares := append([]vm.Share{{Tag: rootfsTag, HostPath: rootfs}}, binds...)
+	if boot {
+		// BUNDLE/vm points at the VM's state (its console log) for
+		// whoever debugs the first container; containerd removes the link
+		// with the bundle.
+		_ = os.Symlink(sb.stateDir, filepath.Join(r.Bundle, "vm"))
+		if err := sb.boot(ctx, s.backend, spec); err != nil {
+			return nil, err
+		}
+	} else if err := sb.wait(ctx); err != nil {
+		return nil, fmt.Errorf("pod VM: %w", err)
+	} else if !sb.alive() {
+		return nil, fmt.Errorf("the pod's VM is gone: %w", errdefs.ErrUnavailable)
+	}
 	stdio := stdioSpec{stdin: r.Stdin, stdout: r.Stdout, stderr: r.Stderr, terminal: r.Terminal}
-	if err := c.start(ctx, s.backend, shares, gspec, stdio); err != nil {
+	if err := c.createInVM(ctx, stdio); err != nil {
 		return nil, err
 	}
 
@@ -308,6 +366,7 @@ func (s *Service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAP
 	s.mu.Lock()
 	delete(s.containers, r.ID)
 	s.mu.Unlock()
+	s.releaseSandboxIfIdle(ctx, c.sb)
 	return resp, nil
 }
 
@@ -349,7 +408,7 @@ func (s *Service) ResizePty(ctx context.Context, r *taskAPI.ResizePtyRequest) (*
 	if p.isExited() {
 		return empty, nil
 	}
-	if _, err := c.client.ResizePty(ctx, &agent.ResizePtyRequest{ContainerId: c.id, ExecId: r.ExecID, Width: r.Width, Height: r.Height}); err != nil {
+	if _, err := c.sb.client.ResizePty(ctx, &agent.ResizePtyRequest{ContainerId: c.id, ExecId: r.ExecID, Width: r.Width, Height: r.Height}); err != nil {
 		return nil, errgrpc.ToGRPC(fmt.Errorf("resize pty: %w", err))
 	}
 	return empty, nil
@@ -374,7 +433,7 @@ func (s *Service) Pause(ctx context.Context, r *taskAPI.PauseRequest) (*emptypb.
 	if _, err := p.currentState().next(evPause); err != nil {
 		return nil, errgrpc.ToGRPC(err)
 	}
-	if _, err := c.client.Pause(ctx, &agent.PauseRequest{ContainerId: c.id}); err != nil {
+	if _, err := c.sb.client.Pause(ctx, &agent.PauseRequest{ContainerId: c.id}); err != nil {
 		return nil, errgrpc.ToGRPC(fmt.Errorf("pause: %w", err))
 	}
 	if err := p.transition(evPause); err != nil {
@@ -394,7 +453,7 @@ func (s *Service) Resume(ctx context.Context, r *taskAPI.ResumeRequest) (*emptyp
 	if _, err := p.currentState().next(evResume); err != nil {
 		return nil, errgrpc.ToGRPC(err)
 	}
-	if _, err := c.client.Resume(ctx, &agent.ResumeRequest{ContainerId: c.id}); err != nil {
+	if _, err := c.sb.client.Resume(ctx, &agent.ResumeRequest{ContainerId: c.id}); err != nil {
 		return nil, errgrpc.ToGRPC(fmt.Errorf("resume: %w", err))
 	}
 	if err := p.transition(evResume); err != nil {
@@ -425,7 +484,7 @@ func (s *Service) Kill(ctx context.Context, r *taskAPI.KillRequest) (*emptypb.Em
 			return empty, nil
 		}
 	}
-	if c.vmCtx.Err() != nil {
+	if !c.sb.alive() {
 		// The VM is gone: everything in it is dead already and its exit is
 		// being reported.
 		return empty, nil
@@ -438,9 +497,9 @@ func (s *Service) Kill(ctx context.Context, r *taskAPI.KillRequest) (*emptypb.Em
 	}
 	sctx, cancel := context.WithTimeout(ctx, killTimeout)
 	defer cancel()
-	_, err = c.client.SignalProcess(sctx, &agent.SignalProcessRequest{ContainerId: c.id, ExecId: r.ExecID, Signal: r.Signal, All: r.All})
+	_, err = c.sb.client.SignalProcess(sctx, &agent.SignalProcessRequest{ContainerId: c.id, ExecId: r.ExecID, Signal: r.Signal, All: r.All})
 	if err != nil {
-		if errdefs.IsNotFound(err) || c.vmCtx.Err() != nil || p.isExited() || killAll {
+		if errdefs.IsNotFound(err) || !c.sb.alive() || p.isExited() || killAll {
 			return empty, nil
 		}
 		return nil, errgrpc.ToGRPC(fmt.Errorf("kill: %w", err))
@@ -457,9 +516,9 @@ func (s *Service) Pids(ctx context.Context, r *taskAPI.PidsRequest) (*taskAPI.Pi
 	}
 	var procs []*task.ProcessInfo
 	seen := map[uint32]bool{}
-	if c.vmCtx.Err() == nil {
-		resp, err := c.client.Pids(ctx, &agent.PidsRequest{ContainerId: c.id})
-		if err != nil && c.vmCtx.Err() == nil {
+	if c.sb.alive() {
+		resp, err := c.sb.client.Pids(ctx, &agent.PidsRequest{ContainerId: c.id})
+		if err != nil && c.sb.alive() {
 			return nil, errgrpc.ToGRPC(fmt.Errorf("pids: %w", err))
 		}
 		for _, pi := range resp.GetProcesses() {
@@ -492,9 +551,9 @@ func (s *Service) CloseIO(ctx context.Context, r *taskAPI.CloseIORequest) (*empt
 		return empty, nil
 	}
 	p.pio.closeStdin(ctx)
-	if c.vmCtx.Err() == nil && !p.isExited() {
-		if _, err := c.client.CloseStdin(ctx, &agent.CloseStdinRequest{ContainerId: c.id, ExecId: r.ExecID}); err != nil &&
-			!errdefs.IsNotFound(err) && c.vmCtx.Err() == nil {
+	if c.sb.alive() && !p.isExited() {
+		if _, err := c.sb.client.CloseStdin(ctx, &agent.CloseStdinRequest{ContainerId: c.id, ExecId: r.ExecID}); err != nil &&
+			!errdefs.IsNotFound(err) && c.sb.alive() {
 			return nil, errgrpc.ToGRPC(fmt.Errorf("close stdin: %w", err))
 		}
 	}
@@ -518,7 +577,7 @@ func (s *Service) Update(ctx context.Context, r *taskAPI.UpdateTaskRequest) (*em
 	if err != nil {
 		return nil, errgrpc.ToGRPC(err)
 	}
-	if _, err := c.client.UpdateResources(ctx, &agent.UpdateResourcesRequest{ContainerId: c.id, Resources: data}); err != nil {
+	if _, err := c.sb.client.UpdateResources(ctx, &agent.UpdateResourcesRequest{ContainerId: c.id, Resources: data}); err != nil {
 		return nil, errgrpc.ToGRPC(fmt.Errorf("update: %w", err))
 	}
 	return empty, nil
@@ -545,8 +604,8 @@ func (s *Service) Stats(ctx context.Context, r *taskAPI.StatsRequest) (*taskAPI.
 		return nil, errgrpc.ToGRPC(err)
 	}
 	var m any
-	if c.vmCtx.Err() == nil {
-		resp, err := c.client.Stats(ctx, &agent.StatsRequest{ContainerId: c.id})
+	if c.sb.alive() {
+		resp, err := c.sb.client.Stats(ctx, &agent.StatsRequest{ContainerId: c.id})
 		if err == nil && resp.GetMetrics() != nil {
 			c.mu.Lock()
 			c.stats = resp.GetMetrics()

@@ -39,6 +39,7 @@ type harness struct {
 	svc   *Service
 	rec   *recorder
 	agent *fakeAgent
+	mnt   *fakeMounter
 	sd    shutdown.Service
 	opts  *anypb.Any
 	dir   string
@@ -61,7 +62,7 @@ func newHarness(t *testing.T, run func(p *fakeProc)) *harness {
 	if err != nil {
 		t.Fatal(err)
 	}
-	h := &harness{t: t, rec: &recorder{}, agent: newFakeAgent(run), opts: opts, dir: dir}
+	h := &harness{t: t, rec: &recorder{}, agent: newFakeAgent(run), mnt: newFakeMounter(), opts: opts, dir: dir}
 	ctx := namespaces.WithNamespace(context.Background(), "test")
 	ctx, h.sd = shutdown.WithShutdown(ctx)
 	h.ctx = ctx
@@ -75,11 +76,13 @@ func newHarness(t *testing.T, run func(p *fakeProc)) *harness {
 		},
 		lookupHypervisor: func(string) (string, string, error) { return "/fake/qemu", "", nil },
 		dialAgent:        func(context.Context, net.Conn) (agentClient, error) { return h.agent, nil },
+		mounter:          h.mnt,
 	}
 	h.svc, err = newService(ctx, h.rec, h.sd, b)
 	if err != nil {
 		t.Fatal(err)
 	}
+	h.svc.stateBase = filepath.Join(dir, "run")
 	t.Cleanup(func() {
 		h.sd.Shutdown()
 		<-h.sd.Done()
@@ -266,9 +269,13 @@ func TestTaskLifecycle(t *testing.T) {
 	if err != nil || st.Status != task.Status_CREATED || st.Pid != 101 {
 		t.Fatalf("state after create: %v, %v", st, err)
 	}
-	if cfg := h.machine(0).cfg; cfg.Shares[0].Tag != rootfsTag || cfg.Shares[0].HostPath != filepath.Join(h.dir, "c1", "rootfs") ||
+	shared := filepath.Join(vmStateDir(h.svc.stateBase, "test", "c1", filepath.Join(h.dir, "c1")), "shared")
+	if cfg := h.machine(0).cfg; len(cfg.Shares) != 1 || cfg.Shares[0].Tag != podShareTag || cfg.Shares[0].HostPath != shared ||
 		cfg.MemoryMiB != defaultMemoryMiB || cfg.Hypervisor != "/fake/qemu" {
 		t.Errorf("VM config: %+v", cfg)
+	}
+	if got, want := h.mnt.get(filepath.Join(shared, "c1", "rootfs")), "bind "+filepath.Join(h.dir, "c1", "rootfs"); got != want {
+		t.Errorf("rootfs host mount: %q, want %q", got, want)
 	}
 	h.start("c1", "")
 	if got := h.wait("c1", ""); got != 3 {

@@ -170,14 +170,14 @@ const reseedBytes = 64
 // on every VM (cheap): a clone must not share its template's random
 // stream, so for a clone a failure fails the create; a cold-booted VM
 // has its own entropy and only logs it (e.g. an older agent).
-func (c *container) reseed(ctx context.Context, client agentClient, mode vm.StartMode) error {
+func (sb *sandbox) reseed(ctx context.Context, client agentClient, mode vm.StartMode) error {
 	entropy := make([]byte, reseedBytes)
 	if _, err := rand.Read(entropy); err != nil {
 		return err
 	}
 	_, err := client.Reseed(ctx, &agent.ReseedRequest{Entropy: entropy})
 	if err != nil && mode == vm.StartCold {
-		log.G(ctx).WithError(err).WithField("container_id", c.id).Warn("reseed guest RNG")
+		log.G(ctx).WithError(err).WithField("container_id", sb.id).Warn("reseed guest RNG")
 		return nil
 	}
 	return err

@@ -150,7 +150,10 @@ func qemuArgs(cfg Config, o qemuOptions) ([]string, error) {
 		if s.HostPath == "" {
 			return nil, fmt.Errorf("vm %s: share %q has no host path: %w", cfg.ID, s.Tag, errdefs.ErrInvalidArgument)
 		}
-		fsdev := fmt.Sprintf("local,id=fs%d,path=%s,security_model=none", i, escapeOpt(s.HostPath))
+		// multidevs=remap: a share spans several host filesystems (the pod
+		// share holds each container's rootfs and bind mounts), whose inode
+		// numbers would otherwise collide in the guest.
+		fsdev := fmt.Sprintf("local,id=fs%d,path=%s,security_model=none,multidevs=remap", i, escapeOpt(s.HostPath))
 		if s.ReadOnly {
 			fsdev += ",readonly=on"
 		}

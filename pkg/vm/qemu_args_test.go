@@ -118,8 +118,8 @@ func TestQEMUArgsSharesAndDisks(t *testing.T) {
 		t.Fatal(err)
 	}
 	wantFsdev := []string{
-		"local,id=fs0,path=/b/root,,fs,security_model=none", // comma escaped
-		"local,id=fs1,path=/v,security_model=none,readonly=on",
+		"local,id=fs0,path=/b/root,,fs,security_model=none,multidevs=remap", // comma escaped
+		"local,id=fs1,path=/v,security_model=none,multidevs=remap,readonly=on",
 	}
 	if got := argValues(args, "-fsdev"); strings.Join(got, "|") != strings.Join(wantFsdev, "|") {
 		t.Errorf("-fsdev: got %q, want %q", got, wantFsdev)

@@ -13,6 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -233,6 +234,9 @@ func (c *Container) mountRootfs(mounts []Mount) error {
 				return fmt.Errorf("rootfs bind of share %s: %w", mt.Source, err)
 			}
 		} else if mt.Type == "bind" || opts.bind {
+			if err := c.acquirePodShare(mt.Source); err != nil {
+				return err
+			}
 			if err := bindMount(mt.Source, target, opts); err != nil {
 				return fmt.Errorf("rootfs bind %s: %w", mt.Source, err)
 			}
@@ -274,7 +278,13 @@ func (c *Container) prepareShares(spec *specs.Spec) error {
 				}
 			}
 			*mt = specs.Mount{Destination: mt.Destination, Type: "bind", Source: p, Options: flags}
-		case strings.HasPrefix(mt.Source, root) && (mt.Type == "bind" || hasOption(mt.Options, "bind", "rbind")):
+		case mt.Type == "bind" || hasOption(mt.Options, "bind", "rbind"):
+			if err := c.acquirePodShare(mt.Source); err != nil {
+				return fmt.Errorf("mount %s: %w", mt.Destination, err)
+			}
+			if !strings.HasPrefix(mt.Source, root) {
+				continue
+			}
 			tag, _, _ := strings.Cut(strings.TrimPrefix(mt.Source, root), "/")
 			if _, err := c.m.acquireShare(Mount{Type: "9p", Source: tag, Options: defaultShareOptions}); err != nil {
 				var verr error
@@ -288,8 +298,37 @@ func (c *Container) prepareShares(spec *specs.Spec) error {
 	return nil
 }
 
+// PodShareTag is the pod VM's one share (the shim's layout): every
+// container's rootfs and bind sources are below it, at
+// PodShareDir/<container-id>/.
+const PodShareTag = "shared"
+
+// PodShareDir is where the agent mounts the pod share.
+func (m *Manager) PodShareDir() string { return filepath.Join(filepath.Dir(m.cfg.RunDir), "shared") }
+
 func (m *Manager) sharePath(tag string) string {
+	if tag == PodShareTag {
+		return m.PodShareDir()
+	}
 	return filepath.Join(m.ShareRoot(), tag)
+}
+
+// acquirePodShare mounts the pod share (once per VM, counted per
+// container) when src, a bind source, lies below it.
+func (c *Container) acquirePodShare(src string) error {
+	if !strings.HasPrefix(filepath.Clean(src), c.m.PodShareDir()+"/") {
+		return nil
+	}
+	if slices.Contains(c.shares, PodShareTag) {
+		return nil
+	}
+	if _, err := c.m.acquireShare(Mount{Type: "9p", Source: PodShareTag, Options: defaultShareOptions}); err != nil {
+		if _, verr := c.m.acquireShare(Mount{Type: "virtiofs", Source: PodShareTag}); verr != nil {
+			return fmt.Errorf("mount the pod share: %w", err)
+		}
+	}
+	c.shares = append(c.shares, PodShareTag)
+	return nil
 }
 
 // acquireShare mounts a 9p/virtiofs share on first use and returns where.
