@@ -9,16 +9,19 @@ import (
 	"time"
 )
 
-// The macvm shim logs two lines on the start path (pkg/service, debug
-// level) that split the Create RPC: "VM started" once the hypervisor runs,
-// and "guest agent connected" once the agent answered. containerd logs
-// "connecting to shim ID" when the shim's bootstrap has returned. The
+// The macvm shim logs two lines on the start path (pkg/service) that split
+// the Create RPC: "VM started" (debug) once the hypervisor runs, and "VM
+// ready" (info) once the agent answered, with start_mode=cold|template|pool
+// and agent_ready=<hypervisor exec to agent answering>. Shims before warm
+// start logged "guest agent connected" instead of "VM ready". containerd
+// logs "connecting to shim ID" when the shim's bootstrap has returned. The
 // benchmark runs containerd at debug level and reads these lines' own time
 // stamps back from its log.
 const (
-	msgShimConnect = "connecting to shim "
-	msgVMStarted   = "VM started"
-	msgAgentReady  = "guest agent connected"
+	msgShimConnect   = "connecting to shim "
+	msgVMStarted     = "VM started"
+	msgAgentReady    = "VM ready"
+	msgAgentReadyOld = "guest agent connected"
 )
 
 // logLine is one logfmt line of containerd's log (its own lines and the
@@ -88,26 +91,51 @@ func parseLogfmt(line string) (logLine, bool) {
 	return logLine{Time: t, Msg: fields["msg"], Fields: fields}, true
 }
 
-// startPathTimes holds, per container id, the times of the start-path log
-// lines (keyed by the message constants above).
-type startPathTimes map[string]map[string]time.Time
+// startPathTimes holds, per container id, what the start-path log lines
+// said about it.
+type startPathTimes map[string]*startPath
+
+// startPath is one container's start path as the log tells it.
+type startPath struct {
+	// At holds the first time of each line, keyed by the message
+	// constants above (msgAgentReady for either agent-ready line).
+	At map[string]time.Time
+	// Mode is the VM's start_mode ("cold", "template", "pool"; "" when
+	// the shim did not say), and AgentReady the shim's own hypervisor
+	// exec → agent answering time (0 when it did not say).
+	Mode       string
+	AgentReady time.Duration
+}
+
+// at returns when line msg was logged for the container (zero if never).
+func (p *startPath) at(msg string) time.Time {
+	if p == nil {
+		return time.Time{}
+	}
+	return p.At[msg]
+}
 
 // scanStartPath reads containerd's log for the start-path lines.
 func scanStartPath(r io.Reader) (startPathTimes, error) {
 	out := startPathTimes{}
-	set := func(id, what string, t time.Time) {
+	get := func(id string) *startPath {
 		if out[id] == nil {
-			out[id] = map[string]time.Time{}
+			out[id] = &startPath{At: map[string]time.Time{}}
 		}
-		if _, ok := out[id][what]; !ok {
-			out[id][what] = t
+		return out[id]
+	}
+	set := func(id, what string, t time.Time) {
+		p := get(id)
+		if _, ok := p.At[what]; !ok {
+			p.At[what] = t
 		}
 	}
 	sc := bufio.NewScanner(r)
 	sc.Buffer(make([]byte, 64<<10), 4<<20)
 	for sc.Scan() {
 		text := sc.Text()
-		if !strings.Contains(text, msgShimConnect) && !strings.Contains(text, msgVMStarted) && !strings.Contains(text, msgAgentReady) {
+		if !strings.Contains(text, msgShimConnect) && !strings.Contains(text, msgVMStarted) &&
+			!strings.Contains(text, msgAgentReady) && !strings.Contains(text, msgAgentReadyOld) {
 			continue
 		}
 		l, ok := parseLogfmt(text)
@@ -117,9 +145,23 @@ func scanStartPath(r io.Reader) (startPathTimes, error) {
 		switch {
 		case strings.HasPrefix(l.Msg, msgShimConnect):
 			set(strings.TrimSpace(strings.TrimPrefix(l.Msg, msgShimConnect)), msgShimConnect, l.Time)
-		case l.Msg == msgVMStarted || l.Msg == msgAgentReady:
+		case l.Msg == msgVMStarted:
 			if id := l.Fields["container_id"]; id != "" {
-				set(id, l.Msg, l.Time)
+				set(id, msgVMStarted, l.Time)
+			}
+		case l.Msg == msgAgentReady || l.Msg == msgAgentReadyOld:
+			id := l.Fields["container_id"]
+			if id == "" {
+				continue
+			}
+			p := get(id)
+			if _, seen := p.At[msgAgentReady]; seen {
+				continue
+			}
+			p.At[msgAgentReady] = l.Time
+			p.Mode = l.Fields["start_mode"]
+			if d, err := time.ParseDuration(l.Fields["agent_ready"]); err == nil {
+				p.AgentReady = d
 			}
 		}
 	}

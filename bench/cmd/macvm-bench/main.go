@@ -57,6 +57,7 @@ func main() {
 		only     = flag.String("only", "", "comma-separated measurements to run (run,output,exec,stream,memory,density,micro); default all")
 		keep     = flag.Bool("keep", false, "keep containerd's log after the run")
 		readme   = flag.String("readme", "", "also put the summary table into this README, between its bench markers")
+		warm     = flag.Bool("warm", true, "also measure macvm started from a warm-start template (warm_start = \"template\") beside cold boots")
 	)
 	flag.Parse()
 	m, ok := modes[*modeName]
@@ -70,7 +71,7 @@ func main() {
 	defer stop()
 	res, err := run(ctx, config{
 		mode: m, binDir: *binDir, bootDir: *bootDir, minimalDir: *minimal, outDir: *outDir,
-		only: splitList(*only), keep: *keep, readme: *readme,
+		only: splitList(*only), keep: *keep, readme: *readme, warm: *warm,
 	})
 	if err != nil {
 		fatalf("%v", err)
@@ -85,6 +86,8 @@ type config struct {
 	only                        map[string]bool
 	keep                        bool
 	readme                      string
+	// warm adds the warm-start (template) variant.
+	warm bool
 }
 
 func (c config) wants(name string) bool { return len(c.only) == 0 || c.only[name] }

@@ -35,8 +35,10 @@ func TestScanStartPath(t *testing.T) {
 	log := strings.Join([]string{
 		`time="2026-11-28T22:06:10.000000000Z" level=info msg="connecting to shim macvm-run-2" address="unix:///s/x" namespace=bench protocol=ttrpc version=3`,
 		`time="2026-11-28T22:06:10.500000000Z" level=debug msg="VM started" container_id=macvm-run-2 vm_pid=42`,
-		`time="2026-11-28T22:06:12.000000000Z" level=debug msg="guest agent connected" boot=1.5s container_id=macvm-run-2`,
+		`time="2026-11-28T22:06:12.000000000Z" level=info msg="VM ready" agent_ready=1.75s container_id=macvm-run-2 start_mode=template`,
 		`time="2026-11-28T22:06:13.000000000Z" level=debug msg="VM started" container_id=macvm-run-2 vm_pid=43`,
+		`time="2026-11-28T22:06:14.000000000Z" level=info msg="VM ready" agent_ready=9s container_id=macvm-run-2 start_mode=cold`,
+		`time="2026-11-28T22:06:15.000000000Z" level=debug msg="guest agent connected" boot=1.5s container_id=old-1`,
 		`time="2026-11-28T22:06:13.000000000Z" level=info msg="loading plugin" id=x`,
 	}, "\n")
 	got, err := scanStartPath(strings.NewReader(log))
@@ -44,11 +46,20 @@ func TestScanStartPath(t *testing.T) {
 		t.Fatal(err)
 	}
 	m := got["macvm-run-2"]
-	if d := m[msgAgentReady].Sub(m[msgVMStarted]); d != 1500*time.Millisecond {
-		t.Errorf("boot phase = %v, want 1.5s (the first VM started line counts)", d)
+	if d := m.at(msgAgentReady).Sub(m.at(msgVMStarted)); d != 1500*time.Millisecond {
+		t.Errorf("boot phase = %v, want 1.5s (the first VM started and VM ready lines count)", d)
 	}
-	if d := m[msgVMStarted].Sub(m[msgShimConnect]); d != 500*time.Millisecond {
+	if d := m.at(msgVMStarted).Sub(m.at(msgShimConnect)); d != 500*time.Millisecond {
 		t.Errorf("vm start phase = %v, want 500ms", d)
+	}
+	if m.Mode != "template" || m.AgentReady != 1750*time.Millisecond {
+		t.Errorf("start mode %q, agent_ready %v; want template, 1.75s", m.Mode, m.AgentReady)
+	}
+	if old := got["old-1"]; old.at(msgAgentReady).IsZero() || old.Mode != "" {
+		t.Errorf("the pre-warm-start line: %+v", old)
+	}
+	if none := got["nobody"]; !none.at(msgVMStarted).IsZero() {
+		t.Errorf("a container never logged has times: %+v", none)
 	}
 }
 

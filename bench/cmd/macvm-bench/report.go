@@ -29,6 +29,13 @@ func writeResults(dir string, r *Results) (string, error) {
 		return "", err
 	}
 	stem := filepath.Join(dir, resultName(r))
+	// The chart is part of the report; without it the run still has its
+	// numbers, so a drawing failure is a note rather than a lost run.
+	if err := writeChart(stem+".png", r); err != nil {
+		r.Notes = append(r.Notes, fmt.Sprintf("no chart: %v", err))
+	} else {
+		r.Chart = resultName(r) + ".png"
+	}
 	js, err := json.MarshalIndent(r, "", "  ")
 	if err != nil {
 		return "", err
@@ -80,10 +87,16 @@ func renderMarkdown(r *Results) string {
 	for _, v := range r.Variants {
 		if v.Kernel != "" {
 			fmt.Fprintf(&b, "| guest kernel of `%s` | %s |\n", v.Name, v.Kernel)
+			if v.WarmStart != "" {
+				fmt.Fprintf(&b, "| `warm_start` of `%s` | %s |\n", v.Name, v.WarmStart)
+			}
 		}
 	}
 	b.WriteString("\n## Summary\n\n")
 	b.WriteString(renderSummary(r))
+	if r.Chart != "" {
+		fmt.Fprintf(&b, "\n![summary chart: median per variant, min–max line, issue-5 target dashed](%s)\n", r.Chart)
+	}
 	b.WriteString("\nThe macvm variants run with boot_timeout = " + benchBootTimeout + " (ten TCG guests booting at once on a busy machine can exceed the default 60 s).\n")
 	b.WriteString("\nIn the tables below each cell is median (min–max) over n samples; variants ran interleaved (A, B, A, B ...). Ratios are medians divided by runc's.\n")
 
@@ -321,6 +334,10 @@ func updateReadme(path string, r *Results, report string) error {
 	fmt.Fprintf(&sec, "Measured %s on %d cores (%s), %s, host kernel %s, load average %.1f at the start; %s mode; full report: [`%s`](%s).\n\n",
 		m.Date.Format("2006-01-02"), m.Cores, orUnknown(m.CPU), m.Accel, m.HostKernel, m.LoadStart, r.Mode, report, report)
 	sec.WriteString(renderSummary(r))
+	if r.Chart != "" {
+		chart := filepath.ToSlash(filepath.Join(filepath.Dir(report), r.Chart))
+		fmt.Fprintf(&sec, "\n[![chart of this run: median per variant, min–max line, issue-5 target dashed](%s)](%s)\n", chart, chart)
+	}
 	for _, f := range r.Failures {
 		fmt.Fprintf(&sec, "\nFailed in this run: %s\n", strings.SplitN(f, "\n", 2)[0])
 	}

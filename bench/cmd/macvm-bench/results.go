@@ -20,6 +20,9 @@ type Results struct {
 	Notes []string `json:"notes,omitempty"`
 	// Failures are measurements that failed, and why; a run with any fails.
 	Failures []string `json:"failures,omitempty"`
+	// Chart is the file name of the PNG chart beside the report ("" if
+	// none could be drawn).
+	Chart string `json:"chart,omitempty"`
 }
 
 // VariantInfo describes one runtime configuration measured.
@@ -30,6 +33,8 @@ type VariantInfo struct {
 	Kernel string `json:"kernel,omitempty"`
 	// BootDir holds the vmlinux and initrd.img it boots.
 	BootDir string `json:"boot_dir,omitempty"`
+	// WarmStart is the shim's warm_start setting (VM variants only).
+	WarmStart string `json:"warm_start,omitempty"`
 }
 
 // Group orders the report's tables.

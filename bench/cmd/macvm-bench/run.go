@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"sort"
 	"strings"
 	"time"
 )
@@ -71,17 +72,17 @@ func (b *bench) phases(recs []runRecord, output bool) error {
 	type phase struct {
 		id, title string
 		vmOnly    bool
-		from, to  func(ev, lg map[string]time.Time, r runRecord) time.Time
+		from, to  func(ev map[string]time.Time, lg *startPath, r runRecord) time.Time
 	}
-	ev := func(topic string) func(ev, lg map[string]time.Time, r runRecord) time.Time {
-		return func(ev, _ map[string]time.Time, _ runRecord) time.Time { return ev[topic] }
+	ev := func(topic string) func(ev map[string]time.Time, lg *startPath, r runRecord) time.Time {
+		return func(ev map[string]time.Time, _ *startPath, _ runRecord) time.Time { return ev[topic] }
 	}
-	lg := func(msg string) func(ev, lg map[string]time.Time, r runRecord) time.Time {
-		return func(_, lg map[string]time.Time, _ runRecord) time.Time { return lg[msg] }
+	lg := func(msg string) func(ev map[string]time.Time, lg *startPath, r runRecord) time.Time {
+		return func(_ map[string]time.Time, lg *startPath, _ runRecord) time.Time { return lg.at(msg) }
 	}
-	start := func(_, _ map[string]time.Time, r runRecord) time.Time { return r.start }
-	end := func(_, _ map[string]time.Time, r runRecord) time.Time { return r.end }
-	firstByte := func(_, _ map[string]time.Time, r runRecord) time.Time { return r.firstByte }
+	start := func(_ map[string]time.Time, _ *startPath, r runRecord) time.Time { return r.start }
+	end := func(_ map[string]time.Time, _ *startPath, r runRecord) time.Time { return r.end }
+	firstByte := func(_ map[string]time.Time, _ *startPath, r runRecord) time.Time { return r.firstByte }
 
 	var list []phase
 	if output {
@@ -93,6 +94,7 @@ func (b *bench) phases(recs []runRecord, output bool) error {
 			{"phase.vm_start", "… shim connected → VM process started", true, lg(msgShimConnect), lg(msgVMStarted)},
 			{"phase.boot", "… VM started → agent ready", true, lg(msgVMStarted), lg(msgAgentReady)},
 			{"phase.guest_create", "… agent ready → container created (TaskCreate)", true, lg(msgAgentReady), ev(topicCreate)},
+			{"phase.agent_ready", "(the shim's own figure: hypervisor exec → agent answering, cold boot or clone)", true, nil, nil},
 			{"phase.start", "task start (TaskCreate → TaskStart)", false, ev(topicCreate), ev(topicStart)},
 			{"phase.run", "process runs `true` (TaskStart → TaskExit)", false, ev(topicStart), ev(topicExit)},
 			{"phase.teardown", "teardown (TaskExit → ctr exited)", false, ev(topicExit), end},
@@ -111,6 +113,8 @@ func (b *bench) phases(recs []runRecord, output bool) error {
 		}
 	}
 	missing := 0
+	// modes counts, per variant, the start modes its VMs reported.
+	modes := map[string]map[string]int{}
 	for _, r := range recs {
 		evs := b.events.get(r.id, 5*time.Second, topicCreate, topicStart, topicExit)
 		lgs := logTimes[r.id]
@@ -119,6 +123,14 @@ func (b *bench) phases(recs []runRecord, output bool) error {
 				continue
 			}
 			m := b.res.metric(p.id, GroupPhases, p.title, "s")
+			if p.from == nil {
+				if lgs == nil || lgs.AgentReady == 0 {
+					missing++
+					continue
+				}
+				m.add(r.v.info.Name, lgs.AgentReady.Seconds())
+				continue
+			}
 			from, to := p.from(evs, lgs, r), p.to(evs, lgs, r)
 			if from.IsZero() || to.IsZero() {
 				missing++
@@ -126,9 +138,38 @@ func (b *bench) phases(recs []runRecord, output bool) error {
 			}
 			m.add(r.v.info.Name, to.Sub(from).Seconds())
 		}
+		if r.v.vm() && !output {
+			mode := "unreported"
+			if lgs != nil && lgs.Mode != "" {
+				mode = lgs.Mode
+			}
+			if modes[r.v.info.Name] == nil {
+				modes[r.v.info.Name] = map[string]int{}
+			}
+			modes[r.v.info.Name][mode]++
+		}
+	}
+	for _, v := range b.variants {
+		if c := modes[v.info.Name]; c != nil {
+			b.res.Notes = append(b.res.Notes, fmt.Sprintf("start modes of `%s`'s `ctr run --rm` VMs (shim log `start_mode`): %s", v.info.Name, formatCounts(c)))
+		}
 	}
 	if missing > 0 {
 		b.res.Notes = append(b.res.Notes, fmt.Sprintf("%d phase sample(s) lacked an event or log line and were left out", missing))
 	}
 	return nil
+}
+
+// formatCounts renders {"cold": 2, "template": 3} as "cold 2, template 3".
+func formatCounts(c map[string]int) string {
+	keys := make([]string, 0, len(c))
+	for k := range c {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	parts := make([]string, len(keys))
+	for i, k := range keys {
+		parts[i] = fmt.Sprintf("%s %d", k, c[k])
+	}
+	return strings.Join(parts, ", ")
 }

@@ -80,20 +80,28 @@ func TestParseStatCPU(t *testing.T) {
 	}
 }
 
-// TestCPUSelf burns a little CPU and sees its own CPU time grow.
+// TestCPUSelf burns CPU and sees its own CPU time grow by 50ms. It spins
+// until then rather than for a fixed wall time: on a loaded machine 300ms
+// of wall time gave as little as 10ms of CPU.
 func TestCPUSelf(t *testing.T) {
 	before, err := CPU(os.Getpid())
 	if err != nil {
 		t.Fatal(err)
 	}
-	for deadline := time.Now().Add(300 * time.Millisecond); time.Now().Before(deadline); {
-	}
-	after, err := CPU(os.Getpid())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if after-before < 50*time.Millisecond {
-		t.Errorf("300ms of spinning showed as %v of CPU", after-before)
+	deadline := time.Now().Add(2 * time.Minute)
+	for {
+		for spin := time.Now().Add(10 * time.Millisecond); time.Now().Before(spin); {
+		}
+		after, err := CPU(os.Getpid())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if after-before >= 50*time.Millisecond {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("2 minutes of spinning showed as %v of CPU", after-before)
+		}
 	}
 	th, err := Threads(os.Getpid())
 	if err != nil || len(th) == 0 {
