@@ -170,16 +170,17 @@ demo: boot shim containerd
 	hack/demo.sh
 
 # Benchmarks side by side with runc (issue 5): a private containerd runs both runtimes,
-# interleaved; results go to bench/results/ (DATE-MACHINE.md/.json and latest.md).
+# interleaved; results go to bench/results/ (DATE-MACHINE.md/.json/.png and latest.md).
+# BENCH_ARGS passes more flags, e.g. BENCH_ARGS=-readme=README.md to update its table.
 # Not part of `make test`. `make boot-minimal` first adds the minimal-kernel variant.
 .PHONY: bench bench-full
 bench: boot shim containerd
 	go test -count=1 ./bench/...
-	go run ./bench/cmd/macvm-bench -mode quick -bin $(BIN) -boot $(BOOT_DIR) -boot-minimal $(OUT)/boot-minimal
+	go run ./bench/cmd/macvm-bench -mode quick -bin $(BIN) -boot $(BOOT_DIR) -boot-minimal $(OUT)/boot-minimal $(BENCH_ARGS)
 
 bench-full: boot shim containerd
 	go test -count=1 ./bench/...
-	go run ./bench/cmd/macvm-bench -mode full -bin $(BIN) -boot $(BOOT_DIR) -boot-minimal $(OUT)/boot-minimal
+	go run ./bench/cmd/macvm-bench -mode full -bin $(BIN) -boot $(BOOT_DIR) -boot-minimal $(OUT)/boot-minimal $(BENCH_ARGS)
 
 install: build
 	hack/install.sh
