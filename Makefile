@@ -158,7 +158,7 @@ test-cri: boot shim containerd cri-tools cni
 
 # A focused subset of critest (e2e/critest's defaultFocus) on both handlers, for make test.
 test-critest: boot shim containerd cri-tools cni
-	MACVM_BOOT_DIR=$(BOOT_DIR) MACVM_BIN_DIR=$(BIN) go test -count=1 -timeout 40m -v -run TestCritest ./e2e/critest/
+	MACVM_BOOT_DIR=$(BOOT_DIR) MACVM_BIN_DIR=$(BIN) go test -count=1 -timeout 40m -v -run 'TestCompare|TestCritest' ./e2e/critest/
 
 # cri-tools' critest, the whole suite, on the runc and macvm handlers; writes the comparison to docs/critest.md
 # and fails on a spec that passes on runc but not on macvm without a reason in e2e/critest's Differences.
