@@ -88,6 +88,8 @@ type fakeAgent struct {
 	// hangCreate makes CreateContainer wait for its context to end, like an
 	// agent stuck loading modules or mounting the rootfs.
 	hangCreate bool
+	// reseedErr is what Reseed fails with (nil: it succeeds).
+	reseedErr error
 
 	// mu guards everything below.
 	mu      sync.Mutex
@@ -181,6 +183,9 @@ func (a *fakeAgent) SetTime(context.Context, *agent.SetTimeRequest) (*emptypb.Em
 
 func (a *fakeAgent) Reseed(_ context.Context, r *agent.ReseedRequest) (*emptypb.Empty, error) {
 	a.record("Reseed")
+	if a.reseedErr != nil {
+		return nil, a.reseedErr
+	}
 	if len(r.GetEntropy()) < 32 {
 		return nil, fmt.Errorf("reseed: %d bytes: %w", len(r.GetEntropy()), errdefs.ErrInvalidArgument)
 	}
