@@ -17,7 +17,8 @@ const templateWait = 5 * time.Minute
 
 // TestWarmStart runs containers with warm_start = "template" on boot
 // files of its own: the first `ctr run` boots cold and a detached builder
-// saves a template; the next one starts from it. A corrupted template
+// saves a template; the next one (with a bind mount the first did not
+// have) starts from it. A corrupted template
 // falls back to a cold boot and is rebuilt; a changed initrd is never
 // cloned from (cold boot, new template, old one removed).
 func TestWarmStart(t *testing.T) {
@@ -48,7 +49,17 @@ func TestWarmStart(t *testing.T) {
 		t.Fatalf("first container: start_mode=%s, want cold (no template yet)", mode)
 	}
 	first := waitTemplate(t, d, "")
-	if mode := runMode("warm2"); mode != "template" {
+	// Another container, with a bind mount of its own, from the same
+	// template: nothing container-specific is in a template.
+	vol := t.TempDir()
+	if err := os.WriteFile(filepath.Join(vol, "f"), []byte("volume-of-warm2"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	res := run(t, d, rt, nil, []string{"--mount", "type=bind,src=" + vol + ",dst=/data,options=rbind:ro"}, "warm2", "cat", "/data/f")
+	if res.ExitCode != 0 || string(res.Stdout) != "volume-of-warm2" {
+		t.Fatalf("ctr run warm2 with a bind mount: %v", res)
+	}
+	if mode := startMode(t, d, "warm2"); mode != "template" {
 		t.Fatalf("second container: start_mode=%s, want template", mode)
 	}
 
