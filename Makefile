@@ -11,7 +11,7 @@ BOOT_DIR   := $(OUT)/boot
 
 .PHONY: all build shim agent agent-all initrd kernel kernel-minimal boot-minimal kernel-smoke boot generate check-generated \
 	vet fmt-check check-darwin boot-macos kernel-debs test-macos-kernel test test-unit test-vm test-e2e test-cri containerd \
-	cri-tools cni critest test-critest demo install clean
+	cri-tools cni critest test-critest nerdctl demo install clean
 
 all: build
 
@@ -138,7 +138,7 @@ test-vm: boot
 	MACVM_BOOT_DIR=$(BOOT_DIR) go test -count=1 -timeout 20m -v ./e2e/guest/...
 
 # Real containerd and ctr driving the shim: needs `make boot containerd shim`.
-test-e2e: boot shim containerd
+test-e2e: boot shim containerd cni nerdctl
 	MACVM_BOOT_DIR=$(BOOT_DIR) MACVM_BIN_DIR=$(BIN) go test -count=1 -timeout 30m -v ./e2e/containerd/...
 
 containerd:
@@ -151,6 +151,10 @@ cri-tools:
 # The CNI reference plugins (bridge, host-local, loopback, portmap, ...), pinned; cached by version.
 cni:
 	hack/build-cni-plugins.sh $(BIN)/cni
+
+# nerdctl v2.2.0 for the network e2e tests (nerdctl run -p on its default bridge network).
+nerdctl:
+	hack/build-nerdctl.sh $(BIN)
 
 # Kubernetes' view: containerd's CRI plugin driven by crictl, pods on runc and on macvm (docs/kubernetes.md).
 test-cri: boot shim containerd cri-tools cni

@@ -315,3 +315,50 @@ func (n *Netns) tearDown() error {
 	}
 	return errors.Join(errs...)
 }
+
+// CreateNetns creates an empty network namespace pinned at path (a new
+// file, bind-mounted like `ip netns add` does), for a pod whose spec asks
+// for a new namespace that OCI hooks (nerdctl's CNI hook) then fill.
+func CreateNetns(path string) error {
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o644)
+	if err != nil {
+		return fmt.Errorf("pin for a network namespace: %w", err)
+	}
+	f.Close()
+	errc := make(chan error, 1)
+	go func() {
+		// The thread leaves the shim's namespace and is discarded.
+		runtime.LockOSThread()
+		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
+			errc <- fmt.Errorf("new network namespace: %w", err)
+			return
+		}
+		src := fmt.Sprintf("/proc/self/task/%d/ns/net", unix.Gettid())
+		if err := unix.Mount(src, path, "", unix.MS_BIND, ""); err != nil {
+			errc <- fmt.Errorf("pin network namespace at %s: %w", path, err)
+			return
+		}
+		// Loopback up, as runc leaves a new namespace.
+		if lo, err := netlink.LinkByName("lo"); err == nil {
+			netlink.LinkSetUp(lo)
+		}
+		errc <- nil
+	}()
+	if err := <-errc; err != nil {
+		os.Remove(path)
+		return err
+	}
+	return nil
+}
+
+// RemoveNetns unpins and removes a namespace made by CreateNetns; the
+// kernel frees it once nothing else holds it.
+func RemoveNetns(path string) error {
+	if err := unix.Unmount(path, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
+		return fmt.Errorf("unpin network namespace %s: %w", path, err)
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	return nil
+}

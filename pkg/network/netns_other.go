@@ -22,3 +22,11 @@ func OpenNetns(path string) (*Netns, error) {
 func (n *Netns) NICs() []vm.NIC                              { return nil }
 func (n *Netns) GuestConfig() *agent.ConfigureNetworkRequest { return nil }
 func (n *Netns) Close() error                                { return nil }
+
+// CreateNetns fails: there are no network namespaces on this platform.
+func CreateNetns(path string) error {
+	return fmt.Errorf("network namespace %s: namespaces are Linux-only: %w", path, errdefs.ErrNotImplemented)
+}
+
+// RemoveNetns has nothing to remove on this platform.
+func RemoveNetns(string) error { return nil }

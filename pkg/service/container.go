@@ -67,6 +67,9 @@ type container struct {
 	// stats is the last metrics read from the guest, kept so that Stats
 	// keeps answering after the init exited (CRI reads OOM kills then).
 	stats *stats.Metrics
+	// earlyHooks is set once the prestart/createRuntime hooks ran before
+	// the VM booted (they filled the pod's new network namespace).
+	earlyHooks bool
 	// state is the bundle record, rewritten when the init exits.
 	state   bundleState
 	deleted bool
@@ -154,6 +157,9 @@ func (c *container) createInVM(ctx context.Context, stdio stdioSpec) error {
 			kind  string
 			hooks []specs.Hook
 		}{{"prestart", h.Prestart}, {"createRuntime", h.CreateRuntime}, {"createContainer", h.CreateContainer}} {
+			if c.earlyHooks && hs.kind != "createContainer" {
+				continue // they ran before the VM booted (runEarlyHooks)
+			}
 			if err := runHooks(ctx, hs.kind, hs.hooks, c.ociState(specs.StateCreating)); err != nil {
 				return err
 			}

@@ -55,6 +55,7 @@ func copySpec(spec *specs.Spec) (*specs.Spec, error) {
 		return nil, err
 	}
 	gs.Hooks = nil
+	dropNetworkNamespace(&gs)
 	return &gs, nil
 }
 

@@ -45,6 +45,9 @@ type sandbox struct {
 	// container's bundle goes away while its siblings still run.
 	stateDir string
 	share    *podShare
+	// network is what the VM is connected to (network.go): set by boot,
+	// released by destroy.
+	network *podNetwork
 
 	// Set by boot before ready is closed, read-only afterwards.
 	machine vm.Machine
@@ -151,10 +154,17 @@ func (sb *sandbox) alive() bool { return sb.vmCtx.Err() == nil }
 // boot runs the sandbox boot sequence once; spec is the first container's
 // (the pod sandbox's) OCI spec, which sizes the VM. Every waiter learns
 // the outcome through ready/bootErr. On error the caller tears down.
-func (sb *sandbox) boot(ctx context.Context, b backend, spec *specs.Spec) (err error) {
+//
+// early runs the first container's prestart/createRuntime hooks when they
+// must fill the pod's network namespace before the VM boots (network.go).
+func (sb *sandbox) boot(ctx context.Context, b backend, spec *specs.Spec, early func() error) (err error) {
 	defer func() { sb.finishBoot(err) }()
 	if err := os.MkdirAll(sb.stateDir, 0o700); err != nil {
 		return fmt.Errorf("vm state dir: %w", err)
+	}
+	sb.network, err = setupNetwork(ctx, sb.id, sb.stateDir, spec, early)
+	if err != nil {
+		return err
 	}
 	vcfg, err := sb.vmConfig(ctx, spec)
 	if err != nil {
@@ -227,6 +237,7 @@ func (sb *sandbox) vmConfig(ctx context.Context, spec *specs.Spec) (vm.Config, e
 		Shares:     shares,
 		Hypervisor: sb.cfg.Hypervisor,
 		Templates:  sb.cfg.templates(ctx),
+		NICs:       sb.network.nics(),
 	}, nil
 }
 
@@ -247,6 +258,9 @@ func (sb *sandbox) setupSteps() []setupStep {
 		{"set guest clock", func(ctx context.Context, sb *sandbox) error {
 			_, err := sb.client.SetTime(ctx, &agent.SetTimeRequest{Time: timestamppb.Now()})
 			return err
+		}},
+		{"configure guest network", func(ctx context.Context, sb *sandbox) error {
+			return sb.network.configure(ctx, sb.client)
 		}},
 	}
 }
@@ -447,6 +461,14 @@ func (sb *sandbox) destroy(ctx context.Context) {
 		sb.client.Close()
 	}
 	sb.vmCancel()
+	if err := sb.network.close(); err != nil {
+		logger.WithError(err).Warn("release pod network")
+	}
+	// The containers' poststop hooks (CNI DEL) have run: the namespace the
+	// shim made for them can go.
+	if err := sb.network.removeOwn(); err != nil {
+		logger.WithError(err).Warn("remove pod network namespace")
+	}
 	if err := sb.share.removeAll(); err != nil {
 		// The state dir holds mount points: never remove it recursively
 		// while something may still be mounted there.

@@ -286,7 +286,7 @@ func (s *Service) create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 		// whoever debugs the first container; containerd removes the link
 		// with the bundle.
 		_ = os.Symlink(sb.stateDir, filepath.Join(r.Bundle, "vm"))
-		if err := sb.boot(ctx, s.backend, spec); err != nil {
+		if err := sb.boot(ctx, s.backend, spec, func() error { return c.runEarlyHooks(ctx) }); err != nil {
 			return nil, err
 		}
 	} else if err := sb.wait(ctx); err != nil {
