@@ -152,3 +152,87 @@ func linksIn(t *testing.T, path string) string {
 	}
 	return string(out)
 }
+
+// TestNerdctlPublish: `nerdctl run -p HOSTPORT:PORT` on nerdctl's default
+// bridge network (its CNI hook fills the namespace the shim made, portmap
+// forwards the host port) reaches a server in the container from the host.
+func TestNerdctlPublish(t *testing.T) {
+	forEachRuntime(t, false, func(t *testing.T, rt harness.Runtime) {
+		bin := filepath.Join(built.BinDir, "nerdctl")
+		if _, err := os.Stat(bin); err != nil {
+			t.Fatalf("nerdctl is needed (make nerdctl): %v", err)
+		}
+		if _, err := exec.LookPath("iptables"); err != nil {
+			t.Fatalf("CNI's portmap needs iptables (hack/with-deps installs it): %v", err)
+		}
+		d := daemon(t, rt)
+		dir := t.TempDir()
+		// A port per run and runtime, away from the usual ones.
+		port := 20000 + (os.Getpid()*7+len(rt.Short)*131+time.Now().Nanosecond())%20000
+		nerdctl := func(args ...string) harness.Result {
+			t.Helper()
+			full := append([]string{"--address", d.Address, "--namespace", d.Namespace,
+				"--data-root", filepath.Join(dir, "data"), "--cni-path", filepath.Join(paths.BinDir, "cni"),
+				"--cni-netconfpath", filepath.Join(dir, "cni")}, args...)
+			cmd := exec.CommandContext(ctx(t, step), bin, full...)
+			cmd.Env = append(os.Environ(), "PATH="+paths.BinDir+":"+os.Getenv("PATH"))
+			var stdout, stderr bytes.Buffer
+			cmd.Stdout, cmd.Stderr = &stdout, &stderr
+			err := cmd.Run()
+			res := harness.Result{Stdout: stdout.Bytes(), Stderr: stderr.Bytes()}
+			if ee, ok := err.(*exec.ExitError); ok {
+				res.ExitCode = ee.ExitCode()
+			} else if err != nil {
+				t.Fatalf("nerdctl %s: %v", strings.Join(args, " "), err)
+			}
+			return res
+		}
+		res := nerdctl("run", "-d", "--runtime", rt.Name, "--name", "web", "-p", fmt.Sprintf("%d:8080", port),
+			harness.BusyboxImage, "sh", "-c", "while true; do echo nerdctl-says-hi | nc -l -p 8080; done")
+		if res.ExitCode != 0 {
+			t.Fatalf("nerdctl run -p: %v", res)
+		}
+		t.Cleanup(func() {
+			nerdctl("rm", "-f", "web")
+			// The bridge of nerdctl's default network outlives its
+			// containers; the next data root would refuse its subnet.
+			exec.Command("ip", "link", "del", "nerdctl0").Run()
+		})
+		var got string
+		deadline := time.Now().Add(2 * time.Minute)
+		for time.Now().Before(deadline) && got != "nerdctl-says-hi\n" {
+			// portmap forwards connections to a host address, not to loopback.
+			host := hostAddress(t)
+			if c, err := net.DialTimeout("tcp", net.JoinHostPort(host, fmt.Sprint(port)), 10*time.Second); err == nil {
+				c.SetReadDeadline(time.Now().Add(30 * time.Second))
+				got, _ = bufio.NewReader(c).ReadString('\n')
+				c.Close()
+			}
+			if got != "nerdctl-says-hi\n" {
+				time.Sleep(time.Second)
+			}
+		}
+		if got != "nerdctl-says-hi\n" {
+			t.Errorf("published port %d: read %q, want nerdctl-says-hi", port, got)
+		}
+		if res := nerdctl("rm", "-f", "web"); res.ExitCode != 0 {
+			t.Errorf("nerdctl rm -f: %v", res)
+		}
+	})
+}
+
+// hostAddress is a non-loopback IPv4 address of the host.
+func hostAddress(t *testing.T) string {
+	t.Helper()
+	addrs, err := net.InterfaceAddrs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, a := range addrs {
+		if ipn, ok := a.(*net.IPNet); ok && ipn.IP.To4() != nil && !ipn.IP.IsLoopback() {
+			return ipn.IP.String()
+		}
+	}
+	t.Fatal("the host has no non-loopback IPv4 address")
+	return ""
+}
