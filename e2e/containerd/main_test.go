@@ -87,8 +87,9 @@ func daemon(t *testing.T, rt harness.Runtime) *harness.Containerd {
 	return daemonWith(t, rt, harness.Options{Paths: paths})
 }
 
-// daemonWith is daemon with options (Debug and Logf are filled in).
-func daemonWith(t *testing.T, rt harness.Runtime, opts harness.Options) *harness.Containerd {
+// daemonWith is daemon with options (Debug and Logf are filled in) and
+// importFlags added to `ctr images import`.
+func daemonWith(t *testing.T, rt harness.Runtime, opts harness.Options, importFlags ...string) *harness.Containerd {
 	t.Helper()
 	if err := checkShim(rt); err != nil {
 		t.Fatal(err)
@@ -110,7 +111,7 @@ func daemonWith(t *testing.T, rt harness.Runtime, opts harness.Options) *harness
 			t.Errorf("cleanup: %v", err)
 		}
 	})
-	if err := d.ImportBusybox(ctx); err != nil {
+	if err := d.ImportBusybox(ctx, importFlags...); err != nil {
 		t.Fatal(err)
 	}
 	return d

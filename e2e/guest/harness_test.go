@@ -333,6 +333,13 @@ func (v *testVM) openStdio(t testing.TB, withStdin, terminal bool) (*proc, *agen
 // create creates a container on the shared rootfs and returns its init.
 func (v *testVM) create(t testing.TB, id string, spec *specs.Spec, withStdin bool) *proc {
 	t.Helper()
+	return v.createOn(t, id, spec, withStdin, nil, []*agent.Mount{{Type: "9p", Source: rootfsTag, Options: []string{"trans=virtio", "version=9p2000.L", "msize=512000"}}})
+}
+
+// createOn creates a container whose root filesystem is made of devices
+// and rootfs.
+func (v *testVM) createOn(t testing.TB, id string, spec *specs.Spec, withStdin bool, devices []*agent.BlockDevice, rootfs []*agent.Mount) *proc {
+	t.Helper()
 	p, st := v.openStdio(t, withStdin, spec.Process.Terminal)
 	p.cid = id
 	b, err := json.Marshal(spec)
@@ -340,10 +347,11 @@ func (v *testVM) create(t testing.TB, id string, spec *specs.Spec, withStdin boo
 		t.Fatal(err)
 	}
 	_, err = v.client.CreateContainer(rpcCtx(t), &agent.CreateContainerRequest{
-		ContainerId: id,
-		Spec:        b,
-		Rootfs:      []*agent.Mount{{Type: "9p", Source: rootfsTag, Options: []string{"trans=virtio", "version=9p2000.L", "msize=512000"}}},
-		Stdio:       st,
+		ContainerId:  id,
+		Spec:         b,
+		Rootfs:       rootfs,
+		BlockDevices: devices,
+		Stdio:        st,
 	})
 	if err != nil {
 		t.Fatalf("CreateContainer %s: %v\nconsole:\n%s", id, err, v.m.ConsoleTail(2048))

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -50,6 +51,11 @@ type Options struct {
 	// WarmStart is the macvm shim's warm_start mode; "" is "off" (see WriteMacvmConfig). With warm start
 	// on, templates go to TemplateDir below Dir.
 	WarmStart string
+	// ErofsWritableSize, when set (e.g. "64M"), configures the erofs
+	// snapshotter in block mode: each container's writable layer is an
+	// ext4 image of that size, the layers erofs images (see
+	// docs/macos.md, "Root filesystem").
+	ErofsWritableSize string
 }
 
 // Containerd is a private containerd daemon run as a child of the test process.
@@ -202,7 +208,32 @@ disabled_plugins = %[3]s
 
 [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.macvm.options]
   ConfigPath = %[8]q
-%[11]s`, c.Root, c.State, disabled, c.Address, level, c.SocketDir, EnvShimConfig, c.MacvmConfig, c.Dir, MacvmName, cri)
+%[11]s`, c.Root, c.State, disabled, c.Address, level, c.SocketDir, EnvShimConfig, c.MacvmConfig, c.Dir, MacvmName, cri) + c.erofsConfig()
+}
+
+// erofsConfig is the erofs snapshotter's section of config.toml.
+func (c *Containerd) erofsConfig() string {
+	if c.opts.ErofsWritableSize == "" {
+		return ""
+	}
+	// Images unpack into it with the walking differ (the tar applied to the
+	// mounted writable image, which the snapshotter's Commit converts with
+	// mkfs.erofs): containerd's own erofs differ needs mkfs.erofs --tar
+	// (erofs-utils 1.7+), and Debian 12 ships 1.5, so containerd skips it.
+	return fmt.Sprintf(`
+[plugins.'io.containerd.snapshotter.v1.erofs']
+  default_size = %[1]q
+
+[[plugins.'io.containerd.transfer.v1.local'.unpack_config]]
+  platform = "linux/%[2]s"
+  snapshotter = "overlayfs"
+  differ = "walking"
+
+[[plugins.'io.containerd.transfer.v1.local'.unpack_config]]
+  platform = "linux/%[2]s"
+  snapshotter = "erofs"
+  differ = "walking"
+`, c.opts.ErofsWritableSize, runtime.GOARCH)
 }
 
 // start launches the daemon and waits until it answers.
@@ -366,8 +397,9 @@ func (c *Containerd) LogTail(n int) string {
 	return string(b)
 }
 
-// ImportBusybox builds the busybox test image and imports it as BusyboxImage.
-func (c *Containerd) ImportBusybox(ctx context.Context) error {
+// ImportBusybox builds the busybox test image and imports it as BusyboxImage;
+// extra are more `ctr images import` flags (e.g. --snapshotter erofs).
+func (c *Containerd) ImportBusybox(ctx context.Context, extra ...string) error {
 	path := filepath.Join(c.Dir, "busybox.tar")
 	f, err := os.Create(path)
 	if err != nil {
@@ -380,7 +412,7 @@ func (c *Containerd) ImportBusybox(ctx context.Context) error {
 	if err := f.Close(); err != nil {
 		return err
 	}
-	res, err := c.Ctr(ctx, nil, "images", "import", path)
+	res, err := c.Ctr(ctx, nil, append(append([]string{"images", "import"}, extra...), path)...)
 	if err != nil {
 		return err
 	}

@@ -136,10 +136,11 @@ func (c *container) createInVM(ctx context.Context, stdio stdioSpec) error {
 		return err
 	}
 	resp, err := client.CreateContainer(cctx, &agent.CreateContainerRequest{
-		ContainerId: c.id,
-		Spec:        specJSON,
-		Rootfs:      c.files.rootfs,
-		Stdio:       pio.names,
+		ContainerId:  c.id,
+		Spec:         specJSON,
+		Rootfs:       c.files.rootfs,
+		BlockDevices: c.files.devices,
+		Stdio:        pio.names,
 	})
 	if err != nil {
 		pio.close()

@@ -97,6 +97,8 @@ type fakeAgent struct {
 	procs   map[string]*fakeProc
 	nextPid uint32
 	calls   []string
+	// creates are the CreateContainer requests, by container.
+	creates map[string]*agent.CreateContainerRequest
 	events  chan *agent.Event
 	done    chan struct{}
 	closed  bool
@@ -198,6 +200,12 @@ func (a *fakeAgent) CreateContainer(ctx context.Context, r *agent.CreateContaine
 		<-ctx.Done()
 		return nil, ctx.Err()
 	}
+	a.mu.Lock()
+	if a.creates == nil {
+		a.creates = map[string]*agent.CreateContainerRequest{}
+	}
+	a.creates[r.GetContainerId()] = r
+	a.mu.Unlock()
 	p := a.newProc(r.GetContainerId(), "", r.GetStdio())
 	return &agent.CreateContainerResponse{Pid: p.pid}, nil
 }

@@ -55,6 +55,11 @@ func (m Manager) Start(ctx context.Context, params *bootapi.BootstrapParams) (_ 
 		socketDir = filepath.Join(defaults.DefaultStateDir, "s")
 	}
 	result := &bootapi.BootstrapResult{Version: 3, Protocol: "ttrpc"}
+	// containerd's mount manager leaves the block images of the erofs
+	// snapshotter to the shim, which attaches them as disks (rootfs_block.go).
+	if err := result.AddExtension(mountCapabilities); err != nil {
+		return nil, fmt.Errorf("bootstrap mount capabilities: %w", err)
+	}
 
 	address, err := shim.CreateSocketAddress(ctx, socketDir, params.GetContainerdGrpcAddress(), id, false)
 	if err != nil {

@@ -33,6 +33,9 @@ type containerFiles struct {
 	// rootfsMount is the host mount point of the snapshot, if the shim
 	// mounted it.
 	rootfsMount string
+	// devices are the disks the agent mounts before rootfs (a block-image
+	// root filesystem).
+	devices []*agent.BlockDevice
 }
 
 // containerRootfs is where a container's root filesystem comes from: the
@@ -41,6 +44,9 @@ type containerFiles struct {
 type containerRootfs struct {
 	mounts []mount.Mount
 	dir    string
+	// block: the mounts are disk images the agent mounts (rootfs_block.go);
+	// nothing of the root goes through the share.
+	block bool
 }
 
 // copySpec deep-copies spec for the guest, without the hooks (they ran, or

@@ -52,7 +52,7 @@ func (p *podShare) vmShares() ([]vm.Share, error) {
 
 func (p *podShare) add(id string, root containerRootfs, spec *specs.Spec) (*containerFiles, error) {
 	dir := root.dir
-	if len(root.mounts) > 0 {
+	if len(root.mounts) > 0 && !root.block {
 		var err error
 		if dir, _, err = mountRootfs(root.mounts, ""); err != nil {
 			return nil, err
@@ -72,7 +72,10 @@ func (p *podShare) add(id string, root containerRootfs, spec *specs.Spec) (*cont
 		return nil, fmt.Errorf("container %s: more than one container per VM needs host bind mounts, which macOS lacks: %w", id, errdefs.ErrNotImplemented)
 	}
 	p.used = true
-	p.shares = append([]vm.Share{{Tag: rootfsTag, HostPath: dir}}, binds...)
+	p.shares = binds
+	if !root.block {
+		p.shares = append([]vm.Share{{Tag: rootfsTag, HostPath: dir}}, binds...)
+	}
 	return &containerFiles{
 		gspec:  gs,
 		rootfs: []*agent.Mount{{Type: shareFSType, Source: rootfsTag}},

@@ -90,7 +90,9 @@ func (p *podShare) add(id string, root containerRootfs, spec *specs.Spec) (_ *co
 		return nil, err
 	}
 	files := &containerFiles{gspec: gs, hostDir: dir}
-	if len(root.mounts) > 0 {
+	if root.block {
+		// Disks, mounted by the agent: the caller sets files.rootfs.
+	} else if len(root.mounts) > 0 {
 		if err := p.mnt.mountAll(root.mounts, rootfs); err != nil {
 			return nil, fmt.Errorf("mount rootfs: %w", err)
 		}

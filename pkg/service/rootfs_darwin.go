@@ -11,8 +11,8 @@ import (
 // ErrNotImplemented there): a bind mount of a directory (the native
 // snapshotter) is shared into the VM directly over virtiofs. containerd
 // 2.4's darwin default, the erofs snapshotter, hands out erofs layer
-// images and an ext4 upper image instead; assembling those in the guest is
-// not implemented yet.
+// images and an ext4 upper image instead, which never reach this function:
+// they become disks (rootfs_block.go).
 func mountRootfs(mounts []mount.Mount, target string) (dir string, mounted bool, err error) {
 	if dir, ok := directRootfs(mounts); ok {
 		return dir, false, nil
@@ -21,6 +21,6 @@ func mountRootfs(mounts []mount.Mount, target string) (dir string, mounted bool,
 	for i, m := range mounts {
 		types[i] = m.Type
 	}
-	return "", false, fmt.Errorf("root filesystem mounts %v: only a bind mount of a directory (snapshotter \"native\") works on macOS: %w",
+	return "", false, fmt.Errorf("root filesystem mounts %v: on macOS only a bind mount of a directory (snapshotter \"native\") or erofs/ext4 images (snapshotter \"erofs\") work: %w",
 		types, errdefs.ErrNotImplemented)
 }

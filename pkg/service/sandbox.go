@@ -48,6 +48,9 @@ type sandbox struct {
 	// network is what the VM is connected to (network.go): set by boot,
 	// released by destroy.
 	network *podNetwork
+	// disks are the VM's disks (block-image root filesystems, attached at
+	// boot only: see attachBlockRootfs); set before boot, read-only after.
+	disks []vm.Disk
 
 	// Set by boot before ready is closed, read-only afterwards.
 	machine vm.Machine
@@ -226,7 +229,7 @@ func (sb *sandbox) vmConfig(ctx context.Context, spec *specs.Spec) (vm.Config, e
 	if err != nil {
 		return vm.Config{}, err
 	}
-	return vm.Config{
+	vcfg := vm.Config{
 		ID:         sb.id,
 		StateDir:   sb.stateDir,
 		Kernel:     sb.cfg.Kernel,
@@ -235,10 +238,17 @@ func (sb *sandbox) vmConfig(ctx context.Context, spec *specs.Spec) (vm.Config, e
 		CPUs:       cpus,
 		MemoryMiB:  mem,
 		Shares:     shares,
+		Disks:      sb.disks,
 		Hypervisor: sb.cfg.Hypervisor,
 		Templates:  sb.cfg.templates(ctx),
 		NICs:       sb.network.nics(),
-	}, nil
+	}
+	if len(vcfg.Disks) > 0 {
+		// Templates have no disks (the guest learns a disk's size at
+		// boot): a VM with a block-image root filesystem boots cold.
+		vcfg.Templates = nil
+	}
+	return vcfg, nil
 }
 
 // setupStep is one RPC sequence every fresh guest goes through after the

@@ -278,8 +278,18 @@ func (s *Service) create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 			root.dir = filepath.Join(r.Bundle, root.dir)
 		}
 	}
+	var blk *blockRootfs
+	if isBlockRootfs(root.mounts) {
+		if blk, err = sb.attachBlockRootfs(r.ID, root.mounts, boot); err != nil {
+			return nil, err
+		}
+		root.block = true
+	}
 	if c.files, err = sb.share.add(r.ID, root, spec); err != nil {
 		return nil, err
+	}
+	if blk != nil {
+		c.files.rootfs, c.files.devices = blk.Rootfs, blk.Devices
 	}
 	if boot {
 		// BUNDLE/vm points at the VM's state (its console log) for

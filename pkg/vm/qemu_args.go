@@ -174,7 +174,7 @@ func qemuArgs(cfg Config, o qemuOptions) ([]string, error) {
 			"-drive", drive,
 			// The serial lets the guest match a disk to its index without
 			// trusting the enumeration order.
-			"-device", fmt.Sprintf("virtio-blk-device,drive=disk%d,serial=disk%d", i, i),
+			"-device", fmt.Sprintf("virtio-blk-device,drive=disk%d,serial=%s", i, DiskSerial(i)),
 		)
 	}
 	nics, err := nicArgs(cfg, o.NICFDs)

@@ -11,6 +11,7 @@ import (
 	"context"
 	"net"
 	"os"
+	"strconv"
 	"time"
 )
 
@@ -25,7 +26,8 @@ type Share struct {
 }
 
 // Disk is a raw disk image attached as a virtio block device; disks appear
-// in the guest as /dev/vda, /dev/vdb, ... in the order given.
+// in the guest as /dev/vda, /dev/vdb, ... in the order given, each with the
+// serial DiskSerial(index).
 type Disk struct {
 	Path     string
 	ReadOnly bool
@@ -69,6 +71,11 @@ type NIC struct {
 	// default) or a random one.
 	MAC net.HardwareAddr
 }
+
+// DiskSerial is the virtio-blk serial of the disk at index in Config.Disks
+// (/sys/block/vdX/serial in the guest). Every backend sets it, so the guest
+// finds a disk by its identity rather than by enumeration order.
+func DiskSerial(index int) string { return "disk" + strconv.Itoa(index) }
 
 // Config describes one VM.
 type Config struct {

@@ -142,7 +142,7 @@ func planVZ(cfg Config) (vzPlan, error) {
 		if !filepath.IsAbs(d.Path) {
 			return vzPlan{}, fmt.Errorf("vm %s: disk %d: path %q is not absolute: %w", cfg.ID, i, d.Path, errdefs.ErrInvalidArgument)
 		}
-		p.Disks = append(p.Disks, vzDisk{Disk: d, ID: "disk" + strconv.Itoa(i)})
+		p.Disks = append(p.Disks, vzDisk{Disk: d, ID: DiskSerial(i)})
 	}
 	return p, nil
 }

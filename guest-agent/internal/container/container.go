@@ -99,11 +99,15 @@ type Container struct {
 	// share tags it holds a reference on.
 	mounted []string
 	shares  []string
-	cg      *cgroup2.Manager
-	cgPath  string
-	cgFD    int
-	init    *Process
-	stopOOM func()
+	// disks are the mounted disks of a block-image root filesystem, in
+	// mount order, and diskDirs the mount points made for them.
+	disks    []string
+	diskDirs []string
+	cg       *cgroup2.Manager
+	cgPath   string
+	cgFD     int
+	init     *Process
+	stopOOM  func()
 
 	// mu guards execs and deleted.
 	mu      sync.Mutex
@@ -142,9 +146,10 @@ func (m *Manager) List() []*Container {
 	return out
 }
 
-// Create mounts the root filesystem, creates the cgroup and starts the init
-// helper, which stops before execve until StartProcess.
-func (m *Manager) Create(ctx context.Context, id string, specJSON []byte, rootfs []Mount, stdio Stdio) (_ *Container, retErr error) {
+// Create mounts the root filesystem (the disks in devices first, then the
+// rootfs mounts), creates the cgroup and starts the init helper, which
+// stops before execve until StartProcess.
+func (m *Manager) Create(ctx context.Context, id string, specJSON []byte, devices []BlockDevice, rootfs []Mount, stdio Stdio) (_ *Container, retErr error) {
 	if !validID.MatchString(id) {
 		return nil, fmt.Errorf("container id %q: %w", id, errdefs.ErrInvalidArgument)
 	}
@@ -181,6 +186,9 @@ func (m *Manager) Create(ctx context.Context, id string, specJSON []byte, rootfs
 		case <-ctx.Done():
 			return nil, fmt.Errorf("waiting for the guest's filesystem modules: %w", ctx.Err())
 		}
+	}
+	if err := c.mountDevices(ctx, devices); err != nil {
+		return nil, err
 	}
 	if err := c.mountRootfs(rootfs); err != nil {
 		return nil, err
@@ -719,6 +727,8 @@ func (c *Container) teardown() {
 	for i := len(c.mounted) - 1; i >= 0; i-- {
 		unix.Unmount(c.mounted[i], unix.MNT_DETACH)
 	}
+	c.mounted = nil
+	c.unmountDevices()
 	for _, tag := range c.shares {
 		c.m.releaseShare(tag)
 	}

@@ -107,7 +107,11 @@ func (s *Service) CreateContainer(ctx context.Context, req *agent.CreateContaine
 	for i, m := range req.Rootfs {
 		mounts[i] = container.Mount{Type: m.Type, Source: m.Source, Target: m.Target, Options: m.Options}
 	}
-	c, err := s.containers.Create(ctx, req.ContainerId, req.Spec, mounts, stdio(req.Stdio))
+	devices := make([]container.BlockDevice, len(req.BlockDevices))
+	for i, d := range req.BlockDevices {
+		devices[i] = container.BlockDevice{Serial: d.Serial, Index: int(d.Index), FSType: d.Fstype, Options: d.Options, Path: d.Path, Mkdirs: d.Mkdirs}
+	}
+	c, err := s.containers.Create(ctx, req.ContainerId, req.Spec, devices, mounts, stdio(req.Stdio))
 	if err != nil {
 		return nil, toGRPC(err)
 	}

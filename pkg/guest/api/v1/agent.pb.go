@@ -379,9 +379,15 @@ type CreateContainerRequest struct {
 	ContainerId string                 `protobuf:"bytes,1,opt,name=container_id,json=containerId,proto3" json:"container_id,omitempty"`
 	// spec is the OCI runtime spec as JSON; bind mount sources already
 	// name guest paths.
-	Spec          []byte   `protobuf:"bytes,2,opt,name=spec,proto3" json:"spec,omitempty"`
-	Rootfs        []*Mount `protobuf:"bytes,3,rep,name=rootfs,proto3" json:"rootfs,omitempty"`
-	Stdio         *Stdio   `protobuf:"bytes,4,opt,name=stdio,proto3" json:"stdio,omitempty"`
+	Spec   []byte   `protobuf:"bytes,2,opt,name=spec,proto3" json:"spec,omitempty"`
+	Rootfs []*Mount `protobuf:"bytes,3,rep,name=rootfs,proto3" json:"rootfs,omitempty"`
+	Stdio  *Stdio   `protobuf:"bytes,4,opt,name=stdio,proto3" json:"stdio,omitempty"`
+	// block_devices are mounted before rootfs, in order: a block-image root
+	// filesystem (containerd's erofs snapshotter) arrives as disks, one
+	// erofs image per layer and an ext4 image for the writable layer, and
+	// rootfs then assembles them (an overlay whose directories name the
+	// devices' mount points).
+	BlockDevices  []*BlockDevice `protobuf:"bytes,5,rep,name=block_devices,json=blockDevices,proto3" json:"block_devices,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -444,6 +450,109 @@ func (x *CreateContainerRequest) GetStdio() *Stdio {
 	return nil
 }
 
+func (x *CreateContainerRequest) GetBlockDevices() []*BlockDevice {
+	if x != nil {
+		return x.BlockDevices
+	}
+	return nil
+}
+
+// BlockDevice is a disk of the VM that the agent mounts for a container.
+type BlockDevice struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// serial identifies the disk: the virtio-blk serial the hypervisor sets
+	// (QEMU's serial=, Virtualization.framework's block device identifier),
+	// which the guest reads from /sys/block/vdX/serial. A disk whose device
+	// reports no serial is found by index instead.
+	Serial string `protobuf:"bytes,1,opt,name=serial,proto3" json:"serial,omitempty"`
+	// index is the disk's position among the VM's disks (vda is 0).
+	Index uint32 `protobuf:"varint,2,opt,name=index,proto3" json:"index,omitempty"`
+	// fstype is "erofs" or "ext4".
+	Fstype  string   `protobuf:"bytes,3,opt,name=fstype,proto3" json:"fstype,omitempty"`
+	Options []string `protobuf:"bytes,4,rep,name=options,proto3" json:"options,omitempty"`
+	// path is where the agent mounts the filesystem: an absolute guest path
+	// below /run/macvm/disks/.
+	Path string `protobuf:"bytes,5,opt,name=path,proto3" json:"path,omitempty"`
+	// mkdirs are directories created inside the mounted filesystem, each
+	// "RELATIVE_PATH[:OCTAL_MODE]" (default mode 0755), e.g. the overlay's
+	// upper and work directories on the writable layer.
+	Mkdirs        []string `protobuf:"bytes,6,rep,name=mkdirs,proto3" json:"mkdirs,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BlockDevice) Reset() {
+	*x = BlockDevice{}
+	mi := &file_agent_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BlockDevice) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BlockDevice) ProtoMessage() {}
+
+func (x *BlockDevice) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BlockDevice.ProtoReflect.Descriptor instead.
+func (*BlockDevice) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *BlockDevice) GetSerial() string {
+	if x != nil {
+		return x.Serial
+	}
+	return ""
+}
+
+func (x *BlockDevice) GetIndex() uint32 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+func (x *BlockDevice) GetFstype() string {
+	if x != nil {
+		return x.Fstype
+	}
+	return ""
+}
+
+func (x *BlockDevice) GetOptions() []string {
+	if x != nil {
+		return x.Options
+	}
+	return nil
+}
+
+func (x *BlockDevice) GetPath() string {
+	if x != nil {
+		return x.Path
+	}
+	return ""
+}
+
+func (x *BlockDevice) GetMkdirs() []string {
+	if x != nil {
+		return x.Mkdirs
+	}
+	return nil
+}
+
 type CreateContainerResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// pid of the init process in the guest's PID namespace.
@@ -454,7 +563,7 @@ type CreateContainerResponse struct {
 
 func (x *CreateContainerResponse) Reset() {
 	*x = CreateContainerResponse{}
-	mi := &file_agent_proto_msgTypes[6]
+	mi := &file_agent_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -466,7 +575,7 @@ func (x *CreateContainerResponse) String() string {
 func (*CreateContainerResponse) ProtoMessage() {}
 
 func (x *CreateContainerResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[6]
+	mi := &file_agent_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -479,7 +588,7 @@ func (x *CreateContainerResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateContainerResponse.ProtoReflect.Descriptor instead.
 func (*CreateContainerResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{6}
+	return file_agent_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *CreateContainerResponse) GetPid() uint32 {
@@ -500,7 +609,7 @@ type StartProcessRequest struct {
 
 func (x *StartProcessRequest) Reset() {
 	*x = StartProcessRequest{}
-	mi := &file_agent_proto_msgTypes[7]
+	mi := &file_agent_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -512,7 +621,7 @@ func (x *StartProcessRequest) String() string {
 func (*StartProcessRequest) ProtoMessage() {}
 
 func (x *StartProcessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[7]
+	mi := &file_agent_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -525,7 +634,7 @@ func (x *StartProcessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartProcessRequest.ProtoReflect.Descriptor instead.
 func (*StartProcessRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{7}
+	return file_agent_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *StartProcessRequest) GetContainerId() string {
@@ -551,7 +660,7 @@ type StartProcessResponse struct {
 
 func (x *StartProcessResponse) Reset() {
 	*x = StartProcessResponse{}
-	mi := &file_agent_proto_msgTypes[8]
+	mi := &file_agent_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -563,7 +672,7 @@ func (x *StartProcessResponse) String() string {
 func (*StartProcessResponse) ProtoMessage() {}
 
 func (x *StartProcessResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[8]
+	mi := &file_agent_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -576,7 +685,7 @@ func (x *StartProcessResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartProcessResponse.ProtoReflect.Descriptor instead.
 func (*StartProcessResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{8}
+	return file_agent_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *StartProcessResponse) GetPid() uint32 {
@@ -599,7 +708,7 @@ type ExecProcessRequest struct {
 
 func (x *ExecProcessRequest) Reset() {
 	*x = ExecProcessRequest{}
-	mi := &file_agent_proto_msgTypes[9]
+	mi := &file_agent_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -611,7 +720,7 @@ func (x *ExecProcessRequest) String() string {
 func (*ExecProcessRequest) ProtoMessage() {}
 
 func (x *ExecProcessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[9]
+	mi := &file_agent_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -624,7 +733,7 @@ func (x *ExecProcessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecProcessRequest.ProtoReflect.Descriptor instead.
 func (*ExecProcessRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{9}
+	return file_agent_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *ExecProcessRequest) GetContainerId() string {
@@ -668,7 +777,7 @@ type SignalProcessRequest struct {
 
 func (x *SignalProcessRequest) Reset() {
 	*x = SignalProcessRequest{}
-	mi := &file_agent_proto_msgTypes[10]
+	mi := &file_agent_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -680,7 +789,7 @@ func (x *SignalProcessRequest) String() string {
 func (*SignalProcessRequest) ProtoMessage() {}
 
 func (x *SignalProcessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[10]
+	mi := &file_agent_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -693,7 +802,7 @@ func (x *SignalProcessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SignalProcessRequest.ProtoReflect.Descriptor instead.
 func (*SignalProcessRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{10}
+	return file_agent_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *SignalProcessRequest) GetContainerId() string {
@@ -734,7 +843,7 @@ type WaitProcessRequest struct {
 
 func (x *WaitProcessRequest) Reset() {
 	*x = WaitProcessRequest{}
-	mi := &file_agent_proto_msgTypes[11]
+	mi := &file_agent_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -746,7 +855,7 @@ func (x *WaitProcessRequest) String() string {
 func (*WaitProcessRequest) ProtoMessage() {}
 
 func (x *WaitProcessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[11]
+	mi := &file_agent_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -759,7 +868,7 @@ func (x *WaitProcessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WaitProcessRequest.ProtoReflect.Descriptor instead.
 func (*WaitProcessRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{11}
+	return file_agent_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *WaitProcessRequest) GetContainerId() string {
@@ -787,7 +896,7 @@ type WaitProcessResponse struct {
 
 func (x *WaitProcessResponse) Reset() {
 	*x = WaitProcessResponse{}
-	mi := &file_agent_proto_msgTypes[12]
+	mi := &file_agent_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -799,7 +908,7 @@ func (x *WaitProcessResponse) String() string {
 func (*WaitProcessResponse) ProtoMessage() {}
 
 func (x *WaitProcessResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[12]
+	mi := &file_agent_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -812,7 +921,7 @@ func (x *WaitProcessResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WaitProcessResponse.ProtoReflect.Descriptor instead.
 func (*WaitProcessResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{12}
+	return file_agent_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *WaitProcessResponse) GetExitStatus() uint32 {
@@ -839,7 +948,7 @@ type DeleteProcessRequest struct {
 
 func (x *DeleteProcessRequest) Reset() {
 	*x = DeleteProcessRequest{}
-	mi := &file_agent_proto_msgTypes[13]
+	mi := &file_agent_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -851,7 +960,7 @@ func (x *DeleteProcessRequest) String() string {
 func (*DeleteProcessRequest) ProtoMessage() {}
 
 func (x *DeleteProcessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[13]
+	mi := &file_agent_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -864,7 +973,7 @@ func (x *DeleteProcessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteProcessRequest.ProtoReflect.Descriptor instead.
 func (*DeleteProcessRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{13}
+	return file_agent_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *DeleteProcessRequest) GetContainerId() string {
@@ -890,7 +999,7 @@ type DeleteContainerRequest struct {
 
 func (x *DeleteContainerRequest) Reset() {
 	*x = DeleteContainerRequest{}
-	mi := &file_agent_proto_msgTypes[14]
+	mi := &file_agent_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -902,7 +1011,7 @@ func (x *DeleteContainerRequest) String() string {
 func (*DeleteContainerRequest) ProtoMessage() {}
 
 func (x *DeleteContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[14]
+	mi := &file_agent_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -915,7 +1024,7 @@ func (x *DeleteContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteContainerRequest.ProtoReflect.Descriptor instead.
 func (*DeleteContainerRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{14}
+	return file_agent_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *DeleteContainerRequest) GetContainerId() string {
@@ -937,7 +1046,7 @@ type ResizePtyRequest struct {
 
 func (x *ResizePtyRequest) Reset() {
 	*x = ResizePtyRequest{}
-	mi := &file_agent_proto_msgTypes[15]
+	mi := &file_agent_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -949,7 +1058,7 @@ func (x *ResizePtyRequest) String() string {
 func (*ResizePtyRequest) ProtoMessage() {}
 
 func (x *ResizePtyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[15]
+	mi := &file_agent_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -962,7 +1071,7 @@ func (x *ResizePtyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResizePtyRequest.ProtoReflect.Descriptor instead.
 func (*ResizePtyRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{15}
+	return file_agent_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ResizePtyRequest) GetContainerId() string {
@@ -1003,7 +1112,7 @@ type CloseStdinRequest struct {
 
 func (x *CloseStdinRequest) Reset() {
 	*x = CloseStdinRequest{}
-	mi := &file_agent_proto_msgTypes[16]
+	mi := &file_agent_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1015,7 +1124,7 @@ func (x *CloseStdinRequest) String() string {
 func (*CloseStdinRequest) ProtoMessage() {}
 
 func (x *CloseStdinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[16]
+	mi := &file_agent_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1028,7 +1137,7 @@ func (x *CloseStdinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseStdinRequest.ProtoReflect.Descriptor instead.
 func (*CloseStdinRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{16}
+	return file_agent_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *CloseStdinRequest) GetContainerId() string {
@@ -1054,7 +1163,7 @@ type PidsRequest struct {
 
 func (x *PidsRequest) Reset() {
 	*x = PidsRequest{}
-	mi := &file_agent_proto_msgTypes[17]
+	mi := &file_agent_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1066,7 +1175,7 @@ func (x *PidsRequest) String() string {
 func (*PidsRequest) ProtoMessage() {}
 
 func (x *PidsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[17]
+	mi := &file_agent_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1079,7 +1188,7 @@ func (x *PidsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PidsRequest.ProtoReflect.Descriptor instead.
 func (*PidsRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{17}
+	return file_agent_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *PidsRequest) GetContainerId() string {
@@ -1100,7 +1209,7 @@ type ProcessInfo struct {
 
 func (x *ProcessInfo) Reset() {
 	*x = ProcessInfo{}
-	mi := &file_agent_proto_msgTypes[18]
+	mi := &file_agent_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1112,7 +1221,7 @@ func (x *ProcessInfo) String() string {
 func (*ProcessInfo) ProtoMessage() {}
 
 func (x *ProcessInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[18]
+	mi := &file_agent_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1125,7 +1234,7 @@ func (x *ProcessInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProcessInfo.ProtoReflect.Descriptor instead.
 func (*ProcessInfo) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{18}
+	return file_agent_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ProcessInfo) GetPid() uint32 {
@@ -1151,7 +1260,7 @@ type PidsResponse struct {
 
 func (x *PidsResponse) Reset() {
 	*x = PidsResponse{}
-	mi := &file_agent_proto_msgTypes[19]
+	mi := &file_agent_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1163,7 +1272,7 @@ func (x *PidsResponse) String() string {
 func (*PidsResponse) ProtoMessage() {}
 
 func (x *PidsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[19]
+	mi := &file_agent_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1176,7 +1285,7 @@ func (x *PidsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PidsResponse.ProtoReflect.Descriptor instead.
 func (*PidsResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{19}
+	return file_agent_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *PidsResponse) GetProcesses() []*ProcessInfo {
@@ -1195,7 +1304,7 @@ type StatsRequest struct {
 
 func (x *StatsRequest) Reset() {
 	*x = StatsRequest{}
-	mi := &file_agent_proto_msgTypes[20]
+	mi := &file_agent_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1207,7 +1316,7 @@ func (x *StatsRequest) String() string {
 func (*StatsRequest) ProtoMessage() {}
 
 func (x *StatsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[20]
+	mi := &file_agent_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1220,7 +1329,7 @@ func (x *StatsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatsRequest.ProtoReflect.Descriptor instead.
 func (*StatsRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{20}
+	return file_agent_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *StatsRequest) GetContainerId() string {
@@ -1239,7 +1348,7 @@ type StatsResponse struct {
 
 func (x *StatsResponse) Reset() {
 	*x = StatsResponse{}
-	mi := &file_agent_proto_msgTypes[21]
+	mi := &file_agent_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1251,7 +1360,7 @@ func (x *StatsResponse) String() string {
 func (*StatsResponse) ProtoMessage() {}
 
 func (x *StatsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[21]
+	mi := &file_agent_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1264,7 +1373,7 @@ func (x *StatsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatsResponse.ProtoReflect.Descriptor instead.
 func (*StatsResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{21}
+	return file_agent_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *StatsResponse) GetMetrics() *stats.Metrics {
@@ -1285,7 +1394,7 @@ type UpdateResourcesRequest struct {
 
 func (x *UpdateResourcesRequest) Reset() {
 	*x = UpdateResourcesRequest{}
-	mi := &file_agent_proto_msgTypes[22]
+	mi := &file_agent_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1297,7 +1406,7 @@ func (x *UpdateResourcesRequest) String() string {
 func (*UpdateResourcesRequest) ProtoMessage() {}
 
 func (x *UpdateResourcesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[22]
+	mi := &file_agent_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1310,7 +1419,7 @@ func (x *UpdateResourcesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateResourcesRequest.ProtoReflect.Descriptor instead.
 func (*UpdateResourcesRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{22}
+	return file_agent_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *UpdateResourcesRequest) GetContainerId() string {
@@ -1336,7 +1445,7 @@ type PauseRequest struct {
 
 func (x *PauseRequest) Reset() {
 	*x = PauseRequest{}
-	mi := &file_agent_proto_msgTypes[23]
+	mi := &file_agent_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1348,7 +1457,7 @@ func (x *PauseRequest) String() string {
 func (*PauseRequest) ProtoMessage() {}
 
 func (x *PauseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[23]
+	mi := &file_agent_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1361,7 +1470,7 @@ func (x *PauseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PauseRequest.ProtoReflect.Descriptor instead.
 func (*PauseRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{23}
+	return file_agent_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *PauseRequest) GetContainerId() string {
@@ -1380,7 +1489,7 @@ type ResumeRequest struct {
 
 func (x *ResumeRequest) Reset() {
 	*x = ResumeRequest{}
-	mi := &file_agent_proto_msgTypes[24]
+	mi := &file_agent_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1392,7 +1501,7 @@ func (x *ResumeRequest) String() string {
 func (*ResumeRequest) ProtoMessage() {}
 
 func (x *ResumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[24]
+	mi := &file_agent_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1405,7 +1514,7 @@ func (x *ResumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeRequest.ProtoReflect.Descriptor instead.
 func (*ResumeRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{24}
+	return file_agent_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *ResumeRequest) GetContainerId() string {
@@ -1423,7 +1532,7 @@ type WaitEventsRequest struct {
 
 func (x *WaitEventsRequest) Reset() {
 	*x = WaitEventsRequest{}
-	mi := &file_agent_proto_msgTypes[25]
+	mi := &file_agent_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1435,7 +1544,7 @@ func (x *WaitEventsRequest) String() string {
 func (*WaitEventsRequest) ProtoMessage() {}
 
 func (x *WaitEventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[25]
+	mi := &file_agent_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1448,7 +1557,7 @@ func (x *WaitEventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WaitEventsRequest.ProtoReflect.Descriptor instead.
 func (*WaitEventsRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{25}
+	return file_agent_proto_rawDescGZIP(), []int{26}
 }
 
 type OOMEvent struct {
@@ -1460,7 +1569,7 @@ type OOMEvent struct {
 
 func (x *OOMEvent) Reset() {
 	*x = OOMEvent{}
-	mi := &file_agent_proto_msgTypes[26]
+	mi := &file_agent_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1472,7 +1581,7 @@ func (x *OOMEvent) String() string {
 func (*OOMEvent) ProtoMessage() {}
 
 func (x *OOMEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[26]
+	mi := &file_agent_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1485,7 +1594,7 @@ func (x *OOMEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OOMEvent.ProtoReflect.Descriptor instead.
 func (*OOMEvent) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{26}
+	return file_agent_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *OOMEvent) GetContainerId() string {
@@ -1508,7 +1617,7 @@ type Event struct {
 
 func (x *Event) Reset() {
 	*x = Event{}
-	mi := &file_agent_proto_msgTypes[27]
+	mi := &file_agent_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1520,7 +1629,7 @@ func (x *Event) String() string {
 func (*Event) ProtoMessage() {}
 
 func (x *Event) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[27]
+	mi := &file_agent_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1533,7 +1642,7 @@ func (x *Event) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Event.ProtoReflect.Descriptor instead.
 func (*Event) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{27}
+	return file_agent_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *Event) GetTimestamp() *timestamppb.Timestamp {
@@ -1578,7 +1687,7 @@ type WaitEventsResponse struct {
 
 func (x *WaitEventsResponse) Reset() {
 	*x = WaitEventsResponse{}
-	mi := &file_agent_proto_msgTypes[28]
+	mi := &file_agent_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1590,7 +1699,7 @@ func (x *WaitEventsResponse) String() string {
 func (*WaitEventsResponse) ProtoMessage() {}
 
 func (x *WaitEventsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[28]
+	mi := &file_agent_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1603,7 +1712,7 @@ func (x *WaitEventsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WaitEventsResponse.ProtoReflect.Descriptor instead.
 func (*WaitEventsResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{28}
+	return file_agent_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *WaitEventsResponse) GetEvents() []*Event {
@@ -1636,7 +1745,7 @@ type NetworkInterface struct {
 
 func (x *NetworkInterface) Reset() {
 	*x = NetworkInterface{}
-	mi := &file_agent_proto_msgTypes[29]
+	mi := &file_agent_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1648,7 +1757,7 @@ func (x *NetworkInterface) String() string {
 func (*NetworkInterface) ProtoMessage() {}
 
 func (x *NetworkInterface) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[29]
+	mi := &file_agent_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1661,7 +1770,7 @@ func (x *NetworkInterface) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NetworkInterface.ProtoReflect.Descriptor instead.
 func (*NetworkInterface) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{29}
+	return file_agent_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *NetworkInterface) GetDeviceMac() string {
@@ -1724,7 +1833,7 @@ type Route struct {
 
 func (x *Route) Reset() {
 	*x = Route{}
-	mi := &file_agent_proto_msgTypes[30]
+	mi := &file_agent_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1736,7 +1845,7 @@ func (x *Route) String() string {
 func (*Route) ProtoMessage() {}
 
 func (x *Route) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[30]
+	mi := &file_agent_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1749,7 +1858,7 @@ func (x *Route) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Route.ProtoReflect.Descriptor instead.
 func (*Route) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{30}
+	return file_agent_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *Route) GetDestination() string {
@@ -1799,7 +1908,7 @@ type Neighbour struct {
 
 func (x *Neighbour) Reset() {
 	*x = Neighbour{}
-	mi := &file_agent_proto_msgTypes[31]
+	mi := &file_agent_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1811,7 +1920,7 @@ func (x *Neighbour) String() string {
 func (*Neighbour) ProtoMessage() {}
 
 func (x *Neighbour) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[31]
+	mi := &file_agent_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1824,7 +1933,7 @@ func (x *Neighbour) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Neighbour.ProtoReflect.Descriptor instead.
 func (*Neighbour) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{31}
+	return file_agent_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *Neighbour) GetIp() string {
@@ -1861,7 +1970,7 @@ type ConfigureNetworkRequest struct {
 
 func (x *ConfigureNetworkRequest) Reset() {
 	*x = ConfigureNetworkRequest{}
-	mi := &file_agent_proto_msgTypes[32]
+	mi := &file_agent_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1873,7 +1982,7 @@ func (x *ConfigureNetworkRequest) String() string {
 func (*ConfigureNetworkRequest) ProtoMessage() {}
 
 func (x *ConfigureNetworkRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[32]
+	mi := &file_agent_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1886,7 +1995,7 @@ func (x *ConfigureNetworkRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConfigureNetworkRequest.ProtoReflect.Descriptor instead.
 func (*ConfigureNetworkRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{32}
+	return file_agent_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *ConfigureNetworkRequest) GetInterfaces() []*NetworkInterface {
@@ -1937,12 +2046,20 @@ const file_agent_proto_rawDesc = "" +
 	"\x05stdin\x18\x01 \x01(\tR\x05stdin\x12\x16\n" +
 	"\x06stdout\x18\x02 \x01(\tR\x06stdout\x12\x16\n" +
 	"\x06stderr\x18\x03 \x01(\tR\x06stderr\x12\x1a\n" +
-	"\bterminal\x18\x04 \x01(\bR\bterminal\"\xab\x01\n" +
+	"\bterminal\x18\x04 \x01(\bR\bterminal\"\xed\x01\n" +
 	"\x16CreateContainerRequest\x12!\n" +
 	"\fcontainer_id\x18\x01 \x01(\tR\vcontainerId\x12\x12\n" +
 	"\x04spec\x18\x02 \x01(\fR\x04spec\x12-\n" +
 	"\x06rootfs\x18\x03 \x03(\v2\x15.macvm.guest.v1.MountR\x06rootfs\x12+\n" +
-	"\x05stdio\x18\x04 \x01(\v2\x15.macvm.guest.v1.StdioR\x05stdio\"+\n" +
+	"\x05stdio\x18\x04 \x01(\v2\x15.macvm.guest.v1.StdioR\x05stdio\x12@\n" +
+	"\rblock_devices\x18\x05 \x03(\v2\x1b.macvm.guest.v1.BlockDeviceR\fblockDevices\"\x99\x01\n" +
+	"\vBlockDevice\x12\x16\n" +
+	"\x06serial\x18\x01 \x01(\tR\x06serial\x12\x14\n" +
+	"\x05index\x18\x02 \x01(\rR\x05index\x12\x16\n" +
+	"\x06fstype\x18\x03 \x01(\tR\x06fstype\x12\x18\n" +
+	"\aoptions\x18\x04 \x03(\tR\aoptions\x12\x12\n" +
+	"\x04path\x18\x05 \x01(\tR\x04path\x12\x16\n" +
+	"\x06mkdirs\x18\x06 \x03(\tR\x06mkdirs\"+\n" +
 	"\x17CreateContainerResponse\x12\x10\n" +
 	"\x03pid\x18\x01 \x01(\rR\x03pid\"Q\n" +
 	"\x13StartProcessRequest\x12!\n" +
@@ -2069,7 +2186,7 @@ func file_agent_proto_rawDescGZIP() []byte {
 	return file_agent_proto_rawDescData
 }
 
-var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 33)
+var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 34)
 var file_agent_proto_goTypes = []any{
 	(*InfoResponse)(nil),            // 0: macvm.guest.v1.InfoResponse
 	(*ReseedRequest)(nil),           // 1: macvm.guest.v1.ReseedRequest
@@ -2077,97 +2194,99 @@ var file_agent_proto_goTypes = []any{
 	(*Mount)(nil),                   // 3: macvm.guest.v1.Mount
 	(*Stdio)(nil),                   // 4: macvm.guest.v1.Stdio
 	(*CreateContainerRequest)(nil),  // 5: macvm.guest.v1.CreateContainerRequest
-	(*CreateContainerResponse)(nil), // 6: macvm.guest.v1.CreateContainerResponse
-	(*StartProcessRequest)(nil),     // 7: macvm.guest.v1.StartProcessRequest
-	(*StartProcessResponse)(nil),    // 8: macvm.guest.v1.StartProcessResponse
-	(*ExecProcessRequest)(nil),      // 9: macvm.guest.v1.ExecProcessRequest
-	(*SignalProcessRequest)(nil),    // 10: macvm.guest.v1.SignalProcessRequest
-	(*WaitProcessRequest)(nil),      // 11: macvm.guest.v1.WaitProcessRequest
-	(*WaitProcessResponse)(nil),     // 12: macvm.guest.v1.WaitProcessResponse
-	(*DeleteProcessRequest)(nil),    // 13: macvm.guest.v1.DeleteProcessRequest
-	(*DeleteContainerRequest)(nil),  // 14: macvm.guest.v1.DeleteContainerRequest
-	(*ResizePtyRequest)(nil),        // 15: macvm.guest.v1.ResizePtyRequest
-	(*CloseStdinRequest)(nil),       // 16: macvm.guest.v1.CloseStdinRequest
-	(*PidsRequest)(nil),             // 17: macvm.guest.v1.PidsRequest
-	(*ProcessInfo)(nil),             // 18: macvm.guest.v1.ProcessInfo
-	(*PidsResponse)(nil),            // 19: macvm.guest.v1.PidsResponse
-	(*StatsRequest)(nil),            // 20: macvm.guest.v1.StatsRequest
-	(*StatsResponse)(nil),           // 21: macvm.guest.v1.StatsResponse
-	(*UpdateResourcesRequest)(nil),  // 22: macvm.guest.v1.UpdateResourcesRequest
-	(*PauseRequest)(nil),            // 23: macvm.guest.v1.PauseRequest
-	(*ResumeRequest)(nil),           // 24: macvm.guest.v1.ResumeRequest
-	(*WaitEventsRequest)(nil),       // 25: macvm.guest.v1.WaitEventsRequest
-	(*OOMEvent)(nil),                // 26: macvm.guest.v1.OOMEvent
-	(*Event)(nil),                   // 27: macvm.guest.v1.Event
-	(*WaitEventsResponse)(nil),      // 28: macvm.guest.v1.WaitEventsResponse
-	(*NetworkInterface)(nil),        // 29: macvm.guest.v1.NetworkInterface
-	(*Route)(nil),                   // 30: macvm.guest.v1.Route
-	(*Neighbour)(nil),               // 31: macvm.guest.v1.Neighbour
-	(*ConfigureNetworkRequest)(nil), // 32: macvm.guest.v1.ConfigureNetworkRequest
-	(*timestamppb.Timestamp)(nil),   // 33: google.protobuf.Timestamp
-	(*stats.Metrics)(nil),           // 34: io.containerd.cgroups.v2.Metrics
-	(*emptypb.Empty)(nil),           // 35: google.protobuf.Empty
+	(*BlockDevice)(nil),             // 6: macvm.guest.v1.BlockDevice
+	(*CreateContainerResponse)(nil), // 7: macvm.guest.v1.CreateContainerResponse
+	(*StartProcessRequest)(nil),     // 8: macvm.guest.v1.StartProcessRequest
+	(*StartProcessResponse)(nil),    // 9: macvm.guest.v1.StartProcessResponse
+	(*ExecProcessRequest)(nil),      // 10: macvm.guest.v1.ExecProcessRequest
+	(*SignalProcessRequest)(nil),    // 11: macvm.guest.v1.SignalProcessRequest
+	(*WaitProcessRequest)(nil),      // 12: macvm.guest.v1.WaitProcessRequest
+	(*WaitProcessResponse)(nil),     // 13: macvm.guest.v1.WaitProcessResponse
+	(*DeleteProcessRequest)(nil),    // 14: macvm.guest.v1.DeleteProcessRequest
+	(*DeleteContainerRequest)(nil),  // 15: macvm.guest.v1.DeleteContainerRequest
+	(*ResizePtyRequest)(nil),        // 16: macvm.guest.v1.ResizePtyRequest
+	(*CloseStdinRequest)(nil),       // 17: macvm.guest.v1.CloseStdinRequest
+	(*PidsRequest)(nil),             // 18: macvm.guest.v1.PidsRequest
+	(*ProcessInfo)(nil),             // 19: macvm.guest.v1.ProcessInfo
+	(*PidsResponse)(nil),            // 20: macvm.guest.v1.PidsResponse
+	(*StatsRequest)(nil),            // 21: macvm.guest.v1.StatsRequest
+	(*StatsResponse)(nil),           // 22: macvm.guest.v1.StatsResponse
+	(*UpdateResourcesRequest)(nil),  // 23: macvm.guest.v1.UpdateResourcesRequest
+	(*PauseRequest)(nil),            // 24: macvm.guest.v1.PauseRequest
+	(*ResumeRequest)(nil),           // 25: macvm.guest.v1.ResumeRequest
+	(*WaitEventsRequest)(nil),       // 26: macvm.guest.v1.WaitEventsRequest
+	(*OOMEvent)(nil),                // 27: macvm.guest.v1.OOMEvent
+	(*Event)(nil),                   // 28: macvm.guest.v1.Event
+	(*WaitEventsResponse)(nil),      // 29: macvm.guest.v1.WaitEventsResponse
+	(*NetworkInterface)(nil),        // 30: macvm.guest.v1.NetworkInterface
+	(*Route)(nil),                   // 31: macvm.guest.v1.Route
+	(*Neighbour)(nil),               // 32: macvm.guest.v1.Neighbour
+	(*ConfigureNetworkRequest)(nil), // 33: macvm.guest.v1.ConfigureNetworkRequest
+	(*timestamppb.Timestamp)(nil),   // 34: google.protobuf.Timestamp
+	(*stats.Metrics)(nil),           // 35: io.containerd.cgroups.v2.Metrics
+	(*emptypb.Empty)(nil),           // 36: google.protobuf.Empty
 }
 var file_agent_proto_depIdxs = []int32{
-	33, // 0: macvm.guest.v1.InfoResponse.boot_time:type_name -> google.protobuf.Timestamp
-	33, // 1: macvm.guest.v1.SetTimeRequest.time:type_name -> google.protobuf.Timestamp
+	34, // 0: macvm.guest.v1.InfoResponse.boot_time:type_name -> google.protobuf.Timestamp
+	34, // 1: macvm.guest.v1.SetTimeRequest.time:type_name -> google.protobuf.Timestamp
 	3,  // 2: macvm.guest.v1.CreateContainerRequest.rootfs:type_name -> macvm.guest.v1.Mount
 	4,  // 3: macvm.guest.v1.CreateContainerRequest.stdio:type_name -> macvm.guest.v1.Stdio
-	4,  // 4: macvm.guest.v1.ExecProcessRequest.stdio:type_name -> macvm.guest.v1.Stdio
-	33, // 5: macvm.guest.v1.WaitProcessResponse.exited_at:type_name -> google.protobuf.Timestamp
-	18, // 6: macvm.guest.v1.PidsResponse.processes:type_name -> macvm.guest.v1.ProcessInfo
-	34, // 7: macvm.guest.v1.StatsResponse.metrics:type_name -> io.containerd.cgroups.v2.Metrics
-	33, // 8: macvm.guest.v1.Event.timestamp:type_name -> google.protobuf.Timestamp
-	26, // 9: macvm.guest.v1.Event.oom:type_name -> macvm.guest.v1.OOMEvent
-	27, // 10: macvm.guest.v1.WaitEventsResponse.events:type_name -> macvm.guest.v1.Event
-	29, // 11: macvm.guest.v1.ConfigureNetworkRequest.interfaces:type_name -> macvm.guest.v1.NetworkInterface
-	30, // 12: macvm.guest.v1.ConfigureNetworkRequest.routes:type_name -> macvm.guest.v1.Route
-	31, // 13: macvm.guest.v1.ConfigureNetworkRequest.neighbours:type_name -> macvm.guest.v1.Neighbour
-	35, // 14: macvm.guest.v1.Agent.Info:input_type -> google.protobuf.Empty
-	2,  // 15: macvm.guest.v1.Agent.SetTime:input_type -> macvm.guest.v1.SetTimeRequest
-	1,  // 16: macvm.guest.v1.Agent.Reseed:input_type -> macvm.guest.v1.ReseedRequest
-	32, // 17: macvm.guest.v1.Agent.ConfigureNetwork:input_type -> macvm.guest.v1.ConfigureNetworkRequest
-	5,  // 18: macvm.guest.v1.Agent.CreateContainer:input_type -> macvm.guest.v1.CreateContainerRequest
-	7,  // 19: macvm.guest.v1.Agent.StartProcess:input_type -> macvm.guest.v1.StartProcessRequest
-	9,  // 20: macvm.guest.v1.Agent.ExecProcess:input_type -> macvm.guest.v1.ExecProcessRequest
-	10, // 21: macvm.guest.v1.Agent.SignalProcess:input_type -> macvm.guest.v1.SignalProcessRequest
-	11, // 22: macvm.guest.v1.Agent.WaitProcess:input_type -> macvm.guest.v1.WaitProcessRequest
-	13, // 23: macvm.guest.v1.Agent.DeleteProcess:input_type -> macvm.guest.v1.DeleteProcessRequest
-	14, // 24: macvm.guest.v1.Agent.DeleteContainer:input_type -> macvm.guest.v1.DeleteContainerRequest
-	15, // 25: macvm.guest.v1.Agent.ResizePty:input_type -> macvm.guest.v1.ResizePtyRequest
-	16, // 26: macvm.guest.v1.Agent.CloseStdin:input_type -> macvm.guest.v1.CloseStdinRequest
-	17, // 27: macvm.guest.v1.Agent.Pids:input_type -> macvm.guest.v1.PidsRequest
-	20, // 28: macvm.guest.v1.Agent.Stats:input_type -> macvm.guest.v1.StatsRequest
-	22, // 29: macvm.guest.v1.Agent.UpdateResources:input_type -> macvm.guest.v1.UpdateResourcesRequest
-	23, // 30: macvm.guest.v1.Agent.Pause:input_type -> macvm.guest.v1.PauseRequest
-	24, // 31: macvm.guest.v1.Agent.Resume:input_type -> macvm.guest.v1.ResumeRequest
-	25, // 32: macvm.guest.v1.Agent.WaitEvents:input_type -> macvm.guest.v1.WaitEventsRequest
-	35, // 33: macvm.guest.v1.Agent.Shutdown:input_type -> google.protobuf.Empty
-	0,  // 34: macvm.guest.v1.Agent.Info:output_type -> macvm.guest.v1.InfoResponse
-	35, // 35: macvm.guest.v1.Agent.SetTime:output_type -> google.protobuf.Empty
-	35, // 36: macvm.guest.v1.Agent.Reseed:output_type -> google.protobuf.Empty
-	35, // 37: macvm.guest.v1.Agent.ConfigureNetwork:output_type -> google.protobuf.Empty
-	6,  // 38: macvm.guest.v1.Agent.CreateContainer:output_type -> macvm.guest.v1.CreateContainerResponse
-	8,  // 39: macvm.guest.v1.Agent.StartProcess:output_type -> macvm.guest.v1.StartProcessResponse
-	35, // 40: macvm.guest.v1.Agent.ExecProcess:output_type -> google.protobuf.Empty
-	35, // 41: macvm.guest.v1.Agent.SignalProcess:output_type -> google.protobuf.Empty
-	12, // 42: macvm.guest.v1.Agent.WaitProcess:output_type -> macvm.guest.v1.WaitProcessResponse
-	35, // 43: macvm.guest.v1.Agent.DeleteProcess:output_type -> google.protobuf.Empty
-	35, // 44: macvm.guest.v1.Agent.DeleteContainer:output_type -> google.protobuf.Empty
-	35, // 45: macvm.guest.v1.Agent.ResizePty:output_type -> google.protobuf.Empty
-	35, // 46: macvm.guest.v1.Agent.CloseStdin:output_type -> google.protobuf.Empty
-	19, // 47: macvm.guest.v1.Agent.Pids:output_type -> macvm.guest.v1.PidsResponse
-	21, // 48: macvm.guest.v1.Agent.Stats:output_type -> macvm.guest.v1.StatsResponse
-	35, // 49: macvm.guest.v1.Agent.UpdateResources:output_type -> google.protobuf.Empty
-	35, // 50: macvm.guest.v1.Agent.Pause:output_type -> google.protobuf.Empty
-	35, // 51: macvm.guest.v1.Agent.Resume:output_type -> google.protobuf.Empty
-	28, // 52: macvm.guest.v1.Agent.WaitEvents:output_type -> macvm.guest.v1.WaitEventsResponse
-	35, // 53: macvm.guest.v1.Agent.Shutdown:output_type -> google.protobuf.Empty
-	34, // [34:54] is the sub-list for method output_type
-	14, // [14:34] is the sub-list for method input_type
-	14, // [14:14] is the sub-list for extension type_name
-	14, // [14:14] is the sub-list for extension extendee
-	0,  // [0:14] is the sub-list for field type_name
+	6,  // 4: macvm.guest.v1.CreateContainerRequest.block_devices:type_name -> macvm.guest.v1.BlockDevice
+	4,  // 5: macvm.guest.v1.ExecProcessRequest.stdio:type_name -> macvm.guest.v1.Stdio
+	34, // 6: macvm.guest.v1.WaitProcessResponse.exited_at:type_name -> google.protobuf.Timestamp
+	19, // 7: macvm.guest.v1.PidsResponse.processes:type_name -> macvm.guest.v1.ProcessInfo
+	35, // 8: macvm.guest.v1.StatsResponse.metrics:type_name -> io.containerd.cgroups.v2.Metrics
+	34, // 9: macvm.guest.v1.Event.timestamp:type_name -> google.protobuf.Timestamp
+	27, // 10: macvm.guest.v1.Event.oom:type_name -> macvm.guest.v1.OOMEvent
+	28, // 11: macvm.guest.v1.WaitEventsResponse.events:type_name -> macvm.guest.v1.Event
+	30, // 12: macvm.guest.v1.ConfigureNetworkRequest.interfaces:type_name -> macvm.guest.v1.NetworkInterface
+	31, // 13: macvm.guest.v1.ConfigureNetworkRequest.routes:type_name -> macvm.guest.v1.Route
+	32, // 14: macvm.guest.v1.ConfigureNetworkRequest.neighbours:type_name -> macvm.guest.v1.Neighbour
+	36, // 15: macvm.guest.v1.Agent.Info:input_type -> google.protobuf.Empty
+	2,  // 16: macvm.guest.v1.Agent.SetTime:input_type -> macvm.guest.v1.SetTimeRequest
+	1,  // 17: macvm.guest.v1.Agent.Reseed:input_type -> macvm.guest.v1.ReseedRequest
+	33, // 18: macvm.guest.v1.Agent.ConfigureNetwork:input_type -> macvm.guest.v1.ConfigureNetworkRequest
+	5,  // 19: macvm.guest.v1.Agent.CreateContainer:input_type -> macvm.guest.v1.CreateContainerRequest
+	8,  // 20: macvm.guest.v1.Agent.StartProcess:input_type -> macvm.guest.v1.StartProcessRequest
+	10, // 21: macvm.guest.v1.Agent.ExecProcess:input_type -> macvm.guest.v1.ExecProcessRequest
+	11, // 22: macvm.guest.v1.Agent.SignalProcess:input_type -> macvm.guest.v1.SignalProcessRequest
+	12, // 23: macvm.guest.v1.Agent.WaitProcess:input_type -> macvm.guest.v1.WaitProcessRequest
+	14, // 24: macvm.guest.v1.Agent.DeleteProcess:input_type -> macvm.guest.v1.DeleteProcessRequest
+	15, // 25: macvm.guest.v1.Agent.DeleteContainer:input_type -> macvm.guest.v1.DeleteContainerRequest
+	16, // 26: macvm.guest.v1.Agent.ResizePty:input_type -> macvm.guest.v1.ResizePtyRequest
+	17, // 27: macvm.guest.v1.Agent.CloseStdin:input_type -> macvm.guest.v1.CloseStdinRequest
+	18, // 28: macvm.guest.v1.Agent.Pids:input_type -> macvm.guest.v1.PidsRequest
+	21, // 29: macvm.guest.v1.Agent.Stats:input_type -> macvm.guest.v1.StatsRequest
+	23, // 30: macvm.guest.v1.Agent.UpdateResources:input_type -> macvm.guest.v1.UpdateResourcesRequest
+	24, // 31: macvm.guest.v1.Agent.Pause:input_type -> macvm.guest.v1.PauseRequest
+	25, // 32: macvm.guest.v1.Agent.Resume:input_type -> macvm.guest.v1.ResumeRequest
+	26, // 33: macvm.guest.v1.Agent.WaitEvents:input_type -> macvm.guest.v1.WaitEventsRequest
+	36, // 34: macvm.guest.v1.Agent.Shutdown:input_type -> google.protobuf.Empty
+	0,  // 35: macvm.guest.v1.Agent.Info:output_type -> macvm.guest.v1.InfoResponse
+	36, // 36: macvm.guest.v1.Agent.SetTime:output_type -> google.protobuf.Empty
+	36, // 37: macvm.guest.v1.Agent.Reseed:output_type -> google.protobuf.Empty
+	36, // 38: macvm.guest.v1.Agent.ConfigureNetwork:output_type -> google.protobuf.Empty
+	7,  // 39: macvm.guest.v1.Agent.CreateContainer:output_type -> macvm.guest.v1.CreateContainerResponse
+	9,  // 40: macvm.guest.v1.Agent.StartProcess:output_type -> macvm.guest.v1.StartProcessResponse
+	36, // 41: macvm.guest.v1.Agent.ExecProcess:output_type -> google.protobuf.Empty
+	36, // 42: macvm.guest.v1.Agent.SignalProcess:output_type -> google.protobuf.Empty
+	13, // 43: macvm.guest.v1.Agent.WaitProcess:output_type -> macvm.guest.v1.WaitProcessResponse
+	36, // 44: macvm.guest.v1.Agent.DeleteProcess:output_type -> google.protobuf.Empty
+	36, // 45: macvm.guest.v1.Agent.DeleteContainer:output_type -> google.protobuf.Empty
+	36, // 46: macvm.guest.v1.Agent.ResizePty:output_type -> google.protobuf.Empty
+	36, // 47: macvm.guest.v1.Agent.CloseStdin:output_type -> google.protobuf.Empty
+	20, // 48: macvm.guest.v1.Agent.Pids:output_type -> macvm.guest.v1.PidsResponse
+	22, // 49: macvm.guest.v1.Agent.Stats:output_type -> macvm.guest.v1.StatsResponse
+	36, // 50: macvm.guest.v1.Agent.UpdateResources:output_type -> google.protobuf.Empty
+	36, // 51: macvm.guest.v1.Agent.Pause:output_type -> google.protobuf.Empty
+	36, // 52: macvm.guest.v1.Agent.Resume:output_type -> google.protobuf.Empty
+	29, // 53: macvm.guest.v1.Agent.WaitEvents:output_type -> macvm.guest.v1.WaitEventsResponse
+	36, // 54: macvm.guest.v1.Agent.Shutdown:output_type -> google.protobuf.Empty
+	35, // [35:55] is the sub-list for method output_type
+	15, // [15:35] is the sub-list for method input_type
+	15, // [15:15] is the sub-list for extension type_name
+	15, // [15:15] is the sub-list for extension extendee
+	0,  // [0:15] is the sub-list for field type_name
 }
 
 func init() { file_agent_proto_init() }
@@ -2175,7 +2294,7 @@ func file_agent_proto_init() {
 	if File_agent_proto != nil {
 		return
 	}
-	file_agent_proto_msgTypes[27].OneofWrappers = []any{
+	file_agent_proto_msgTypes[28].OneofWrappers = []any{
 		(*Event_Oom)(nil),
 	}
 	type x struct{}
@@ -2184,7 +2303,7 @@ func file_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_agent_proto_rawDesc), len(file_agent_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   33,
+			NumMessages:   34,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -1,0 +1,121 @@
+package container
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"reflect"
+	"testing"
+	"time"
+
+	"github.com/containerd/errdefs"
+)
+
+// fakeSysBlock lays out /sys/block with the given disks (name -> serial;
+// "" means the device has no serial file).
+func fakeSysBlock(t *testing.T, disks map[string]string) {
+	t.Helper()
+	dir := t.TempDir()
+	for name, serial := range disks {
+		if err := os.MkdirAll(filepath.Join(dir, name), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if serial != "" {
+			if err := os.WriteFile(filepath.Join(dir, name, "serial"), []byte(serial+"\n"), 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	old := sysBlock
+	sysBlock = dir
+	t.Cleanup(func() { sysBlock = old })
+}
+
+func TestLookupDiskBySerial(t *testing.T) {
+	// The serials do not follow the names: identity, not order, decides.
+	fakeSysBlock(t, map[string]string{"vda": "disk2", "vdb": "disk0", "vdc": "disk1", "loop0": ""})
+	for serial, want := range map[string]string{"disk0": "/dev/vdb", "disk1": "/dev/vdc", "disk2": "/dev/vda"} {
+		got, err := lookupDisk(serial, 0)
+		if err != nil || got != want {
+			t.Errorf("lookupDisk(%q) = %q, %v; want %q", serial, got, err, want)
+		}
+	}
+	if _, err := lookupDisk("disk3", 3); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Errorf("missing serial: got %v, want NotFound (no fallback to the index when disks have serials)", err)
+	}
+}
+
+func TestLookupDiskByIndexWithoutSerials(t *testing.T) {
+	names := map[string]string{}
+	for _, n := range []string{"vda", "vdb", "vdz", "vdaa"} {
+		names[n] = ""
+	}
+	fakeSysBlock(t, names)
+	for i, want := range []string{"/dev/vda", "/dev/vdb", "/dev/vdz", "/dev/vdaa"} {
+		got, err := lookupDisk("disk", i)
+		if err != nil || got != want {
+			t.Errorf("index %d: got %q, %v; want %q", i, got, err, want)
+		}
+	}
+	if _, err := lookupDisk("disk", 4); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Errorf("index past the disks: got %v", err)
+	}
+}
+
+func TestFindDiskWaitsForTheDevice(t *testing.T) {
+	fakeSysBlock(t, map[string]string{})
+	go func() {
+		time.Sleep(100 * time.Millisecond)
+		os.MkdirAll(filepath.Join(sysBlock, "vda"), 0o755)
+		os.WriteFile(filepath.Join(sysBlock, "vda", "serial"), []byte("disk0"), 0o644)
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if got, err := findDisk(ctx, "disk0", 0); err != nil || got != "/dev/vda" {
+		t.Fatalf("findDisk = %q, %v", got, err)
+	}
+	ctx, cancel = context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	if _, err := findDisk(ctx, "disk9", 9); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Fatalf("findDisk of a missing disk: %v", err)
+	}
+}
+
+func TestMkdirIn(t *testing.T) {
+	root := t.TempDir()
+	for _, spec := range []string{"upper:0755", "work:0700", "a/b", "upper:0700"} {
+		if err := mkdirIn(root, spec); err != nil {
+			t.Fatalf("mkdirIn(%q): %v", spec, err)
+		}
+	}
+	for p, want := range map[string]os.FileMode{"upper": 0o755, "work": 0o700, "a/b": 0o755} {
+		fi, err := os.Stat(filepath.Join(root, p))
+		if err != nil || !fi.IsDir() || fi.Mode().Perm() != want {
+			t.Errorf("%s: %v %v, want a directory with mode %o", p, fi.Mode(), err, want)
+		}
+	}
+	// A symlink in the filesystem cannot lead the mkdir out of it.
+	if err := os.Symlink("/", filepath.Join(root, "escape")); err != nil {
+		t.Fatal(err)
+	}
+	if err := mkdirIn(root, "escape/macvm-blk-test"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(root, "macvm-blk-test")); err != nil {
+		t.Errorf("the symlinked mkdir did not stay inside the root: %v", err)
+	}
+	for _, bad := range []string{"x:9z", "x:0755:1", "x:0755:a:b", "x:1:2:3:4"} {
+		if err := mkdirIn(root, bad); !errors.Is(err, errdefs.ErrInvalidArgument) {
+			t.Errorf("mkdirIn(%q) = %v, want InvalidArgument", bad, err)
+		}
+	}
+}
+
+func TestSortDisks(t *testing.T) {
+	got := []string{"vdaa", "vdb", "vda", "vdz"}
+	sortDisks(got)
+	if want := []string{"vda", "vdb", "vdz", "vdaa"}; !reflect.DeepEqual(got, want) {
+		t.Errorf("got %v, want %v", got, want)
+	}
+}
