@@ -159,16 +159,28 @@ func execUntil(t *testing.T, d *harness.Containerd, id, want string, cmd ...stri
 }
 
 // vms lists the hypervisor processes started for this daemon: QEMU processes among the test's
-// descendants whose command line names the daemon's directory (the console log lives in the bundle).
+// descendants that descend from a shim of this daemon (one whose command line names its socket).
 func vms(t *testing.T, d *harness.Containerd) []harness.Proc {
 	t.Helper()
 	procs, err := harness.Descendants(os.Getpid())
 	if err != nil {
 		t.Fatal(err)
 	}
+	byPid := map[int]harness.Proc{}
+	for _, p := range procs {
+		byPid[p.Pid] = p
+	}
+	ours := func(p harness.Proc) bool {
+		for cur, ok := byPid[p.PPid]; ok; cur, ok = byPid[cur.PPid] {
+			if strings.Contains(cur.Cmdline, "-address "+d.Address+" ") || strings.HasSuffix(cur.Cmdline, "-address "+d.Address) {
+				return true
+			}
+		}
+		return false
+	}
 	var out []harness.Proc
 	for _, p := range procs {
-		if strings.HasPrefix(filepath.Base(strings.Fields(p.Cmdline + " x")[0]), "qemu-system") && strings.Contains(p.Cmdline, d.Dir+"/") {
+		if strings.HasPrefix(filepath.Base(strings.Fields(p.Cmdline + " x")[0]), "qemu-system") && ours(p) {
 			out = append(out, p)
 		}
 	}
@@ -186,7 +198,8 @@ func wantVMs(t *testing.T, d *harness.Containerd, n int, what string) {
 			return
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("%s: %d VMs run, want %d: %v", what, len(got), n, got)
+			all, _ := harness.Descendants(os.Getpid())
+			t.Fatalf("%s: %d VMs run, want %d: %v\nall processes of the test: %v", what, len(got), n, got, all)
 		}
 		time.Sleep(500 * time.Millisecond)
 	}
