@@ -97,11 +97,14 @@ func WriteMacvmConfig(path string, p Paths) error {
 func WriteMacvmConfigWarm(path string, p Paths, warmStart, templateDir string) error {
 	kernel := filepath.Join(p.BootDir, "vmlinux")
 	initrd := filepath.Join(p.BootDir, "initrd.img")
+	// The VMs' state (and the shim's host mounts) below the harness's
+	// directory, where the leftover check looks.
 	cfg := fmt.Sprintf(`# macvm shim configuration, written by the e2e harness.
 kernel = %q
 initrd = %q
+state_dir = %q
 warm_start = %q
-`, kernel, initrd, warmStart)
+`, kernel, initrd, filepath.Join(filepath.Dir(path), "vm"), warmStart)
 	if templateDir != "" {
 		cfg += fmt.Sprintf("template_dir = %q\n", templateDir)
 	}

@@ -41,6 +41,7 @@ const (
 //	warm_start = "template"   # "template" (default), "pool" (not built yet: as template) or "off"
 //	pool_size = 0             # VMs started ahead in pool mode
 //	template_dir = "/var/lib/macvm/templates"
+//	state_dir = "/run/macvm"  # VM state dirs (console log, pod share mounts)
 type Config struct {
 	Kernel            string   `toml:"kernel"`
 	Initrd            string   `toml:"initrd"`
@@ -55,6 +56,9 @@ type Config struct {
 	WarmStart   string `toml:"warm_start"`
 	PoolSize    int    `toml:"pool_size"`
 	TemplateDir string `toml:"template_dir"`
+	// StateDir is where each VM's state directory is made (default
+	// /run/macvm); the pod share's host mounts live there.
+	StateDir string `toml:"state_dir"`
 
 	// source names where the configuration came from, for error messages.
 	source string
@@ -97,6 +101,9 @@ func parseConfig(data []byte, source string) (*Config, error) {
 	}
 	if cfg.TemplateDir != "" && !filepath.IsAbs(cfg.TemplateDir) {
 		return nil, fmt.Errorf("macvm config %s: template_dir %q is not an absolute path: %w", source, cfg.TemplateDir, errdefs.ErrInvalidArgument)
+	}
+	if cfg.StateDir != "" && !filepath.IsAbs(cfg.StateDir) {
+		return nil, fmt.Errorf("macvm config %s: state_dir %q is not an absolute path: %w", source, cfg.StateDir, errdefs.ErrInvalidArgument)
 	}
 	if cfg.BootTimeout != "" {
 		if d, err := time.ParseDuration(cfg.BootTimeout); err != nil || d <= 0 {

@@ -398,9 +398,24 @@ func (c *container) deleteInit(ctx context.Context) (*taskAPI.DeleteResponse, er
 	c.deleted = true
 	c.mu.Unlock()
 	c.destroy(ctx)
+	c.forgetVM()
 	pid, status, at := p.exitInfo()
 	c.events.send(&eventstypes.TaskDelete{ContainerID: c.id, ID: c.id, Pid: pid, ExitStatus: status, ExitedAt: toTimestamp(at)})
 	return &taskAPI.DeleteResponse{Pid: pid, ExitStatus: status, ExitedAt: toTimestamp(at)}, nil
+}
+
+// forgetVM rewrites the bundle record of a deleted container without the
+// VM and the host mounts: the delete action containerd runs afterwards
+// (it does so whenever its connection for a task closes) must not touch
+// the pod's VM, which its siblings still use.
+func (c *container) forgetVM() {
+	c.mu.Lock()
+	c.state.VMPid, c.state.VMStateDir, c.state.Share, c.state.Rootfs = 0, "", "", ""
+	st := c.state
+	c.mu.Unlock()
+	if err := writeBundleState(c.bundle, &st); err != nil {
+		log.G(c.sb.vmCtx).WithError(err).WithField("container_id", c.id).Warn("update the bundle record")
+	}
 }
 
 // destroy removes the container from the guest and releases its host

@@ -95,6 +95,8 @@ type fakeAgent struct {
 	mu      sync.Mutex
 	streams map[string]*halfConn
 	procs   map[string]*fakeProc
+	// specs are the guest specs CreateContainer got, by container.
+	specs   map[string][]byte
 	nextPid uint32
 	calls   []string
 	// creates are the CreateContainer requests, by container.
@@ -109,6 +111,7 @@ func newFakeAgent(run func(p *fakeProc)) *fakeAgent {
 		run:     run,
 		streams: map[string]*halfConn{},
 		procs:   map[string]*fakeProc{},
+		specs:   map[string][]byte{},
 		nextPid: 100,
 		events:  make(chan *agent.Event, 16),
 		done:    make(chan struct{}),
@@ -196,6 +199,9 @@ func (a *fakeAgent) Reseed(_ context.Context, r *agent.ReseedRequest) (*emptypb.
 
 func (a *fakeAgent) CreateContainer(ctx context.Context, r *agent.CreateContainerRequest) (*agent.CreateContainerResponse, error) {
 	a.record("CreateContainer")
+	a.mu.Lock()
+	a.specs[r.GetContainerId()] = r.GetSpec()
+	a.mu.Unlock()
 	if a.hangCreate {
 		<-ctx.Done()
 		return nil, ctx.Err()

@@ -3,6 +3,7 @@ package service
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -61,7 +62,18 @@ func (m Manager) Start(ctx context.Context, params *bootapi.BootstrapParams) (_ 
 		return nil, fmt.Errorf("bootstrap mount capabilities: %w", err)
 	}
 
-	address, err := shim.CreateSocketAddress(ctx, socketDir, params.GetContainerdGrpcAddress(), id, false)
+	cwd, err := os.Getwd()
+	if err != nil {
+		return nil, err
+	}
+	// The containers of a pod share one shim (and VM): the socket is keyed
+	// on the pod's sandbox ID, so a later container of the pod gets the
+	// running shim's address, as with containerd's runc shim.
+	annotations, err := bundleAnnotations(cwd)
+	if err != nil {
+		return nil, err
+	}
+	address, err := shim.CreateSocketAddress(ctx, socketDir, params.GetContainerdGrpcAddress(), shimGroup(id, annotations), false)
 	if err != nil {
 		return nil, err
 	}
@@ -71,6 +83,11 @@ func (m Manager) Start(ctx context.Context, params *bootapi.BootstrapParams) (_ 
 			return nil, fmt.Errorf("create shim socket: %w", err)
 		}
 		if shim.CanConnect(address) {
+			// The delete action of this container, should the shim die,
+			// removes the socket by this record.
+			if err := os.WriteFile(filepath.Join(cwd, addressFile), []byte(address), 0o600); err != nil {
+				return nil, fmt.Errorf("record shim address: %w", err)
+			}
 			result.Address = address
 			return result, nil
 		}
@@ -99,10 +116,6 @@ func (m Manager) Start(ctx context.Context, params *bootapi.BootstrapParams) (_ 
 	}()
 
 	self, err := os.Executable()
-	if err != nil {
-		return nil, err
-	}
-	cwd, err := os.Getwd()
 	if err != nil {
 		return nil, err
 	}
@@ -139,6 +152,22 @@ func (m Manager) Start(ctx context.Context, params *bootapi.BootstrapParams) (_ 
 	return result, nil
 }
 
+// bundleAnnotations reads the annotations of the bundle's OCI spec (the
+// manager runs in the bundle directory).
+func bundleAnnotations(bundle string) (map[string]string, error) {
+	data, err := os.ReadFile(filepath.Join(bundle, "config.json"))
+	if err != nil {
+		return nil, fmt.Errorf("read OCI spec: %w", err)
+	}
+	var spec struct {
+		Annotations map[string]string `json:"annotations,omitempty"`
+	}
+	if err := json.Unmarshal(data, &spec); err != nil {
+		return nil, fmt.Errorf("parse OCI spec: %v: %w", err, errdefs.ErrInvalidArgument)
+	}
+	return spec.Annotations, nil
+}
+
 // addressFile in the bundle holds the shim's socket address.
 const addressFile = "address"
 
@@ -163,24 +192,37 @@ func (m Manager) Stop(ctx context.Context, id string) (shim.StopStatus, error) {
 		log.G(ctx).WithError(err).Warn("read shim state from bundle")
 		st = &bundleState{}
 	}
-	if killed, err := killLeftoverVM(st); err != nil {
-		log.G(ctx).WithError(err).Warn("kill leftover VM")
-	} else if killed {
-		log.G(ctx).WithField("vm_pid", st.VMPid).Info("killed the VM of a dead shim")
-	}
 	exitedAt := time.Now()
-	// The VM is gone, and every container of the pod with it: the whole
-	// pod share is unmounted, and the state dir removed only if nothing is
-	// left mounted in it.
-	if err := undoHostMounts(st); err != nil {
-		log.G(ctx).WithError(err).Warn("undo host mounts; VM state dir kept")
-	} else if st.VMStateDir != "" {
-		if err := os.RemoveAll(st.VMStateDir); err != nil {
-			log.G(ctx).WithError(err).Warn("remove VM state dir")
-		}
+	address := ""
+	if data, err := os.ReadFile(filepath.Join(bundle, addressFile)); err == nil {
+		address = string(data)
 	}
-	if data, err := os.ReadFile(filepath.Join(bundle, addressFile)); err == nil && len(data) > 0 {
-		if address := string(data); !shim.CanConnect(address) {
+	// containerd runs this action whenever its connection for a task
+	// closes, which also happens after a normal delete of one container of
+	// a pod whose shim serves the others on: a shim that still answers
+	// keeps its VM, and only this container's host mounts (if its delete
+	// left any) go.
+	if address != "" && shim.CanConnect(address) {
+		if err := undoContainerMounts(st); err != nil {
+			log.G(ctx).WithError(err).Warn("undo the container's host mounts")
+		}
+	} else {
+		if killed, err := killLeftoverVM(st); err != nil {
+			log.G(ctx).WithError(err).Warn("kill leftover VM")
+		} else if killed {
+			log.G(ctx).WithField("vm_pid", st.VMPid).Info("killed the VM of a dead shim")
+		}
+		// The VM is gone, and every container of the pod with it: the
+		// whole pod share is unmounted, and the state dir removed only if
+		// nothing is left mounted in it.
+		if err := undoHostMounts(st); err != nil {
+			log.G(ctx).WithError(err).Warn("undo host mounts; VM state dir kept")
+		} else if st.VMStateDir != "" {
+			if err := os.RemoveAll(st.VMStateDir); err != nil {
+				log.G(ctx).WithError(err).Warn("remove VM state dir")
+			}
+		}
+		if address != "" {
 			_ = shim.RemoveSocket(address)
 		}
 	}

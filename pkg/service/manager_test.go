@@ -3,6 +3,7 @@ package service
 import (
 	"context"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -96,5 +97,50 @@ func TestStopCleansUpAfterDeadShim(t *testing.T) {
 	time.Sleep(100 * time.Millisecond)
 	if err := other.Process.Signal(syscall.Signal(0)); err != nil {
 		t.Errorf("a process that is not the VM was killed: %v", err)
+	}
+}
+
+// TestStopLeavesLiveShimsVM plays the delete action containerd runs when
+// its connection for one container of a pod closes (after a normal
+// delete) while the pod's shim still serves the others: the VM the record
+// names is left running.
+func TestStopLeavesLiveShimsVM(t *testing.T) {
+	bundle := t.TempDir()
+	vmProc := exec.Command("/bin/sleep", "60")
+	if err := vmProc.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { vmProc.Process.Kill(); vmProc.Wait() }()
+	sock := filepath.Join(t.TempDir(), "s")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+	os.WriteFile(filepath.Join(bundle, addressFile), []byte("unix://"+sock), 0o600)
+	// The record names the VM by a command line that is not this sleep's,
+	// so only the liveness check can be what keeps it: make the record
+	// match by naming the argument sleep got.
+	writeBundleState(bundle, &bundleState{VMPid: vmProc.Process.Pid, VMStateDir: "60"})
+	ctx := namespaces.WithNamespace(context.Background(), "test")
+	ctx = context.WithValue(ctx, shim.OptsKey{}, shim.Opts{BundlePath: bundle})
+	if _, err := NewManager("io.containerd.macvm.v1").Stop(ctx, "c"); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(100 * time.Millisecond)
+	if err := vmProc.Process.Signal(syscall.Signal(0)); err != nil {
+		t.Errorf("the VM of a live shim was killed: %v", err)
+	}
+	if _, err := os.Stat(sock); err != nil {
+		t.Errorf("the live shim's socket was removed: %v", err)
 	}
 }

@@ -1,8 +1,11 @@
 package service
 
 import (
+	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
+	"reflect"
 	"testing"
 	"time"
 
@@ -10,6 +13,7 @@ import (
 	"github.com/containerd/containerd/api/types/task"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/errdefs/pkg/errgrpc"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
 
 	agent "github.com/macvm/macvm/pkg/guest/api/v1"
 )
@@ -22,8 +26,33 @@ func TestPodLifecycle(t *testing.T) {
 	h := newHarness(t, nil)
 	h.create("pause", nil)
 	h.start("pause", "")
-	h.create("app", nil)
+	// The app joins the sandbox's IPC namespace by the pid the shim
+	// reported; a path naming no task of the pod is refused.
+	st, err := h.svc.State(h.ctx, &taskAPI.StateRequest{ID: "pause"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ipc := fmt.Sprintf("/proc/%d/ns/ipc", st.Pid)
+	withIPC := func(path string) func(*specs.Spec) {
+		return func(s *specs.Spec) {
+			s.Linux.Namespaces = []specs.LinuxNamespace{{Type: specs.IPCNamespace, Path: path}, {Type: specs.NetworkNamespace, Path: "/var/run/netns/x"}}
+		}
+	}
+	if _, err := h.svc.Create(h.ctx, &taskAPI.CreateTaskRequest{ID: "stray", Bundle: h.bundle("stray", withIPC("/proc/1/ns/ipc")), Options: h.opts}); !errdefs.IsInvalidArgument(errgrpc.ToNative(err)) {
+		t.Errorf("joining a namespace outside the pod: %v, want ErrInvalidArgument", err)
+	}
+	h.create("app", &taskAPI.CreateTaskRequest{Bundle: h.bundle("app", withIPC(ipc))})
 	h.start("app", "")
+	var gs specs.Spec
+	h.agent.mu.Lock()
+	err = json.Unmarshal(h.agent.specs["app"], &gs)
+	h.agent.mu.Unlock()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := []specs.LinuxNamespace{{Type: specs.IPCNamespace, Path: ipc}}; !reflect.DeepEqual(gs.Linux.Namespaces, want) {
+		t.Errorf("the app's guest namespaces: %+v, want %+v", gs.Linux.Namespaces, want)
+	}
 	h.mu.Lock()
 	n := len(h.machines)
 	h.mu.Unlock()
@@ -59,7 +88,7 @@ func TestPodLifecycle(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(shared, "app")); !os.IsNotExist(err) || h.mnt.get(filepath.Join(shared, "app", "rootfs")) != "" {
 		t.Errorf("app's host mounts left after its delete: %v", err)
 	}
-	st, err := h.svc.State(h.ctx, &taskAPI.StateRequest{ID: "pause"})
+	st, err = h.svc.State(h.ctx, &taskAPI.StateRequest{ID: "pause"})
 	if err != nil || st.Status != task.Status_RUNNING {
 		t.Fatalf("the sibling after the delete: %v, %v", st, err)
 	}

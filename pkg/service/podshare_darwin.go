@@ -50,17 +50,13 @@ func (p *podShare) vmShares() ([]vm.Share, error) {
 	return slices.Clone(p.shares), nil
 }
 
-func (p *podShare) add(id string, root containerRootfs, spec *specs.Spec) (*containerFiles, error) {
+func (p *podShare) add(id string, root containerRootfs, gs *specs.Spec) (*containerFiles, error) {
 	dir := root.dir
 	if len(root.mounts) > 0 && !root.block {
 		var err error
 		if dir, _, err = mountRootfs(root.mounts, ""); err != nil {
 			return nil, err
 		}
-	}
-	gs, err := copySpec(spec)
-	if err != nil {
-		return nil, err
 	}
 	binds, err := rewriteBindMounts(gs, os.Stat)
 	if err != nil {
@@ -135,6 +131,9 @@ func rewriteBindMounts(spec *specs.Spec, stat func(string) (os.FileInfo, error))
 	}
 	return shares, nil
 }
+
+// undoContainerMounts has nothing to do on macOS: the shim mounts nothing.
+func undoContainerMounts(*bundleState) error { return nil }
 
 // undoHostMounts has nothing to do on macOS: the shim mounts nothing.
 func undoHostMounts(*bundleState) error { return nil }

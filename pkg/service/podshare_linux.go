@@ -57,11 +57,11 @@ func checkContainerID(id string) error {
 }
 
 // add mounts a container's rootfs and bind sources below the share and
-// returns the spec the agent gets: every bind of a host file or directory
+// rewrites gs, the guest's copy of its spec, in place: every bind of a host file or directory
 // becomes a bind of its guest path below guestPodShare, with the
 // container's own flags (the host mount is read-only too when the bind
 // is). Device nodes are left alone: the guest has its own /dev.
-func (p *podShare) add(id string, root containerRootfs, spec *specs.Spec) (_ *containerFiles, retErr error) {
+func (p *podShare) add(id string, root containerRootfs, gs *specs.Spec) (_ *containerFiles, retErr error) {
 	if err := checkContainerID(id); err != nil {
 		return nil, err
 	}
@@ -81,10 +81,6 @@ func (p *podShare) add(id string, root containerRootfs, spec *specs.Spec) (_ *co
 			_ = p.remove(id)
 		}
 	}()
-	gs, err := copySpec(spec)
-	if err != nil {
-		return nil, err
-	}
 	rootfs := filepath.Join(dir, "rootfs")
 	if err := os.Mkdir(rootfs, 0o755); err != nil {
 		return nil, err
@@ -201,9 +197,9 @@ func (sysMounter) unmountAll(dir string) error {
 	return nil
 }
 
-// undoHostMounts is the delete action's cleanup after a dead shim: the
-// container's mounts (and, with the VM gone, the whole pod share's).
-func undoHostMounts(st *bundleState) error {
+// undoContainerMounts undoes one container's host mounts (its directory in
+// the pod share), leaving the pod's.
+func undoContainerMounts(st *bundleState) error {
 	var m sysMounter
 	for _, dir := range []string{st.Share, st.Rootfs} {
 		if dir != "" {
@@ -212,7 +208,20 @@ func undoHostMounts(st *bundleState) error {
 			}
 		}
 	}
+	if st.Share != "" {
+		return os.RemoveAll(st.Share)
+	}
+	return nil
+}
+
+// undoHostMounts is the delete action's cleanup after a dead shim: the
+// container's mounts (and, with the VM gone, the whole pod share's).
+func undoHostMounts(st *bundleState) error {
+	if err := undoContainerMounts(st); err != nil {
+		return err
+	}
 	if st.VMStateDir != "" {
+		var m sysMounter
 		return m.unmountAll(filepath.Join(st.VMStateDir, "shared"))
 	}
 	return nil

@@ -57,7 +57,11 @@ func TestPodShareAdd(t *testing.T) {
 			{Destination: "/dev/null2", Type: "bind", Source: "/dev/null", Options: []string{"bind"}},
 		},
 	}
-	f, err := p.add("c1", containerRootfs{dir: "/snap/1/fs/"}, spec)
+	gs, err := copySpec(spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := p.add("c1", containerRootfs{dir: "/snap/1/fs/"}, gs)
 	if err != nil {
 		t.Fatal(err)
 	}

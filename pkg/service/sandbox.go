@@ -217,11 +217,17 @@ func (sb *sandbox) startMachine(ctx context.Context, b backend, vcfg vm.Config) 
 	return sb.connect(ctx, b)
 }
 
-// vmConfig is step 1 of the boot: what the VM looks like. Its device
-// layout depends on the pod's configuration only, never on a container:
-// one share (the pod share), and the NICs and disks the pod needs.
+// vmConfig is step 1 of the boot: what the VM looks like. Its size comes
+// from the pod's resources (podSizingSpec) or the first container's; its
+// device layout depends on the pod's configuration only, never on a
+// container: one share (the pod share), and the NICs and disks the pod
+// needs.
 func (sb *sandbox) vmConfig(ctx context.Context, spec *specs.Spec) (vm.Config, error) {
-	cpus, mem, err := sb.cfg.vmSize(spec)
+	sizing, err := podSizingSpec(spec)
+	if err != nil {
+		return vm.Config{}, err
+	}
+	cpus, mem, err := sb.cfg.vmSize(sizing)
 	if err != nil {
 		return vm.Config{}, err
 	}

@@ -130,7 +130,11 @@ func (s *Service) sandboxFor(ctx context.Context, id, ns, bundle string, cfg *Co
 	if s.sb != nil {
 		return s.sb, false
 	}
-	s.sb = newSandbox(s.ctx, id, ns, bundle, s.stateBase, cfg, s.events, s.backend.mounter)
+	base := s.stateBase
+	if cfg.StateDir != "" {
+		base = cfg.StateDir
+	}
+	s.sb = newSandbox(s.ctx, id, ns, bundle, base, cfg, s.events, s.backend.mounter)
 	return s.sb, true
 }
 
@@ -147,6 +151,23 @@ func (s *Service) releaseSandboxIfIdle(ctx context.Context, sb *sandbox) {
 	if idle {
 		sb.destroy(ctx)
 	}
+}
+
+// initOwner names the container whose init has the (guest) pid the shim
+// reported, among the pod's live containers; "" if none.
+func (s *Service) initOwner(pid uint32) string {
+	s.mu.Lock()
+	cs := make([]*container, 0, len(s.containers))
+	for _, c := range s.containers {
+		cs = append(cs, c)
+	}
+	s.mu.Unlock()
+	for _, c := range cs {
+		if p, _, _ := c.init.exitInfo(); p == pid && !c.init.isExited() {
+			return c.id
+		}
+	}
+	return ""
 }
 
 // dropSandbox forgets a sandbox that failed to boot, so that the next
@@ -285,7 +306,14 @@ func (s *Service) create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 		}
 		root.block = true
 	}
-	if c.files, err = sb.share.add(r.ID, root, spec); err != nil {
+	gs, err := copySpec(spec)
+	if err != nil {
+		return nil, err
+	}
+	if err := podNamespaces(gs, s.initOwner); err != nil {
+		return nil, err
+	}
+	if c.files, err = sb.share.add(r.ID, root, gs); err != nil {
 		return nil, err
 	}
 	if blk != nil {

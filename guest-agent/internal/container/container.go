@@ -108,6 +108,10 @@ type Container struct {
 	cgFD     int
 	init     *Process
 	stopOOM  func()
+	// shmDir is the tmpfs behind the container's /dev/shm when it has a
+	// new IPC namespace, in the agent's mounts so that containers joining
+	// that namespace get the same /dev/shm.
+	shmDir string
 
 	// mu guards execs and deleted.
 	mu      sync.Mutex
@@ -194,6 +198,9 @@ func (m *Manager) Create(ctx context.Context, id string, specJSON []byte, device
 		return nil, err
 	}
 	if err := c.prepareShares(spec); err != nil {
+		return nil, err
+	}
+	if err := c.prepareShm(spec, cloneflags, join); err != nil {
 		return nil, err
 	}
 	if err := c.createCgroup(spec); err != nil {
@@ -313,6 +320,56 @@ const PodShareTag = "shared"
 
 // PodShareDir is where the agent mounts the pod share.
 func (m *Manager) PodShareDir() string { return filepath.Join(filepath.Dir(m.cfg.RunDir), "shared") }
+
+// prepareShm makes /dev/shm follow the IPC namespace, as runc does for a
+// pod with its sandbox's shm: a container with a new IPC namespace gets
+// its /dev/shm tmpfs mounted in the agent's mounts (shmDir) and bound in,
+// and a container that joins the IPC namespace of another container's init
+// (/proc/<pid>/ns/ipc) gets that container's shmDir instead of its own.
+func (c *Container) prepareShm(spec *specs.Spec, cloneflags uintptr, join []nsJoin) error {
+	i := slices.IndexFunc(spec.Mounts, func(m specs.Mount) bool { return cleanDest(m.Destination) == "/dev/shm" })
+	if i < 0 || spec.Mounts[i].Type != "tmpfs" {
+		return nil
+	}
+	mt := spec.Mounts[i]
+	opts := parseMountOptions(mt.Options)
+	bindFlags := []string{"rbind"}
+	for _, o := range mt.Options {
+		if o == "nosuid" || o == "nodev" || o == "noexec" || o == "ro" {
+			bindFlags = append(bindFlags, o)
+		}
+	}
+	for _, j := range join {
+		if j.Type != specs.IPCNamespace {
+			continue
+		}
+		var pid int
+		if _, err := fmt.Sscanf(j.Path, "/proc/%d/ns/ipc", &pid); err != nil {
+			return nil
+		}
+		for _, o := range c.m.List() {
+			if o != c && o.shmDir != "" && o.init != nil && o.init.Pid() == pid {
+				spec.Mounts[i] = specs.Mount{Destination: mt.Destination, Type: "bind", Source: o.shmDir, Options: bindFlags}
+				return nil
+			}
+		}
+		return nil
+	}
+	if cloneflags&unix.CLONE_NEWIPC == 0 {
+		return nil
+	}
+	dir := filepath.Join(c.dir, "shm")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return fmt.Errorf("/dev/shm: %w", err)
+	}
+	if err := unix.Mount(mt.Source, dir, "tmpfs", opts.flags, opts.data); err != nil {
+		return fmt.Errorf("mount /dev/shm tmpfs: %w", err)
+	}
+	c.shmDir = dir
+	c.mounted = append(c.mounted, dir)
+	spec.Mounts[i] = specs.Mount{Destination: mt.Destination, Type: "bind", Source: dir, Options: bindFlags}
+	return nil
+}
 
 func (m *Manager) sharePath(tag string) string {
 	if tag == PodShareTag {
@@ -735,6 +792,9 @@ func (c *Container) teardown() {
 	c.shares = nil
 	// Never RemoveAll: if an unmount failed, the share's files (the host's)
 	// would be deleted through it.
+	if c.shmDir != "" {
+		os.Remove(c.shmDir)
+	}
 	os.Remove(c.rootfs)
 	os.Remove(c.dir)
 }
