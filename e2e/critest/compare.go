@@ -47,10 +47,10 @@ func Compare(runc, macvm *Run, focus, skip string) Comparison {
 func (c Comparison) Markdown(when time.Time) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "# critest: runc vs macvm\n\n")
-	fmt.Fprintf(&b, "Written by `make critest` (e2e/critest) on %s: cri-tools' critest v1.34.0 against containerd v2.4.2's CRI\n", when.UTC().Format("2006-01-02 15:04 MST"))
+	fmt.Fprintf(&b, "Written by e2e/critest (`make critest`, or `make test-critest` for a focused subset) on %s: cri-tools' critest v1.34.0 against containerd v2.4.2's CRI\n", when.UTC().Format("2006-01-02 15:04 MST"))
 	fmt.Fprintf(&b, "plugin on this project's machine (2 cores, QEMU under TCG, no KVM), once with `-runtime-handler runc`\n")
 	fmt.Fprintf(&b, "(Debian's runc 1.1.5, host cgroup v1) and once with `-runtime-handler macvm`. Images come from a local\n")
-	fmt.Fprintf(&b, "registry (see e2e/critest); pods get a CNI bridge network without port mapping (no iptables here).\n\n")
+	fmt.Fprintf(&b, "registry (see e2e/critest); pods get the harness's CNI bridge network, which has no portmap plugin.\n\n")
 	if c.Focus != "" || c.Skip != "" {
 		fmt.Fprintf(&b, "Specs selected: focus `%s`, skip `%s`.\n\n", c.Focus, c.Skip)
 	}

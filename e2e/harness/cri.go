@@ -76,8 +76,8 @@ func (c *Containerd) suffixNumber(n int) string {
 }
 
 // BridgeConfList is the daemon's default CNI network: a bridge that is the pods' gateway, host-local
-// addresses from PodSubnet, and loopback. Without iptables on these machines there is no masquerading
-// and no port mapping: pods are reachable from the host, not from outside.
+// addresses from PodSubnet, and loopback. No masquerading and no port mapping (they need iptables rules
+// that would outlive a killed test): pods are reachable from the host, not from outside.
 func (c *Containerd) BridgeConfList() string {
 	return fmt.Sprintf(`{
   "cniVersion": "1.0.0",
