@@ -78,6 +78,12 @@ func TestCritest(t *testing.T) {
 		if t.Failed() {
 			t.Logf("containerd log tail:\n%s", d.LogTail(8000))
 		}
+		// Through CRI first, so CNI tears the pods' networks down (veths) before containerd stops.
+		cctx, ccancel := context.WithTimeout(context.Background(), 5*time.Minute)
+		if res, err := d.Crictl(cctx, "rmp", "--all", "--force"); err != nil || res.ExitCode != 0 {
+			t.Errorf("crictl rmp --all --force: %v %v", res, err)
+		}
+		ccancel()
 		if err := d.Cleanup(context.Background()); err != nil {
 			t.Errorf("cleanup: %v", err)
 		}

@@ -56,7 +56,24 @@ func (c *Containerd) CNIBinDir() string {
 // Bridge is the name of the daemon's CNI bridge: unique per daemon (from its directory's random
 // suffix), at most 15 bytes, removed by Cleanup.
 func (c *Containerd) Bridge() string {
-	return "mvm" + c.suffixNumber(12)
+	return bridgeName(c.Dir)
+}
+
+// bridgeName is the CNI bridge of the daemon whose directory is dir (the guardian removes it too).
+func bridgeName(dir string) string {
+	s := strings.TrimPrefix(filepath.Base(dir), "mvm-")
+	if len(s) > 12 {
+		s = s[len(s)-12:]
+	}
+	return "mvm" + s
+}
+
+// removeBridgeOf deletes the CNI bridge of the daemon in dir, if it made one.
+func removeBridgeOf(dir string) {
+	if _, err := os.Stat(filepath.Join(dir, "cni", "net.d")); err != nil {
+		return
+	}
+	_ = RunCmd(exec.Command("ip", "link", "del", bridgeName(dir)))
 }
 
 // PodSubnet is the daemon's pod subnet, a /24 in 10.128.0.0/9 derived from its directory's suffix so
@@ -104,12 +121,9 @@ func (c *Containerd) writeCNIConfig() error {
 
 // removeBridge deletes the daemon's CNI bridge, which the bridge plugin leaves behind after the last pod.
 func (c *Containerd) removeBridge() {
-	if !c.opts.CRI {
-		return
+	if c.opts.CRI {
+		removeBridgeOf(c.Dir)
 	}
-	cmd := exec.Command("ip", "link", "del", c.Bridge())
-	cmd.Stderr = nil
-	_ = RunCmd(cmd)
 }
 
 // criConfig renders the CRI plugin's part of config.toml. It only adds sub-tables of the tables

@@ -143,6 +143,7 @@ func guard(dir string, in io.Reader) int {
 	if ns, err := os.ReadFile(filepath.Join(dir, namespaceFileName)); err == nil {
 		removeCgroups(strings.TrimSpace(string(ns)))
 	}
+	removeBridgeOf(dir)
 	if err := os.RemoveAll(dir); err != nil {
 		fmt.Println(err)
 	}
