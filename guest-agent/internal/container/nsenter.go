@@ -110,9 +110,15 @@ func helperNamespaces(initPid int) (types []specs.LinuxNamespaceType, files []*o
 
 // sameNamespace reports whether pid is in the agent's own namespace of type
 // t (so an exec need not join it).
+//
+// The agent's namespaces are read from the calling thread, not from
+// /proc/self: /proc/self/ns shows the main thread's, and the main thread may
+// be the one a startInNamespaces goroutine moved into a container's
+// namespaces (Go wedges a locked main thread instead of ending it). Every
+// thread an unlocked goroutine runs on is still in the agent's namespaces.
 func sameNamespace(pid int, t specs.LinuxNamespaceType) bool {
 	var a, b unix.Stat_t
-	if unix.Stat("/proc/self/ns/"+nsFiles[t], &a) != nil {
+	if unix.Stat("/proc/thread-self/ns/"+nsFiles[t], &a) != nil {
 		return false
 	}
 	if unix.Stat(fmt.Sprintf("/proc/%d/ns/%s", pid, nsFiles[t]), &b) != nil {
