@@ -15,7 +15,7 @@ import (
 // The pod overhead docs/kubernetes.md declares in the RuntimeClass (overhead.podFixed). TestPodOverhead
 // measures an idle pod and fails when the declaration no longer covers it.
 const (
-	podFixedMemoryMiB = 320
+	podFixedMemoryMiB = 384
 	podFixedMilliCPU  = 100
 )
 
