@@ -2,6 +2,7 @@ package service
 
 import (
 	"fmt"
+	"os"
 	"path"
 	"regexp"
 	"slices"
@@ -54,8 +55,11 @@ var procNSPath = regexp.MustCompile(`^/proc/([0-9]+)/ns/([a-z]+)$`)
 //   - a namespace named by path must be /proc/<pid>/ns/<type> with <pid> a
 //     task of this pod, as the shim reported it (the guest pid of its init):
 //     it then names that init's namespace inside the VM. initPid resolves a
-//     reported pid to the container that has it ("" if none). Any other
-//     path names something outside the VM and is refused.
+//     reported pid to the container that has it ("" if none);
+//   - a path naming the host's initial PID, IPC, UTS or cgroup namespace
+//     (the host's /proc/1/ns/<type>) maps to the VM's own namespace of that
+//     type, the VM being the container's host. Any other path names
+//     something outside the VM and is refused.
 //
 // /dev/shm becomes the guest tmpfs the agent shares along with the IPC
 // namespace (see useGuestShm).
@@ -83,6 +87,12 @@ func podNamespaces(gs *specs.Spec, initPid func(pid uint32) string) error {
 			return fmt.Errorf("%s namespace %q: bad pid: %w", ns.Type, ns.Path, errdefs.ErrInvalidArgument)
 		}
 		owner := initPid(uint32(pid))
+		if owner == "" && hostInitNamespace(ns.Path, ns.Type) {
+			// The host's own namespace (`ctr run --with-ns pid:/proc/1/ns/pid`,
+			// nerdctl --pid=host): its counterpart is the VM's own, which a
+			// container gets by naming no namespace of that type.
+			continue
+		}
 		if owner == "" {
 			return fmt.Errorf("%s namespace %q: pid %d is no running task of this pod (its VM runs the pod's containers only): %w",
 				ns.Type, ns.Path, pid, errdefs.ErrInvalidArgument)
@@ -163,4 +173,31 @@ func podSizingSpec(spec *specs.Spec) (*specs.Spec, error) {
 	linux.Resources = res
 	sized.Linux = &linux
 	return &sized, nil
+}
+
+// hostNamespaceFiles are the namespace types whose host-wide instance has a
+// counterpart in the VM, with their /proc/PID/ns file names.
+var hostNamespaceFiles = map[specs.LinuxNamespaceType]string{
+	specs.PIDNamespace:    "pid",
+	specs.IPCNamespace:    "ipc",
+	specs.UTSNamespace:    "uts",
+	specs.CgroupNamespace: "cgroup",
+}
+
+// hostInitNamespace tells whether path is the host's initial namespace of
+// type t (the one the host's PID 1 is in). A variable so tests can fake it.
+var hostInitNamespace = func(path string, t specs.LinuxNamespaceType) bool {
+	file, ok := hostNamespaceFiles[t]
+	if !ok {
+		return false
+	}
+	a, err := os.Stat(path)
+	if err != nil {
+		return false
+	}
+	b, err := os.Stat("/proc/1/ns/" + file)
+	if err != nil {
+		return false
+	}
+	return os.SameFile(a, b)
 }

@@ -94,6 +94,18 @@ func TestPodNamespaces(t *testing.T) {
 		t.Errorf("new netns: %+v, %v", gs.Linux.Namespaces, err)
 	}
 
+	// The host's own namespaces (ctr --with-ns pid:/proc/1/ns/pid) map to
+	// the VM's: the entry goes, the container shares the VM's namespace.
+	defer func(f func(string, specs.LinuxNamespaceType) bool) { hostInitNamespace = f }(hostInitNamespace)
+	hostInitNamespace = func(p string, t specs.LinuxNamespaceType) bool {
+		return p == "/proc/1/ns/pid" && t == specs.PIDNamespace
+	}
+	gs = &specs.Spec{Linux: &specs.Linux{Namespaces: []specs.LinuxNamespace{
+		{Type: specs.PIDNamespace, Path: "/proc/1/ns/pid"}, {Type: specs.IPCNamespace}}}}
+	if err := podNamespaces(gs, owner); err != nil || !reflect.DeepEqual(gs.Linux.Namespaces, []specs.LinuxNamespace{{Type: specs.IPCNamespace}}) {
+		t.Errorf("host pid namespace: %+v, %v; want the VM's own (no entry)", gs.Linux.Namespaces, err)
+	}
+
 	for name, ns := range map[string]specs.LinuxNamespace{
 		"a pid outside the pod": {Type: specs.IPCNamespace, Path: "/proc/1/ns/ipc"},
 		"a bind-mounted ns":     {Type: specs.UTSNamespace, Path: "/var/run/utsns/x"},
