@@ -56,8 +56,8 @@ var procNSPath = regexp.MustCompile(`^/proc/([0-9]+)/ns/([a-z]+)$`)
 //     task of this pod, as the shim reported it (the guest pid of its init):
 //     it then names that init's namespace inside the VM. initPid resolves a
 //     reported pid to the container that has it ("" if none);
-//   - a path naming the host's initial PID, IPC, UTS or cgroup namespace
-//     (the host's /proc/1/ns/<type>) maps to the VM's own namespace of that
+//   - a path naming the host's PID, IPC, UTS or cgroup namespace (PID 1's
+//     or the shim's own) maps to the VM's own namespace of that
 //     type, the VM being the container's host. Any other path names
 //     something outside the VM and is refused.
 //
@@ -184,18 +184,24 @@ var hostNamespaceFiles = map[specs.LinuxNamespaceType]string{
 	specs.CgroupNamespace: "cgroup",
 }
 
-// hostInitNamespace tells whether path is the host's initial namespace of
-// type t (the one the host's PID 1 is in). A variable so tests can fake it.
-var hostInitNamespace = func(path string, t specs.LinuxNamespaceType) bool {
+// hostInitNamespace tells whether path is the host's own namespace of type
+// t: PID 1's (never a pod task: PID 1 in the VM is the agent), named by
+// path because its namespace files may be unreadable even to root (a shim in
+// a container without ptrace access to PID 1), or the one the shim itself
+// is in. A variable so tests can fake it.
+var hostInitNamespace = func(p string, t specs.LinuxNamespaceType) bool {
 	file, ok := hostNamespaceFiles[t]
 	if !ok {
 		return false
 	}
-	a, err := os.Stat(path)
+	if path.Clean(p) == "/proc/1/ns/"+file {
+		return true
+	}
+	a, err := os.Stat(p)
 	if err != nil {
 		return false
 	}
-	b, err := os.Stat("/proc/1/ns/" + file)
+	b, err := os.Stat("/proc/self/ns/" + file)
 	if err != nil {
 		return false
 	}

@@ -107,7 +107,7 @@ func TestPodNamespaces(t *testing.T) {
 	}
 
 	for name, ns := range map[string]specs.LinuxNamespace{
-		"a pid outside the pod": {Type: specs.IPCNamespace, Path: "/proc/1/ns/ipc"},
+		"a pid outside the pod": {Type: specs.IPCNamespace, Path: "/proc/424242/ns/ipc"},
 		"a bind-mounted ns":     {Type: specs.UTSNamespace, Path: "/var/run/utsns/x"},
 		"pid 0":                 {Type: specs.PIDNamespace, Path: "/proc/0/ns/pid"},
 	} {

@@ -38,7 +38,7 @@ func TestPodLifecycle(t *testing.T) {
 			s.Linux.Namespaces = []specs.LinuxNamespace{{Type: specs.IPCNamespace, Path: path}, {Type: specs.NetworkNamespace, Path: "/var/run/netns/x"}}
 		}
 	}
-	if _, err := h.svc.Create(h.ctx, &taskAPI.CreateTaskRequest{ID: "stray", Bundle: h.bundle("stray", withIPC("/proc/1/ns/ipc")), Options: h.opts}); !errdefs.IsInvalidArgument(errgrpc.ToNative(err)) {
+	if _, err := h.svc.Create(h.ctx, &taskAPI.CreateTaskRequest{ID: "stray", Bundle: h.bundle("stray", withIPC("/proc/424242/ns/ipc")), Options: h.opts}); !errdefs.IsInvalidArgument(errgrpc.ToNative(err)) {
 		t.Errorf("joining a namespace outside the pod: %v, want ErrInvalidArgument", err)
 	}
 	h.create("app", &taskAPI.CreateTaskRequest{Bundle: h.bundle("app", withIPC(ipc))})
