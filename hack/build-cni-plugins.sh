@@ -12,24 +12,14 @@ CNI_PLUGINS_VERSION=${CNI_PLUGINS_VERSION:-v1.10.0}
 MODULE=github.com/containernetworking/plugins
 PLUGINS=(main/bridge ipam/host-local main/loopback meta/portmap meta/firewall meta/tuning)
 
-if [ $# -ne 1 ]; then
-	echo "usage: $0 DIR" >&2
-	exit 2
-fi
-mkdir -p "$1"
-DIR=$(cd "$1" && pwd)
+. "$(dirname "$0")/lib/pinned.sh"
+pinned_setup "$@"
+DIR=$OUTDIR
 
-if ! command -v go >/dev/null 2>&1 && [ -x /usr/local/go/bin/go ]; then
-	export PATH="$PATH:/usr/local/go/bin"
-fi
-
-# go version -m reads the module version embedded in each binary: exact, unlike --version output.
 up_to_date() {
-	local p mod
+	local p
 	for p in "${PLUGINS[@]}"; do
-		[ -x "$DIR/${p##*/}" ] || return 1
-		mod=$(go version -m "$DIR/${p##*/}" 2>/dev/null | awk -v m="$MODULE" '$1 == "mod" && $2 == m { print $3 }')
-		[ "$mod" = "$CNI_PLUGINS_VERSION" ] || return 1
+		built_from "$DIR/${p##*/}" "$MODULE" "$CNI_PLUGINS_VERSION" || return 1
 	done
 }
 

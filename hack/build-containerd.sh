@@ -11,26 +11,15 @@ set -euo pipefail
 CONTAINERD_VERSION=${CONTAINERD_VERSION:-v2.4.2}
 BINARIES=(containerd ctr containerd-shim-runc-v2)
 
-if [ $# -ne 1 ]; then
-	echo "usage: $0 BINDIR" >&2
-	exit 2
-fi
-mkdir -p "$1"
-# go install needs an absolute GOBIN: a relative one is rejected.
-BINDIR=$(cd "$1" && pwd)
+. "$(dirname "$0")/lib/pinned.sh"
+pinned_setup "$@"
+BINDIR=$OUTDIR
 
-if ! command -v go >/dev/null 2>&1 && [ -x /usr/local/go/bin/go ]; then
-	export PATH="$PATH:/usr/local/go/bin"
-fi
-
-# up_to_date reports whether every binary exists and was built from the pinned module version. `go version -m`
-# reads the build info embedded in the binary, which is exact (unlike parsing each tool's --version output).
+# up_to_date reports whether every binary exists and was built from the pinned module version.
 up_to_date() {
-	local b mod
+	local b
 	for b in "${BINARIES[@]}"; do
-		[ -x "$BINDIR/$b" ] || return 1
-		mod=$(go version -m "$BINDIR/$b" 2>/dev/null | awk '$1 == "mod" && $2 == "github.com/containerd/containerd/v2" { print $3 }')
-		[ "$mod" = "$CONTAINERD_VERSION" ] || return 1
+		built_from "$BINDIR/$b" github.com/containerd/containerd/v2 "$CONTAINERD_VERSION" || return 1
 	done
 }
 

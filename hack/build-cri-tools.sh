@@ -16,30 +16,14 @@ set -euo pipefail
 CRI_TOOLS_VERSION=${CRI_TOOLS_VERSION:-v1.34.0}
 REGISTRY_VERSION=${REGISTRY_VERSION:-v3.0.0}
 
-if [ $# -ne 1 ]; then
-	echo "usage: $0 BINDIR" >&2
-	exit 2
-fi
-mkdir -p "$1"
-BINDIR=$(cd "$1" && pwd)
-
-if ! command -v go >/dev/null 2>&1 && [ -x /usr/local/go/bin/go ]; then
-	export PATH="$PATH:/usr/local/go/bin"
-fi
-
-# built BIN MODULE VERSION: BIN exists and its build info says it comes from MODULE at VERSION (as the main
-# module for critest, whose test binary records the module it was built in).
-built() {
-	[ -x "$1" ] || return 1
-	local v
-	v=$(go version -m "$1" 2>/dev/null | awk -v m="$2" '($1 == "mod" || $1 == "path" || $1 == "dep") && $2 == m { print $3 }' | head -1)
-	[ "$v" = "$3" ]
-}
+. "$(dirname "$0")/lib/pinned.sh"
+pinned_setup "$@"
+BINDIR=$OUTDIR
 
 # Outside the repo, so the pinned versions are resolved on their own and never touch our go.mod.
 cd /
 
-if built "$BINDIR/crictl" sigs.k8s.io/cri-tools "$CRI_TOOLS_VERSION"; then
+if built_from "$BINDIR/crictl" sigs.k8s.io/cri-tools "$CRI_TOOLS_VERSION"; then
 	echo "crictl $CRI_TOOLS_VERSION already in $BINDIR"
 else
 	echo "building crictl $CRI_TOOLS_VERSION"
@@ -63,7 +47,7 @@ else
 	echo "$CRI_TOOLS_VERSION" >"$BINDIR/critest.version"
 fi
 
-if built "$BINDIR/registry" github.com/distribution/distribution/v3 "$REGISTRY_VERSION"; then
+if built_from "$BINDIR/registry" github.com/distribution/distribution/v3 "$REGISTRY_VERSION"; then
 	echo "registry $REGISTRY_VERSION already in $BINDIR"
 else
 	echo "building registry $REGISTRY_VERSION"

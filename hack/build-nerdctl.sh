@@ -14,21 +14,14 @@ NERDCTL_VERSION=${NERDCTL_VERSION:-v2.2.0}
 NERDCTL_SUM=h1:dTJO0gUak1FYg+PyG2+fc6L4Z3TIvH4T+Sa0vQFakAo=
 MODULE=github.com/containerd/nerdctl/v2
 
-if [ $# -ne 1 ]; then
-	echo "usage: $0 BINDIR" >&2
-	exit 2
-fi
-mkdir -p "$1"
-BINDIR=$(cd "$1" && pwd)
+. "$(dirname "$0")/lib/pinned.sh"
+pinned_setup "$@"
+BINDIR=$OUTDIR
 
-if ! command -v go >/dev/null 2>&1 && [ -x /usr/local/go/bin/go ]; then
-	export PATH="$PATH:/usr/local/go/bin"
-fi
-
+# The build below is not `go install`, so its build info may not name the version: a stamp file backs it up.
 up_to_date() {
-	[ -x "$BINDIR/nerdctl" ] || return 1
-	[ "$(go version -m "$BINDIR/nerdctl" 2>/dev/null | awk '$1 == "mod" && $2 == "'"$MODULE"'" { print $3 }')" = "$NERDCTL_VERSION" ] ||
-		[ "$(cat "$BINDIR/.nerdctl-version" 2>/dev/null)" = "$NERDCTL_VERSION" ]
+	built_from "$BINDIR/nerdctl" "$MODULE" "$NERDCTL_VERSION" ||
+		{ [ -x "$BINDIR/nerdctl" ] && [ "$(cat "$BINDIR/.nerdctl-version" 2>/dev/null)" = "$NERDCTL_VERSION" ]; }
 }
 if up_to_date; then
 	echo "nerdctl $NERDCTL_VERSION already in $BINDIR"
