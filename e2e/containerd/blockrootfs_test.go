@@ -25,7 +25,7 @@ func TestErofsBlockRootfs(t *testing.T) {
 		}
 	}
 	forEachRuntime(t, true, func(t *testing.T, rt harness.Runtime) {
-		d := daemonWith(t, rt, harness.Options{Paths: paths, ErofsWritableSize: "64M"}, "--snapshotter", "erofs")
+		d := daemonWith(t, rt, harness.Options{Paths: suite.Paths, ErofsWritableSize: "64M"}, "--snapshotter", "erofs")
 		snap := []string{"--snapshotter", "erofs"}
 
 		// The root is an overlay of the disks' mount points in the guest.

@@ -198,7 +198,7 @@ func TestUnameShowsGuestKernel(t *testing.T) {
 		host := unix.ByteSliceToString(u.Release[:])
 		want := host
 		if rt.VM {
-			v, err := kernelVersion(filepath.Join(paths.BootDir, "vmlinux"))
+			v, err := kernelVersion(filepath.Join(suite.Paths.BootDir, "vmlinux"))
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -32,7 +32,7 @@ func victim(rtName string) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	d, err := harness.Start(ctx, harness.Options{Paths: paths})
+	d, err := harness.Start(ctx, harness.Options{Paths: suite.Paths})
 	if err != nil {
 		fail(err)
 	}
@@ -71,7 +71,7 @@ func TestHarnessGuardian(t *testing.T) {
 		}
 		cmd := exec.Command(os.Args[0], "-test.run=^$")
 		cmd.Env = append(os.Environ(), envVictim+"="+rt.Short,
-			harness.EnvBinDir+"="+paths.BinDir, harness.EnvBootDir+"="+paths.BootDir)
+			harness.EnvBinDir+"="+suite.Paths.BinDir, harness.EnvBootDir+"="+suite.Paths.BootDir)
 		out, err := cmd.StdoutPipe()
 		if err != nil {
 			t.Fatal(err)

@@ -18,56 +18,28 @@ import (
 	"github.com/macvm/macvm/e2e/harness"
 )
 
-var (
-	// paths is what the tests use: a snapshot of built, the build outputs.
-	paths, built harness.Paths
-	runtimes     []harness.Runtime
-)
+// suite holds the build outputs and runtimes the scenarios run with (set up by TestMain).
+var suite harness.Suite
 
 func TestMain(m *testing.M) {
-	var err error
-	if paths, err = harness.PathsFromEnv(); err != nil {
-		fmt.Fprintf(os.Stderr, "FAIL: e2e/containerd: %v\n", err)
-		os.Exit(1)
-	}
-	if runtimes, err = harness.RuntimesFromEnv(); err != nil {
-		fmt.Fprintf(os.Stderr, "FAIL: e2e/containerd: %v\n", err)
-		os.Exit(1)
-	}
-	if os.Geteuid() != 0 {
-		fmt.Fprintln(os.Stderr, "FAIL: e2e/containerd: must run as root (it runs containerd)")
-		os.Exit(1)
-	}
-	os.Exit(runWithSnapshot(m))
-}
-
-// runWithSnapshot runs the tests on a private copy of the shims and boot files (see Paths.Snapshot),
-// while missing-file errors still name the build outputs.
-func runWithSnapshot(m *testing.M) int {
-	built = paths
 	if rt := os.Getenv(envVictim); rt != "" {
-		// Reuse the parent's snapshot, which outlives this process on purpose.
+		// Act as TestHarnessGuardian's victim, on the parent's snapshot (which outlives this process on purpose).
+		p, err := harness.PathsFromEnv()
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "FAIL: e2e/containerd: %v\n", err)
+			os.Exit(1)
+		}
+		suite.Paths = p
 		victim(rt)
 	}
-	dir, err := os.MkdirTemp("", "mvm-snap-")
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "FAIL: e2e/containerd: %v\n", err)
-		return 1
-	}
-	var release func()
-	if paths, release, err = paths.Snapshot(dir); err != nil {
-		fmt.Fprintf(os.Stderr, "FAIL: e2e/containerd: snapshot of the build outputs: %v\n", err)
-		return 1
-	}
-	defer release()
-	return m.Run()
+	os.Exit(harness.RunSuite(m, "e2e/containerd", &suite))
 }
 
 // forEachRuntime runs f as one subtest per selected runtime; vmOnly scenarios only make sense in a VM.
 func forEachRuntime(t *testing.T, vmOnly bool, f func(t *testing.T, rt harness.Runtime)) {
 	t.Helper()
 	ran := false
-	for _, rt := range runtimes {
+	for _, rt := range suite.Runtimes {
 		if vmOnly && !rt.VM {
 			continue
 		}
@@ -84,7 +56,7 @@ func forEachRuntime(t *testing.T, vmOnly bool, f func(t *testing.T, rt harness.R
 // survives deleting every container and stopping containerd.
 func daemon(t *testing.T, rt harness.Runtime) *harness.Containerd {
 	t.Helper()
-	return daemonWith(t, rt, harness.Options{Paths: paths})
+	return daemonWith(t, rt, harness.Options{Paths: suite.Paths})
 }
 
 // daemonWith is daemon with options (Debug and Logf are filled in) and
@@ -105,7 +77,7 @@ func daemonWith(t *testing.T, rt harness.Runtime, opts harness.Options, importFl
 	t.Cleanup(func() {
 		if t.Failed() {
 			t.Logf("containerd log tail:\n%s", d.LogTail(8000))
-			logVMConsoles(t, d)
+			harness.LogVMConsoles(t, d)
 		}
 		if err := d.Cleanup(context.Background()); err != nil {
 			t.Errorf("cleanup: %v", err)
@@ -118,10 +90,10 @@ func daemonWith(t *testing.T, rt harness.Runtime, opts harness.Options, importFl
 }
 
 func checkShim(rt harness.Runtime) error {
-	p := filepath.Join(paths.BinDir, rt.Shim)
+	p := filepath.Join(suite.Paths.BinDir, rt.Shim)
 	fi, err := os.Stat(p)
 	if err != nil {
-		return fmt.Errorf("runtime %s needs %s in %s (run `make shim containerd`)", rt.Name, rt.Shim, built.BinDir)
+		return fmt.Errorf("runtime %s needs %s in %s (run `make shim containerd`)", rt.Name, rt.Shim, suite.Built.BinDir)
 	}
 	if fi.Mode()&0o111 == 0 {
 		return fmt.Errorf("%s is not executable", p)
@@ -134,20 +106,4 @@ func ctx(t *testing.T, d time.Duration) context.Context {
 	c, cancel := context.WithTimeout(context.Background(), d)
 	t.Cleanup(cancel)
 	return c
-}
-
-// logVMConsoles prints the tail of every VM console log still in the daemon's bundles (the shim keeps
-// them under BUNDLE/vm/), which is where a guest that hangs or panics says why.
-func logVMConsoles(t *testing.T, d *harness.Containerd) {
-	logs, _ := filepath.Glob(filepath.Join(d.State, "io.containerd.runtime.v2.task", "*", "*", "vm", "*.log"))
-	for _, l := range logs {
-		b, err := os.ReadFile(l)
-		if err != nil || len(b) == 0 {
-			continue
-		}
-		if len(b) > 3000 {
-			b = b[len(b)-3000:]
-		}
-		t.Logf("%s:\n%s", l, b)
-	}
 }

@@ -64,7 +64,7 @@ func TestNetworkHost(t *testing.T) {
 // cniPlugin runs one CNI plugin binary the way a CNI runtime does.
 func cniPlugin(t *testing.T, command, netns, conf string) []byte {
 	t.Helper()
-	bin := filepath.Join(paths.BinDir, "cni")
+	bin := filepath.Join(suite.Paths.BinDir, "cni")
 	cmd := exec.Command(filepath.Join(bin, "bridge"))
 	cmd.Env = append(os.Environ(), "CNI_COMMAND="+command, "CNI_CONTAINERID=e2e-"+filepath.Base(filepath.Dir(netns)),
 		"CNI_NETNS="+netns, "CNI_IFNAME=eth0", "CNI_PATH="+bin)
@@ -158,7 +158,7 @@ func linksIn(t *testing.T, path string) string {
 // forwards the host port) reaches a server in the container from the host.
 func TestNerdctlPublish(t *testing.T) {
 	forEachRuntime(t, false, func(t *testing.T, rt harness.Runtime) {
-		bin := filepath.Join(built.BinDir, "nerdctl")
+		bin := filepath.Join(suite.Built.BinDir, "nerdctl")
 		if _, err := os.Stat(bin); err != nil {
 			t.Fatalf("nerdctl is needed (make nerdctl): %v", err)
 		}
@@ -172,10 +172,10 @@ func TestNerdctlPublish(t *testing.T) {
 		nerdctl := func(args ...string) harness.Result {
 			t.Helper()
 			full := append([]string{"--address", d.Address, "--namespace", d.Namespace,
-				"--data-root", filepath.Join(dir, "data"), "--cni-path", filepath.Join(paths.BinDir, "cni"),
+				"--data-root", filepath.Join(dir, "data"), "--cni-path", filepath.Join(suite.Paths.BinDir, "cni"),
 				"--cni-netconfpath", filepath.Join(dir, "cni")}, args...)
 			cmd := exec.CommandContext(ctx(t, step), bin, full...)
-			cmd.Env = append(os.Environ(), "PATH="+paths.BinDir+":"+os.Getenv("PATH"))
+			cmd.Env = append(os.Environ(), "PATH="+suite.Paths.BinDir+":"+os.Getenv("PATH"))
 			var stdout, stderr bytes.Buffer
 			cmd.Stdout, cmd.Stderr = &stdout, &stderr
 			err := cmd.Run()

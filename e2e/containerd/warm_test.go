@@ -24,17 +24,17 @@ const templateWait = 5 * time.Minute
 func TestWarmStart(t *testing.T) {
 	rt := harness.Macvm()
 	boot := t.TempDir()
-	if err := os.Symlink(filepath.Join(paths.BootDir, "vmlinux"), filepath.Join(boot, "vmlinux")); err != nil {
+	if err := os.Symlink(filepath.Join(suite.Paths.BootDir, "vmlinux"), filepath.Join(boot, "vmlinux")); err != nil {
 		t.Fatal(err)
 	}
-	initrd, err := os.ReadFile(filepath.Join(paths.BootDir, "initrd.img"))
+	initrd, err := os.ReadFile(filepath.Join(suite.Paths.BootDir, "initrd.img"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	if err := os.WriteFile(filepath.Join(boot, "initrd.img"), initrd, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	d := daemonWith(t, rt, harness.Options{Paths: harness.Paths{BinDir: paths.BinDir, BootDir: boot}, WarmStart: "template"})
+	d := daemonWith(t, rt, harness.Options{Paths: harness.Paths{BinDir: suite.Paths.BinDir, BootDir: boot}, WarmStart: "template"})
 
 	runMode := func(id string) string {
 		t.Helper()

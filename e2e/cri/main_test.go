@@ -9,7 +9,6 @@ package cri_test
 
 import (
 	"context"
-	"fmt"
 	"os"
 	"path/filepath"
 	"testing"
@@ -18,53 +17,18 @@ import (
 	"github.com/macvm/macvm/e2e/harness"
 )
 
-var (
-	// paths is what the tests use: a snapshot of built, the build outputs.
-	paths, built harness.Paths
-	runtimes     []harness.Runtime
-)
+// suite holds the build outputs and runtimes the scenarios run with (set up by TestMain).
+var suite harness.Suite
 
-func TestMain(m *testing.M) {
-	var err error
-	if paths, err = harness.PathsFromEnv(); err != nil {
-		fmt.Fprintf(os.Stderr, "FAIL: e2e/cri: %v\n", err)
-		os.Exit(1)
-	}
-	if runtimes, err = harness.RuntimesFromEnv(); err != nil {
-		fmt.Fprintf(os.Stderr, "FAIL: e2e/cri: %v\n", err)
-		os.Exit(1)
-	}
-	if os.Geteuid() != 0 {
-		fmt.Fprintln(os.Stderr, "FAIL: e2e/cri: must run as root (it runs containerd)")
-		os.Exit(1)
-	}
-	os.Exit(runWithSnapshot(m))
-}
-
-// runWithSnapshot runs the tests on a private copy of the shims and boot files (see Paths.Snapshot).
-func runWithSnapshot(m *testing.M) int {
-	built = paths
-	dir, err := os.MkdirTemp("", "mvm-snap-")
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "FAIL: e2e/cri: %v\n", err)
-		return 1
-	}
-	var release func()
-	if paths, release, err = paths.Snapshot(dir); err != nil {
-		fmt.Fprintf(os.Stderr, "FAIL: e2e/cri: snapshot of the build outputs: %v\n", err)
-		return 1
-	}
-	defer release()
-	return m.Run()
-}
+func TestMain(m *testing.M) { os.Exit(harness.RunSuite(m, "e2e/cri", &suite)) }
 
 // forEachRuntime runs f as one subtest per selected runtime.
 func forEachRuntime(t *testing.T, f func(t *testing.T, rt harness.Runtime)) {
 	t.Helper()
-	if len(runtimes) == 0 {
+	if len(suite.Runtimes) == 0 {
 		t.Fatalf("%s selects no runtime", harness.EnvRuntimes)
 	}
-	for _, rt := range runtimes {
+	for _, rt := range suite.Runtimes {
 		t.Run(rt.Short, func(t *testing.T) { f(t, rt) })
 	}
 }
@@ -83,13 +47,13 @@ func handler(rt harness.Runtime) string {
 func daemon(t *testing.T, rt harness.Runtime, cri harness.CRIConfig) *harness.Containerd {
 	t.Helper()
 	for _, b := range []string{rt.Shim, "crictl", "cni/bridge", "cni/host-local", "cni/loopback"} {
-		if fi, err := os.Stat(filepath.Join(paths.BinDir, b)); err != nil || fi.Mode()&0o111 == 0 {
-			t.Fatalf("%s missing from %s (run `make shim containerd cri-tools cni`)", b, built.BinDir)
+		if fi, err := os.Stat(filepath.Join(suite.Paths.BinDir, b)); err != nil || fi.Mode()&0o111 == 0 {
+			t.Fatalf("%s missing from %s (run `make shim containerd cri-tools cni`)", b, suite.Built.BinDir)
 		}
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	d, err := harness.Start(ctx, harness.Options{Paths: paths, CRI: true, CRIConfig: cri,
+	d, err := harness.Start(ctx, harness.Options{Paths: suite.Paths, CRI: true, CRIConfig: cri,
 		Debug: os.Getenv("MACVM_E2E_DEBUG") != "", Logf: t.Logf})
 	if err != nil {
 		t.Fatal(err)
@@ -97,7 +61,7 @@ func daemon(t *testing.T, rt harness.Runtime, cri harness.CRIConfig) *harness.Co
 	t.Cleanup(func() {
 		if t.Failed() {
 			t.Logf("containerd log tail:\n%s", d.LogTail(8000))
-			logVMConsoles(t, d)
+			harness.LogVMConsoles(t, d)
 		}
 		cctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 		defer cancel()
@@ -113,21 +77,6 @@ func daemon(t *testing.T, rt harness.Runtime, cri harness.CRIConfig) *harness.Co
 		t.Fatal(err)
 	}
 	return d
-}
-
-// logVMConsoles prints the tail of every VM console log still in the daemon's bundles.
-func logVMConsoles(t *testing.T, d *harness.Containerd) {
-	logs, _ := filepath.Glob(filepath.Join(d.State, "io.containerd.runtime.v2.task", "*", "*", "vm", "*.log"))
-	for _, l := range logs {
-		b, err := os.ReadFile(l)
-		if err != nil || len(b) == 0 {
-			continue
-		}
-		if len(b) > 3000 {
-			b = b[len(b)-3000:]
-		}
-		t.Logf("%s:\n%s", l, b)
-	}
 }
 
 // ctx returns a context bounded for one scenario step; VMs boot under TCG here, so steps get minutes.

@@ -25,7 +25,7 @@ const (
 // for, so the test runs on the VM runtimes only.
 func TestPodOverhead(t *testing.T) {
 	ran := false
-	for _, rt := range runtimes {
+	for _, rt := range suite.Runtimes {
 		if !rt.VM {
 			continue
 		}
