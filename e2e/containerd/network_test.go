@@ -5,7 +5,10 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -36,22 +39,10 @@ func TestNetworkDefaultLoopbackOnly(t *testing.T) {
 // served by the stack's DNS.
 func TestNetworkHost(t *testing.T) {
 	forEachRuntime(t, true, func(t *testing.T, rt harness.Runtime) {
-		srv, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
+		// A web server on the host's loopback, which the guest reaches through the NAT stack.
+		srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "hello-from-host\n") }))
 		defer srv.Close()
-		go func() {
-			for {
-				c, err := srv.Accept()
-				if err != nil {
-					return
-				}
-				c.Write([]byte("HTTP/1.0 200 OK\r\nContent-Length: 16\r\n\r\nhello-from-host\n"))
-				c.Close()
-			}
-		}()
-		port := srv.Addr().(*net.TCPAddr).Port
+		port := srv.Listener.Addr().(*net.TCPAddr).Port
 		d := daemon(t, rt)
 		script := fmt.Sprintf("wget -q -O - http://%s:%d/ && nslookup host.macvm.internal %s", network.HostIP, port, network.GatewayIP)
 		res := run(t, d, rt, nil, []string{"--net-host"}, "nethost", "sh", "-c", script)

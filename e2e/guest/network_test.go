@@ -2,7 +2,10 @@ package guest_test
 
 import (
 	"bufio"
+	"io"
 	"net"
+	"net/http"
+	"net/http/httptest"
 	"strconv"
 	"strings"
 	"testing"
@@ -22,22 +25,10 @@ import (
 // DNS, and a port published from the host into the guest. A container that
 // asks for a new network namespace sees loopback only.
 func TestUserNetwork(t *testing.T) {
-	srv, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
+	// A web server on the host's loopback, which the guest reaches through the NAT stack.
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "hello-from-host\n") }))
 	defer srv.Close()
-	go func() {
-		for {
-			c, err := srv.Accept()
-			if err != nil {
-				return
-			}
-			c.Write([]byte("HTTP/1.0 200 OK\r\nContent-Length: 16\r\n\r\nhello-from-host\n"))
-			c.Close()
-		}
-	}()
-	hostPort := srv.Addr().(*net.TCPAddr).Port
+	hostPort := srv.Listener.Addr().(*net.TCPAddr).Port
 
 	u, err := network.NewUserNet([]network.PortForward{{HostAddr: "127.0.0.1:0", GuestPort: 8080}})
 	if err != nil {
