@@ -112,6 +112,26 @@ func (q *qmpClient) handshake(ctx context.Context) error {
 // reply wraps errdefs.ErrFailedPrecondition (QEMU refused in its current
 // state); a closed monitor wraps errdefs.ErrUnavailable.
 func (q *qmpClient) execute(ctx context.Context, cmd string, args any) (json.RawMessage, error) {
+	return q.send(ctx, cmd, args, nil)
+}
+
+// executeFD runs one command that takes a file descriptor (getfd, add-fd):
+// f travels with the command as SCM_RIGHTS.
+func (q *qmpClient) executeFD(ctx context.Context, cmd string, args any, f *os.File) error {
+	_, err := q.send(ctx, cmd, args, f)
+	return err
+}
+
+// send writes one command, with f as SCM_RIGHTS when it is not nil, and
+// waits for the reply carrying its id.
+func (q *qmpClient) send(ctx context.Context, cmd string, args any, f *os.File) (json.RawMessage, error) {
+	var uc *net.UnixConn
+	if f != nil {
+		var ok bool
+		if uc, ok = q.conn.(*net.UnixConn); !ok {
+			return nil, fmt.Errorf("qmp %s: the monitor is not a unix socket: %w", cmd, errdefs.ErrNotImplemented)
+		}
+	}
 	ch := make(chan qmpMessage, 1)
 	q.mu.Lock()
 	q.nextID++
@@ -135,7 +155,12 @@ func (q *qmpClient) execute(ctx context.Context, cmd string, args any) (json.Raw
 	if dl, ok := ctx.Deadline(); ok {
 		_ = q.conn.SetWriteDeadline(dl)
 	}
-	if _, err := q.conn.Write(append(b, '\n')); err != nil {
+	if uc != nil {
+		_, _, err = uc.WriteMsgUnix(append(b, '\n'), unix.UnixRights(int(f.Fd())), nil)
+	} else {
+		_, err = q.conn.Write(append(b, '\n'))
+	}
+	if err != nil {
 		return nil, fmt.Errorf("qmp %s: %w: %w", cmd, errdefs.ErrUnavailable, err)
 	}
 	select {
@@ -148,47 +173,6 @@ func (q *qmpClient) execute(ctx context.Context, cmd string, args any) (json.Raw
 		return nil, fmt.Errorf("qmp %s: %w: %w", cmd, errdefs.ErrUnavailable, q.readErr)
 	case <-ctx.Done():
 		return nil, fmt.Errorf("qmp %s: %w", cmd, ctx.Err())
-	}
-}
-
-// executeFD runs one command that takes a file descriptor (getfd, add-fd):
-// f travels with the command as SCM_RIGHTS.
-func (q *qmpClient) executeFD(ctx context.Context, cmd string, args any, f *os.File) error {
-	uc, ok := q.conn.(*net.UnixConn)
-	if !ok {
-		return fmt.Errorf("qmp %s: the monitor is not a unix socket: %w", cmd, errdefs.ErrNotImplemented)
-	}
-	ch := make(chan qmpMessage, 1)
-	q.mu.Lock()
-	q.nextID++
-	id := q.nextID
-	q.pending[id] = ch
-	q.mu.Unlock()
-	defer func() {
-		q.mu.Lock()
-		delete(q.pending, id)
-		q.mu.Unlock()
-	}()
-	b, err := json.Marshal(map[string]any{"execute": cmd, "id": id, "arguments": args})
-	if err != nil {
-		return err
-	}
-	if dl, ok := ctx.Deadline(); ok {
-		_ = uc.SetWriteDeadline(dl)
-	}
-	if _, _, err := uc.WriteMsgUnix(append(b, '\n'), unix.UnixRights(int(f.Fd())), nil); err != nil {
-		return fmt.Errorf("qmp %s: %w: %w", cmd, errdefs.ErrUnavailable, err)
-	}
-	select {
-	case m := <-ch:
-		if m.Error != nil {
-			return fmt.Errorf("qmp %s: %s: %s: %w", cmd, m.Error.Class, m.Error.Desc, errdefs.ErrFailedPrecondition)
-		}
-		return nil
-	case <-q.done:
-		return fmt.Errorf("qmp %s: %w: %w", cmd, errdefs.ErrUnavailable, q.readErr)
-	case <-ctx.Done():
-		return fmt.Errorf("qmp %s: %w", cmd, ctx.Err())
 	}
 }
 
