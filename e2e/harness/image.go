@@ -20,7 +20,8 @@ import (
 
 // The test image is built here rather than pulled: the machines reach no registry. It is Debian's static
 // busybox with every applet as a hard link (not a symlink, so masked-path and exec tests see real files),
-// plus a fixed pseudo-random seed file that output-integrity tests stream.
+// plus a fixed pseudo-random seed file that output-integrity tests stream and the few programs busybox
+// lacks (ipcmk, ipcs, ipcrm, pgrep: tools.go).
 
 const (
 	// BusyboxImage is the name the harness imports the test image under.
@@ -81,7 +82,11 @@ func BuildImage(w io.Writer, img Image) error {
 	if err != nil {
 		return err
 	}
-	base, err := busyboxLayer(bb, applets)
+	tools, err := e2eTools()
+	if err != nil {
+		return err
+	}
+	base, err := busyboxLayer(bb, applets, tools)
 	if err != nil {
 		return err
 	}
@@ -215,8 +220,9 @@ func busyboxApplets() ([]string, error) {
 	return applets, nil
 }
 
-// busyboxLayer builds the image's only layer, an uncompressed tar.
-func busyboxLayer(bb []byte, applets []string) ([]byte, error) {
+// busyboxLayer builds the image's base layer, an uncompressed tar: busybox and its applets in /bin, the
+// e2etools programs in /usr/bin (see tools.go).
+func busyboxLayer(bb []byte, applets []string, tools []byte) ([]byte, error) {
 	var buf bytes.Buffer
 	tw := tar.NewWriter(&buf)
 	mtime := time.Unix(0, 0)
@@ -243,6 +249,15 @@ func busyboxLayer(bb []byte, applets []string) ([]byte, error) {
 	}
 	for _, a := range applets {
 		hdr := &tar.Header{Typeflag: tar.TypeLink, Name: path.Join("bin", a), Linkname: "bin/busybox", Mode: 0o755, ModTime: mtime}
+		if err := tw.WriteHeader(hdr); err != nil {
+			return nil, err
+		}
+	}
+	if err := file(toolsPath, 0o755, tools); err != nil {
+		return nil, err
+	}
+	for _, n := range ToolNames {
+		hdr := &tar.Header{Typeflag: tar.TypeLink, Name: path.Join("usr/bin", n), Linkname: toolsPath, Mode: 0o755, ModTime: mtime}
 		if err := tw.WriteHeader(hdr); err != nil {
 			return nil, err
 		}
