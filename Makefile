@@ -167,8 +167,9 @@ test-critest: boot shim containerd cri-tools cni
 # cri-tools' critest, the whole suite, on the runc and macvm handlers; writes the comparison to docs/critest.md
 # and fails on a spec that passes on runc but not on macvm without a reason in e2e/critest's Differences.
 critest: boot shim containerd cri-tools cni
-	MACVM_CRITEST_FOCUS= MACVM_CRITEST_DOC=$(CURDIR)/docs/critest.md MACVM_BOOT_DIR=$(BOOT_DIR) MACVM_BIN_DIR=$(BIN) \
-		go test -count=1 -timeout 100m -v -run TestCritest ./e2e/critest/
+	MACVM_CRITEST_FOCUS= MACVM_CRITEST_TIMEOUT=110m MACVM_CRITEST_REPORTS=$(OUT)/critest MACVM_CRITEST_DOC=$(CURDIR)/docs/critest.md \
+		MACVM_BOOT_DIR=$(BOOT_DIR) \
+		MACVM_BIN_DIR=$(BIN) go test -count=1 -timeout 240m -v -run TestCritest ./e2e/critest/
 
 demo: boot shim containerd
 	hack/demo.sh

@@ -41,3 +41,33 @@ func TestCompare(t *testing.T) {
 		}
 	}
 }
+
+// TestOverlayAndKnown checks a focused rerun replacing outcomes (and saying so) and a known runc
+// failure printed with its reason.
+func TestOverlayAndKnown(t *testing.T) {
+	runc := run("runc", map[string]string{"a": "passed", "k": "failed"})
+	macvm := run("macvm", map[string]string{"a": "failed", "k": "failed"})
+	macvm.Overlay(run("macvm", map[string]string{"a": "passed", "k": "skipped"}))
+	if got := macvm.Specs["a"].State; got != "passed" {
+		t.Errorf("a after the rerun: %s, want passed", got)
+	}
+	if got := macvm.Specs["k"].State; got != "failed" {
+		t.Errorf("k, skipped by the rerun: %s, want its first outcome, failed", got)
+	}
+	if want := []string{"a"}; !reflect.DeepEqual(macvm.Rerun, want) {
+		t.Errorf("rerun %v, want %v", macvm.Rerun, want)
+	}
+	old := Known
+	Known = map[string]string{"k": "the harness lacks it"}
+	defer func() { Known = old }()
+	c := Compare(runc, macvm, "", "")
+	if len(c.Regressions) != 0 {
+		t.Errorf("regressions %v, want none", c.Regressions)
+	}
+	md := c.Markdown(time.Unix(0, 0))
+	for _, want := range []string{"- `k`: the harness lacks it (runc: runc says no)", "On macvm, 1 specs come from a later focused rerun (after a fix): `a`."} {
+		if !strings.Contains(md, want) {
+			t.Errorf("markdown lacks %q:\n%s", want, md)
+		}
+	}
+}

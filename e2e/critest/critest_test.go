@@ -21,6 +21,15 @@ const (
 	EnvDoc = "MACVM_CRITEST_DOC"
 	// EnvHandlers narrows the handlers run (default "runc,macvm"); the comparison needs both.
 	EnvHandlers = "MACVM_CRITEST_HANDLERS"
+	// EnvReports names a directory to keep critest's JSON reports in (critest-HANDLER.json), so a
+	// comparison can be rendered again, or overlaid with a focused rerun, without the hour-long run.
+	EnvReports = "MACVM_CRITEST_REPORTS"
+	// EnvFrom renders the comparison from kept reports instead of running critest: a comma-separated list
+	// of EnvReports directories, each later one a focused rerun overlaid on the earlier (Run.Overlay).
+	EnvFrom = "MACVM_CRITEST_FROM"
+	// EnvTimeout bounds one handler's run (a Go duration, default 38m): the whole suite on macvm takes
+	// about an hour on the loaded 2-core machine, so `make critest` raises it.
+	EnvTimeout = "MACVM_CRITEST_TIMEOUT"
 )
 
 // defaultFocus is the subset `make test` runs when EnvFocus is unset (the whole suite takes ~9 minutes on
@@ -32,6 +41,10 @@ const defaultFocus = `PodSandbox runtime should support basic operations|Contain
 // TestCritest runs critest with the runc handler, then with the macvm handler, on one private containerd,
 // and fails when a spec passes on runc but not on macvm without an entry in Differences.
 func TestCritest(t *testing.T) {
+	if from := os.Getenv(EnvFrom); from != "" {
+		compareKept(t, strings.Split(from, ","))
+		return
+	}
 	paths, err := harness.PathsFromEnv()
 	if err != nil {
 		t.Fatal(err)
@@ -46,6 +59,12 @@ func TestCritest(t *testing.T) {
 		focus = defaultFocus
 	}
 	skip := os.Getenv(EnvSkip)
+	perHandler := 38 * time.Minute
+	if v := os.Getenv(EnvTimeout); v != "" {
+		if perHandler, err = time.ParseDuration(v); err != nil {
+			t.Fatalf("%s=%q: %v", EnvTimeout, v, err)
+		}
+	}
 	snap, err := os.MkdirTemp("", "mvm-snap-")
 	if err != nil {
 		t.Fatal(err)
@@ -103,11 +122,16 @@ func TestCritest(t *testing.T) {
 	}
 	var runs []*Run
 	for _, h := range handlers {
-		rctx, cancel := context.WithTimeout(context.Background(), 40*time.Minute)
-		r, err := RunCritest(rctx, d, h, focus, skip, 38*time.Minute)
+		rctx, cancel := context.WithTimeout(context.Background(), perHandler+2*time.Minute)
+		r, err := RunCritest(rctx, d, h, focus, skip, perHandler)
 		cancel()
 		if err != nil {
 			t.Fatal(err)
+		}
+		if dir := os.Getenv(EnvReports); dir != "" {
+			if err := saveReport(d, h, dir); err != nil {
+				t.Errorf("keeping the %s report: %v", h, err)
+			}
 		}
 		t.Logf("critest %s: %d specs, %d passed, %d skipped in %v", h, len(r.Specs), r.Count("passed"), r.Count("skipped"), r.Duration.Round(time.Second))
 		for _, n := range r.Names() {
@@ -123,7 +147,36 @@ func TestCritest(t *testing.T) {
 	if runs[0].Count("passed") == 0 {
 		t.Fatalf("no critest spec passes on runc: the harness, not the runtime, is broken\n%s", tail(runs[0].Output, 6000))
 	}
-	c := Compare(runs[0], runs[1], focus, skip)
+	report(t, runs[0], runs[1], focus, skip)
+}
+
+// compareKept compares the runs kept in dirs (EnvReports), each later directory overlaid on the first.
+func compareKept(t *testing.T, dirs []string) {
+	focus := os.Getenv(EnvFocus)
+	var runs []*Run
+	for _, h := range []string{harness.CRIRuncHandler, harness.CRIMacvmHandler} {
+		var r *Run
+		for _, dir := range dirs {
+			l, err := LoadReport(filepath.Join(dir, "critest-"+h+".json"), h)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if r == nil {
+				r = l
+			} else {
+				r.Overlay(l)
+			}
+		}
+		t.Logf("critest %s (kept): %d specs, %d passed, %d rerun", h, len(r.Specs), r.Count("passed"), len(r.Rerun))
+		runs = append(runs, r)
+	}
+	report(t, runs[0], runs[1], focus, os.Getenv(EnvSkip))
+}
+
+// report compares runc with macvm, writes the comparison to EnvDoc if set, and fails on an unexplained
+// difference.
+func report(t *testing.T, runc, macvm *Run, focus, skip string) {
+	c := Compare(runc, macvm, focus, skip)
 	if doc := os.Getenv(EnvDoc); doc != "" {
 		if err := os.WriteFile(doc, []byte(c.Markdown(time.Now())), 0o644); err != nil {
 			t.Fatal(err)

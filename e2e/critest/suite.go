@@ -32,6 +32,8 @@ type Run struct {
 	Specs    map[string]Outcome
 	// Output is critest's own output (for failures of the run itself).
 	Output []byte
+	// Rerun lists the specs whose outcome comes from a later, focused run (Overlay).
+	Rerun []string
 }
 
 // Count returns how many specs ended in state.
@@ -49,7 +51,7 @@ func (r *Run) Count(state string) int {
 // and skip are ginkgo regular expressions ("" for none). A critest that reports failed specs is not an
 // error; one that produces no report is.
 func RunCritest(ctx context.Context, d *harness.Containerd, handler, focus, skip string, timeout time.Duration) (*Run, error) {
-	report := filepath.Join(d.Dir, "critest-"+handler+".json")
+	report := reportPath(d, handler)
 	args := []string{
 		"-runtime-endpoint", "unix://" + d.Address,
 		"-image-endpoint", "unix://" + d.Address,
@@ -74,11 +76,28 @@ func RunCritest(ctx context.Context, d *harness.Containerd, handler, focus, skip
 	start := time.Now()
 	runErr := harness.RunCmd(cmd)
 	r := &Run{Handler: handler, Duration: time.Since(start), Output: out.Bytes(), Specs: map[string]Outcome{}}
-	b, err := os.ReadFile(report)
-	if err != nil {
+	if _, err := os.Stat(report); err != nil {
 		return r, fmt.Errorf("critest (%s) wrote no report (%v): %w\n%s", handler, runErr, err, tail(out.Bytes(), 4000))
 	}
+	loaded, err := LoadReport(report, handler)
+	if err != nil {
+		return r, err
+	}
+	r.Specs = loaded.Specs
+	if len(r.Specs) == 0 {
+		return r, fmt.Errorf("critest (%s) ran no spec (%v):\n%s", handler, runErr, tail(out.Bytes(), 4000))
+	}
+	return r, nil
+}
+
+// LoadReport reads a critest (ginkgo) JSON report of a run with handler; Duration is the suite's run time.
+func LoadReport(path, handler string) (*Run, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
 	var suites []struct {
+		RunTime     time.Duration
 		SpecReports []struct {
 			ContainerHierarchyTexts []string
 			LeafNodeText            string
@@ -90,9 +109,11 @@ func RunCritest(ctx context.Context, d *harness.Containerd, handler, focus, skip
 		}
 	}
 	if err := json.Unmarshal(b, &suites); err != nil {
-		return r, fmt.Errorf("critest report %s: %w", report, err)
+		return nil, fmt.Errorf("critest report %s: %w", path, err)
 	}
+	r := &Run{Handler: handler, Specs: map[string]Outcome{}}
 	for _, s := range suites {
+		r.Duration += s.RunTime
 		for _, sr := range s.SpecReports {
 			if sr.LeafNodeType != "It" {
 				continue // BeforeSuite/AfterSuite nodes
@@ -101,10 +122,20 @@ func RunCritest(ctx context.Context, d *harness.Containerd, handler, focus, skip
 			r.Specs[name] = Outcome{Name: name, State: sr.State, Failure: firstLine(sr.Failure.Message)}
 		}
 	}
-	if len(r.Specs) == 0 {
-		return r, fmt.Errorf("critest (%s) ran no spec (%v):\n%s", handler, runErr, tail(out.Bytes(), 4000))
-	}
 	return r, nil
+}
+
+// Overlay replaces r's outcomes with those of a later run of some of the same specs (a focused rerun
+// after a fix); specs the later run skipped keep their outcome. It records which specs it replaced.
+func (r *Run) Overlay(later *Run) {
+	for n, o := range later.Specs {
+		if o.State == "skipped" {
+			continue
+		}
+		r.Specs[n] = o
+		r.Rerun = append(r.Rerun, n)
+	}
+	sort.Strings(r.Rerun)
 }
 
 // Names returns the spec names of r, sorted.
@@ -133,4 +164,21 @@ func tail(b []byte, n int) string {
 		b = b[len(b)-n:]
 	}
 	return string(b)
+}
+
+// reportPath is where RunCritest has critest write its ginkgo JSON report.
+func reportPath(d *harness.Containerd, handler string) string {
+	return filepath.Join(d.Dir, "critest-"+handler+".json")
+}
+
+// saveReport copies handler's report into dir (created if needed).
+func saveReport(d *harness.Containerd, handler, dir string) error {
+	b, err := os.ReadFile(reportPath(d, handler))
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	return os.WriteFile(filepath.Join(dir, "critest-"+handler+".json"), b, 0o644)
 }
