@@ -149,13 +149,13 @@ func (c *Containerd) criConfig() string {
 %[6]s`, c.CNIBinDir(), c.CNIConfDir(), RuncName, c.RuncRoot, PauseImage, registry)
 }
 
-// PauseImageSpec is the local stand-in for the pause image: busybox's sh as PID 1, which reaps
+// PauseImageSpec is the local stand-in for the pause image: e2etools' pause as PID 1, which reaps
 // adopted children while it waits (a shared PID namespace makes it every container's init) and
-// exits at SIGTERM or SIGINT.
+// exits at SIGTERM or SIGINT, and, like the real one, runs no other process.
 func PauseImageSpec() Image {
 	return Image{
 		Name:       PauseImage,
-		Entrypoint: []string{"/bin/sh", "-c", `trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done`},
+		Entrypoint: []string{"/usr/bin/pause"},
 		Cmd:        []string{},
 	}
 }

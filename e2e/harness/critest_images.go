@@ -34,9 +34,11 @@ const (
 // fakeServer stands in for nginx or Apache's httpd: a shell whose process name is name (the kernel
 // names a script's process after the script), which records its PID where nginx does, says so on
 // stdout (the multi-container log test looks for "httpd") and serves dir on port with busybox httpd
-// until it is told to stop.
+// until it is told to stop. It first re-executes itself with the argument "master process", as nginx
+// retitles its main process: the ContainerPID spec waits for that in /proc/1/cmdline.
 func fakeServer(name, port, dir string) File {
 	return File{Path: "/usr/sbin/" + name, Mode: 0o755, Data: []byte(`#!/bin/sh
+[ "$1" = "master process" ] || exec "$0" "master process"
 mkdir -p /var/run
 echo $$ > /var/run/` + name + `.pid
 echo "` + name + ` serving ` + dir + ` on port ` + port + `"

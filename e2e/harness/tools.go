@@ -12,7 +12,7 @@ import (
 )
 
 // The test image's programs that Debian's static busybox lacks (ipcmk, ipcs, ipcrm, pgrep: the CRI tests
-// and critest run them in containers) come from e2e/cmd/e2etools, built here from this repository, static,
+// and critest run them in containers; pause: the pause image's process) come from e2e/cmd/e2etools, built here from this repository, static,
 // and hard-linked under each name in /usr/bin.
 
 const (
@@ -23,7 +23,7 @@ const (
 )
 
 // ToolNames are the programs e2etools provides in the image (all in /usr/bin).
-var ToolNames = []string{"ipcmk", "ipcrm", "ipcs", "pgrep"}
+var ToolNames = []string{"ipcmk", "ipcrm", "ipcs", "pause", "pgrep"}
 
 // tools caches the built binary for the process: every image the harness builds carries it.
 var tools struct {

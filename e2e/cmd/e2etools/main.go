@@ -1,6 +1,6 @@
 // Command e2etools is a multi-call binary that adds to the test image the procps and util-linux
 // programs Debian's static busybox lacks and the CRI tests and critest run inside containers: ipcmk,
-// ipcs, ipcrm (System V shared memory) and pgrep. The image builder (e2e/harness) builds it static
+// ipcs, ipcrm (System V shared memory) and pgrep, and pause, the CRI pod sandbox's process. The image builder (e2e/harness) builds it static
 // (CGO_ENABLED=0) and hard-links it under each name; it picks the program from the name it runs as.
 //
 // Only what the tests use is implemented, with the output formats they parse: `ipcmk -M SIZE` prints
@@ -22,6 +22,7 @@ var applets = map[string]func(args []string) int{
 	"ipcs":  ipcs,
 	"ipcrm": ipcrm,
 	"pgrep": pgrep,
+	"pause": pause,
 }
 
 func main() {
