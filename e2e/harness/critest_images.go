@@ -8,9 +8,9 @@ import "runtime"
 // of the image-user images, the marker file naming each test image, a web server on the port the
 // networking tests use, and a process named nginx that records its PID in /var/run/nginx.pid.
 //
-// Two cannot be rebuilt: the digest-pinned test-image-digest@sha256:9700f9a2... names the upstream
-// manifest's exact bytes, and nonewprivs:1.3 needs a setuid-root program that prints its effective
-// uid. Their tests fail the same way on every runtime (docs/critest.md).
+// One cannot be rebuilt: the digest-pinned test-image-digest@sha256:9700f9a2... names the upstream
+// manifest's exact bytes. Its test fails the same way on every runtime (docs/critest.md). nonewprivs:1.3's
+// setuid-root program that prints its effective uid is e2etools' nnp.
 
 // TaggedImage is a locally built image and every reference it is pushed under.
 type TaggedImage struct {
@@ -90,6 +90,8 @@ func CritestImages() []TaggedImage {
 		}}, []string{criToolsRegistry + "test-image-predefined-group:latest"}},
 		{marker("same-image"), []string{criToolsRegistry + "test-image-tags:1", criToolsRegistry + "test-image-tags:2", criToolsRegistry + "test-image-tags:3"}},
 		{marker("test"), []string{criToolsRegistry + "test-image-tag:test"}},
+		{Image{Cmd: []string{"/usr/local/bin/nnp"}, Files: []File{{Path: "/usr/local/bin/nnp", Mode: 0o4755, Tool: true}}},
+			[]string{e2eImages + "nonewprivs:1.3"}},
 		{marker("all"), []string{criToolsRegistry + "test-image-tag:all"}},
 	}
 	for _, n := range []string{"test-image-1", "test-image-2", "test-image-3", "test-image-latest", "test-image-digest"} {

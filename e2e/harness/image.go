@@ -67,8 +67,12 @@ type Image struct {
 // File is one regular file of an Image's extra layer.
 type File struct {
 	Path string
+	// Mode defaults to 0644; setuid and setgid bits are kept.
 	Mode int64
 	Data []byte
+	// Tool, when set, makes the file a copy of the e2etools binary (Data is ignored): Path's base name
+	// picks the program it runs as (tools.go).
+	Tool bool
 }
 
 // BuildImage writes an OCI image-layout tar of img to w.
@@ -92,7 +96,7 @@ func BuildImage(w io.Writer, img Image) error {
 	}
 	layers := [][]byte{base}
 	if len(img.Files) > 0 {
-		extra, err := filesLayer(img.Files)
+		extra, err := filesLayer(img.Files, tools)
 		if err != nil {
 			return err
 		}
@@ -283,7 +287,7 @@ func busyboxLayer(bb []byte, applets []string, tools []byte) ([]byte, error) {
 }
 
 // filesLayer builds a layer holding files (and their parent directories), as an uncompressed tar.
-func filesLayer(files []File) ([]byte, error) {
+func filesLayer(files []File, tools []byte) ([]byte, error) {
 	var buf bytes.Buffer
 	tw := tar.NewWriter(&buf)
 	mtime := time.Unix(0, 0)
@@ -304,10 +308,14 @@ func filesLayer(files []File) ([]byte, error) {
 		if mode == 0 {
 			mode = 0o644
 		}
-		if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeReg, Name: p, Mode: mode, Size: int64(len(f.Data)), ModTime: mtime}); err != nil {
+		data := f.Data
+		if f.Tool {
+			data = tools
+		}
+		if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeReg, Name: p, Mode: mode, Size: int64(len(data)), ModTime: mtime}); err != nil {
 			return nil, err
 		}
-		if _, err := tw.Write(f.Data); err != nil {
+		if _, err := tw.Write(data); err != nil {
 			return nil, err
 		}
 	}

@@ -1,6 +1,7 @@
 // Command e2etools is a multi-call binary that adds to the test image the procps and util-linux
 // programs Debian's static busybox lacks and the CRI tests and critest run inside containers: ipcmk,
-// ipcs, ipcrm (System V shared memory) and pgrep, and pause, the CRI pod sandbox's process. The image builder (e2e/harness) builds it static
+// ipcs, ipcrm (System V shared memory) and pgrep, pause (the CRI pod sandbox's process) and nnp
+// (critest's NoNewPrivs program, installed setuid root). The image builder (e2e/harness) builds it static
 // (CGO_ENABLED=0) and hard-links it under each name; it picks the program from the name it runs as.
 //
 // Only what the tests use is implemented, with the output formats they parse: `ipcmk -M SIZE` prints
@@ -23,6 +24,7 @@ var applets = map[string]func(args []string) int{
 	"ipcrm": ipcrm,
 	"pgrep": pgrep,
 	"pause": pause,
+	"nnp":   nnp,
 }
 
 func main() {
@@ -48,4 +50,11 @@ func main() {
 func fail(prog string, status int, format string, a ...any) int {
 	fmt.Fprintf(os.Stderr, prog+": "+format+"\n", a...)
 	return status
+}
+
+// nnp prints its effective uid as the program of Kubernetes' nonewprivs test image does. Installed
+// setuid root and run as another user, it prints 0 unless no_new_privs stopped the setuid.
+func nnp([]string) int {
+	fmt.Printf("Effective uid: %d\n", os.Geteuid())
+	return 0
 }
