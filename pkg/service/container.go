@@ -126,15 +126,18 @@ func (c *container) createInVM(ctx context.Context, stdio stdioSpec) error {
 	// also reaches the agent, whose own waits then end too.
 	cctx, cancel := context.WithTimeout(ctx, createTimeout)
 	defer cancel()
+	done := timed(ctx, c.id, "stdio streams")
 	pio, err := newProcessIO(ctx, client, c.sb.streamPrefix(""), stdio, c.id, c.namespace)
 	if err != nil {
 		return err
 	}
+	done()
 	specJSON, err := json.Marshal(c.files.gspec)
 	if err != nil {
 		pio.close()
 		return err
 	}
+	done = timed(ctx, c.id, "CreateContainer RPC")
 	resp, err := client.CreateContainer(cctx, &agent.CreateContainerRequest{
 		ContainerId:  c.id,
 		Spec:         specJSON,
@@ -146,6 +149,7 @@ func (c *container) createInVM(ctx context.Context, stdio stdioSpec) error {
 		pio.close()
 		return c.sb.guestError("create container in VM", err)
 	}
+	done()
 	c.init = newProcess(c, "", stdio, pio, resp.GetPid())
 	// The exit is waited for from now on: a process killed before Start, or
 	// a VM that dies, is still reported.
@@ -428,11 +432,13 @@ func (c *container) destroy(ctx context.Context) {
 	ctx = context.WithoutCancel(ctx)
 	logger := log.G(ctx).WithField("container_id", c.id)
 	if c.sb.client != nil && c.sb.alive() {
+		done := timed(ctx, c.id, "DeleteContainer RPC")
 		sctx, cancel := context.WithTimeout(ctx, teardownTimeout)
 		if _, err := c.sb.client.DeleteContainer(sctx, &agent.DeleteContainerRequest{ContainerId: c.id}); err != nil && !errdefs.IsNotFound(err) {
 			logger.WithError(err).Debug("delete container in guest")
 		}
 		cancel()
+		done()
 	}
 	if c.init != nil && c.init.pio != nil {
 		c.init.pio.close()
@@ -460,6 +466,7 @@ func (c *container) destroy(ctx context.Context) {
 		}
 	}
 	if c.files != nil {
+		defer timed(ctx, c.id, "container host unmounts")()
 		if err := c.sb.share.remove(c.id); err != nil {
 			logger.WithError(err).Warn("undo the container's host mounts")
 		}

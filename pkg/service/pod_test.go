@@ -113,6 +113,7 @@ func TestPodLifecycle(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("the last delete left the VM running")
 	}
+	h.svc.waitTeardowns(h.ctx) // the host cleanup follows the VM's exit
 	if h.mnt.count() != 0 {
 		t.Errorf("%d host mounts left after the last delete", h.mnt.count())
 	}

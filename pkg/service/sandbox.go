@@ -155,24 +155,36 @@ func (sb *sandbox) booted() bool {
 func (sb *sandbox) alive() bool { return sb.vmCtx.Err() == nil }
 
 // boot runs the sandbox boot sequence once; spec is the first container's
-// (the pod sandbox's) OCI spec, which sizes the VM. Every waiter learns
-// the outcome through ready/bootErr. On error the caller tears down.
+// (the pod sandbox's) OCI spec, which sizes the VM. It returns once the
+// agent answers, with the guest setup (setupSteps) under way: the caller
+// creates its container in the VM meanwhile (no setup step is needed to
+// create one, only to start it) and then waits for the setup with wait.
+// Every waiter learns the outcome of boot and setup through ready/bootErr.
+// On error the caller waits (wait) and tears down.
 //
 // early runs the first container's prestart/createRuntime hooks when they
 // must fill the pod's network namespace before the VM boots (network.go).
 func (sb *sandbox) boot(ctx context.Context, b backend, spec *specs.Spec, early func() error) (err error) {
-	defer func() { sb.finishBoot(err) }()
+	defer func() {
+		if err != nil {
+			sb.finishBoot(err)
+		}
+	}()
 	if err := os.MkdirAll(sb.stateDir, 0o700); err != nil {
 		return fmt.Errorf("vm state dir: %w", err)
 	}
+	done := timed(ctx, sb.id, "network")
 	sb.network, err = setupNetwork(ctx, sb.id, sb.stateDir, spec, early)
 	if err != nil {
 		return err
 	}
+	done()
+	done = timed(ctx, sb.id, "vm config")
 	vcfg, err := sb.vmConfig(ctx, spec)
 	if err != nil {
 		return err
 	}
+	done()
 	client, err := sb.startMachine(ctx, b, vcfg)
 	if err != nil && vcfg.Templates != nil && vm.StartModeOf(sb.machine) != vm.StartCold && ctx.Err() == nil {
 		// A clone that came up but never answered: its template passed
@@ -192,11 +204,15 @@ func (sb *sandbox) boot(ctx context.Context, b backend, spec *specs.Spec, early 
 	log.G(ctx).WithField("container_id", sb.id).WithField("start_mode", string(vm.StartModeOf(m))).
 		WithField("agent_ready", time.Since(m.BootStarted())).Info("VM ready")
 	go sb.watchdog()
-	if err := sb.guestSetup(ctx); err != nil {
-		return err
-	}
-	go sb.watchEvents()
-	go sb.syncClock()
+	go func() {
+		if err := sb.guestSetup(ctx); err != nil {
+			sb.finishBoot(err)
+			return
+		}
+		go sb.watchEvents()
+		go sb.syncClock()
+		sb.finishBoot(nil)
+	}()
 	return nil
 }
 
@@ -208,9 +224,11 @@ func (sb *sandbox) startMachine(ctx context.Context, b backend, vcfg vm.Config) 
 		return nil, fmt.Errorf("configure VM: %w", err)
 	}
 	// The VM lives as long as the pod, not as long as this RPC.
+	done := timed(ctx, sb.id, "machine start")
 	if err := m.Start(context.WithoutCancel(ctx)); err != nil {
 		return nil, fmt.Errorf("start VM: %w", err)
 	}
+	done()
 	sb.machine = m
 	// The bench splits the create by this line, by container_id.
 	log.G(ctx).WithField("container_id", sb.id).WithField("vm_pid", m.Pid()).Debug("VM started")
@@ -264,8 +282,10 @@ type setupStep struct {
 	run  func(ctx context.Context, sb *sandbox) error
 }
 
-// setupSteps lists the guest setup steps in order (entropy, clock,
-// network, ... each feature adds its own).
+// setupSteps lists the guest setup steps (entropy, clock, network, ...
+// each feature adds its own). They are independent of each other and run
+// at once: each is a round trip to a guest that is slow to answer under
+// emulation, and they overlap the first container's creation too.
 func (sb *sandbox) setupSteps() []setupStep {
 	return []setupStep{
 		{"reseed guest RNG", func(ctx context.Context, sb *sandbox) error {
@@ -287,12 +307,21 @@ func (sb *sandbox) setupSteps() []setupStep {
 func (sb *sandbox) guestSetup(ctx context.Context) error {
 	cctx, cancel := context.WithTimeout(ctx, createTimeout)
 	defer cancel()
-	for _, st := range sb.setupSteps() {
-		if err := st.run(cctx, sb); err != nil {
-			return sb.guestError(st.name, err)
-		}
+	steps := sb.setupSteps()
+	errs := make([]error, len(steps))
+	var wg sync.WaitGroup
+	for i, st := range steps {
+		wg.Go(func() {
+			done := timed(ctx, sb.id, st.name)
+			if err := st.run(cctx, sb); err != nil {
+				errs[i] = sb.guestError(st.name, err)
+				return
+			}
+			done()
+		})
 	}
-	return nil
+	wg.Wait()
+	return errors.Join(errs...)
 }
 
 // guestError describes a failed agent RPC of a create; a time-out says
@@ -318,9 +347,12 @@ func (sb *sandbox) connect(ctx context.Context, b backend) (agentClient, error) 
 	timer := time.AfterFunc(timeout, cancel)
 	stopOnRPC := context.AfterFunc(ctx, cancel)
 	booting := make(chan struct{})
+	// The machine is read here: a cold-boot retry replaces sb.machine
+	// while this goroutine may still run.
+	vmDone := sb.machine.Done()
 	go func() {
 		select {
-		case <-sb.machine.Done():
+		case <-vmDone:
 			cancel()
 		case <-booting:
 		}
@@ -452,8 +484,10 @@ func (sb *sandbox) destroy(ctx context.Context) {
 	// by itself is pointless: it is killed at once.
 	poweringOff := false
 	if sb.client != nil && sb.alive() {
+		done := timed(ctx, sb.id, "guest shutdown")
 		sctx, cancel := context.WithTimeout(ctx, teardownTimeout)
 		_, err := sb.client.Shutdown(sctx, &emptypb.Empty{})
+		done()
 		if err != nil {
 			logger.WithError(err).Debug("guest shutdown")
 		}
@@ -467,9 +501,11 @@ func (sb *sandbox) destroy(ctx context.Context) {
 			wait = teardownTimeout
 		}
 		sctx, cancel := context.WithTimeout(ctx, wait)
+		done := timed(ctx, sb.id, "VM exit")
 		if err := sb.machine.Stop(sctx); err != nil {
 			logger.WithError(err).Warn("stop VM")
 		}
+		done()
 		cancel()
 		logger.Debug("VM stopped")
 	}
@@ -477,6 +513,8 @@ func (sb *sandbox) destroy(ctx context.Context) {
 		sb.client.Close()
 	}
 	sb.vmCancel()
+	done := timed(ctx, sb.id, "host cleanup")
+	defer done()
 	if err := sb.network.close(); err != nil {
 		logger.WithError(err).Warn("release pod network")
 	}

@@ -21,6 +21,7 @@ import (
 	"github.com/containerd/containerd/v2/core/events"
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/containerd/v2/pkg/shim"
 	"github.com/containerd/containerd/v2/pkg/shutdown"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/errdefs/pkg/errgrpc"
@@ -62,6 +63,12 @@ type Service struct {
 	// sb is the pod's VM, nil before the first create and after the last
 	// container is deleted.
 	sb *sandbox
+	// teardowns are closed when the VMs released by the last Delete of
+	// their pod are torn down (releaseSandboxIfIdle); done ones are pruned.
+	teardowns []chan struct{}
+	// socket is the shim's socket address, read from the bundle when
+	// containerd shuts the shim down (see Shutdown).
+	socket string
 }
 
 var _ taskAPI.TTRPCTaskService = (*Service)(nil)
@@ -103,6 +110,7 @@ func (s *Service) RegisterTTRPC(server *ttrpc.Server) error {
 // shutdownAll runs when the shim exits: the VM, if still running, goes
 // with it, and queued events are flushed.
 func (s *Service) shutdownAll(ctx context.Context) error {
+	s.waitTeardowns(ctx)
 	s.mu.Lock()
 	cs := make([]*container, 0, len(s.containers))
 	for _, c := range s.containers {
@@ -116,6 +124,12 @@ func (s *Service) shutdownAll(ctx context.Context) error {
 	}
 	if sb != nil {
 		sb.destroy(ctx)
+	}
+	s.mu.Lock()
+	socket := s.socket
+	s.mu.Unlock()
+	if socket != "" {
+		_ = shim.RemoveSocket(socket)
 	}
 	s.events.close(ctx)
 	return nil
@@ -140,16 +154,63 @@ func (s *Service) sandboxFor(ctx context.Context, id, ns, bundle string, cfg *Co
 
 // releaseSandboxIfIdle tears the VM down when no container is left in it
 // and no create is under way: the last Delete (or a failed first create)
-// ends the pod's VM.
-func (s *Service) releaseSandboxIfIdle(ctx context.Context, sb *sandbox) {
+// ends the pod's VM. With async the teardown (the guest's power-off, the
+// hypervisor's exit, the host cleanup: most of a short container's
+// teardown) goes on after the call returns: containerd's Delete does not
+// wait for it, and the shim's shutdown and the next VM's boot do
+// (waitTeardowns).
+func (s *Service) releaseSandboxIfIdle(ctx context.Context, sb *sandbox, async bool) {
 	s.mu.Lock()
 	idle := s.sb == sb && len(s.containers) == 0 && len(s.creating) == 0
+	var done chan struct{}
 	if idle {
 		s.sb = nil
+		if async {
+			done = make(chan struct{})
+			s.teardowns = append(pendingTeardowns(s.teardowns), done)
+		}
 	}
 	s.mu.Unlock()
-	if idle {
+	switch {
+	case !idle:
+	case async:
+		go func() {
+			defer close(done)
+			sb.destroy(context.WithoutCancel(ctx))
+		}()
+	default:
 		sb.destroy(ctx)
+	}
+}
+
+// pendingTeardowns drops the teardowns that are done.
+func pendingTeardowns(ts []chan struct{}) []chan struct{} {
+	pending := ts[:0]
+	for _, t := range ts {
+		select {
+		case <-t:
+		default:
+			pending = append(pending, t)
+		}
+	}
+	return pending
+}
+
+// waitTeardowns waits for the VMs being torn down in the background (or
+// for ctx): the shim must not exit with a VM half torn down, and a new VM
+// must not boot while an old one still holds its state directory.
+func (s *Service) waitTeardowns(ctx context.Context) {
+	s.mu.Lock()
+	ts := pendingTeardowns(s.teardowns)
+	s.teardowns = ts
+	ts = append([]chan struct{}(nil), ts...)
+	s.mu.Unlock()
+	for _, t := range ts {
+		select {
+		case <-t:
+		case <-ctx.Done():
+			return
+		}
 	}
 }
 
@@ -251,6 +312,7 @@ func (s *Service) create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 		s.mu.Unlock()
 	}()
 
+	done := timed(ctx, r.ID, "config and spec")
 	cfg, err := runtimeConfig(ctx, r.Options)
 	if err != nil {
 		return nil, err
@@ -262,7 +324,9 @@ func (s *Service) create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	if err != nil {
 		return nil, err
 	}
+	done()
 	ns, _ := namespaces.Namespace(ctx)
+	s.waitTeardowns(ctx)
 	sb, boot := s.sandboxFor(ctx, r.ID, ns, r.Bundle, cfg)
 	c := &container{
 		id:        r.ID,
@@ -289,7 +353,7 @@ func (s *Service) create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 		s.mu.Lock()
 		delete(s.creating, r.ID)
 		s.mu.Unlock()
-		s.releaseSandboxIfIdle(ctx, sb)
+		s.releaseSandboxIfIdle(ctx, sb, false)
 	}()
 
 	root := containerRootfs{mounts: mount.FromProto(r.Rootfs)}
@@ -313,9 +377,11 @@ func (s *Service) create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	if err := podNamespaces(gs, s.initOwner); err != nil {
 		return nil, err
 	}
+	done = timed(ctx, r.ID, "host mounts")
 	if c.files, err = sb.share.add(r.ID, root, gs); err != nil {
 		return nil, err
 	}
+	done()
 	if blk != nil {
 		c.files.rootfs, c.files.devices = blk.Rootfs, blk.Devices
 	}
@@ -333,8 +399,17 @@ func (s *Service) create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 		return nil, fmt.Errorf("the pod's VM is gone: %w", errdefs.ErrUnavailable)
 	}
 	stdio := stdioSpec{stdin: r.Stdin, stdout: r.Stdout, stderr: r.Stderr, terminal: r.Terminal}
-	if err := c.createInVM(ctx, stdio); err != nil {
-		return nil, err
+	createErr := c.createInVM(ctx, stdio)
+	if boot {
+		// The guest setup ran meanwhile; the container's process must not
+		// start before it is done (a clone's entropy, the clock), and a
+		// failed setup fails the create.
+		if err := sb.wait(context.WithoutCancel(ctx)); err != nil {
+			return nil, err
+		}
+	}
+	if createErr != nil {
+		return nil, createErr
 	}
 
 	s.mu.Lock()
@@ -404,7 +479,7 @@ func (s *Service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAP
 	s.mu.Lock()
 	delete(s.containers, r.ID)
 	s.mu.Unlock()
-	s.releaseSandboxIfIdle(ctx, c.sb)
+	s.releaseSandboxIfIdle(ctx, c.sb, true)
 	return resp, nil
 }
 
@@ -685,6 +760,15 @@ func (s *Service) Shutdown(ctx context.Context, r *taskAPI.ShutdownRequest) (*em
 	s.mu.Unlock()
 	if busy && !r.Now {
 		return empty, nil
+	}
+	// containerd removes the bundle once this returns, and with it the
+	// record of the socket the shim library removes when the shim exits:
+	// a VM torn down in the background (releaseSandboxIfIdle) keeps the
+	// shim alive past that, so the shim removes its socket itself.
+	if addr, err := os.ReadFile(addressFile); err == nil {
+		s.mu.Lock()
+		s.socket = string(addr)
+		s.mu.Unlock()
 	}
 	s.sd.Shutdown()
 	return empty, nil

@@ -332,6 +332,9 @@ func TestTaskLifecycle(t *testing.T) {
 	if err != nil || dr.ExitStatus != 3 || dr.Pid != 101 {
 		t.Fatalf("delete: %v, %v", dr, err)
 	}
+	// The last delete tears the VM down in the background; the shim's
+	// shutdown waits for it.
+	h.svc.waitTeardowns(h.ctx)
 	for _, call := range []string{"Reseed", "SetTime", "CreateContainer", "DeleteContainer", "Shutdown"} {
 		if !h.agent.called(call) {
 			t.Errorf("the agent never got %s", call)
