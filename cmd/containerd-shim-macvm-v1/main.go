@@ -18,6 +18,10 @@ func main() {
 	if len(os.Args) == 2 && os.Args[1] == service.TemplateBuilderArg {
 		os.Exit(service.RunTemplateBuilder(os.Stdin))
 	}
+	// ... and its warm-start pool daemon (pkg/service/pool.go).
+	if len(os.Args) == 3 && os.Args[1] == service.PoolDaemonArg {
+		os.Exit(service.RunPoolDaemon(os.Args[2], os.Stdin))
+	}
 	// The shim reaps only its own children (the hypervisors, logging
 	// drivers and hooks it starts and waits for): containerd's implicit
 	// reaper would steal their exit statuses, and as a subreaper it would

@@ -21,6 +21,8 @@ import (
 	containerd "github.com/containerd/containerd/v2/client"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/errdefs"
+
+	"github.com/macvm/macvm/pkg/vm"
 )
 
 // DefaultNamespace prefixes the containerd namespace each daemon works in ("e2e-<dir suffix>").
@@ -51,6 +53,9 @@ type Options struct {
 	// WarmStart is the macvm shim's warm_start mode; "" is "off" (see WriteMacvmConfig). With warm start
 	// on, templates go to TemplateDir below Dir.
 	WarmStart string
+	// MacvmConfigExtra is appended to the macvm shim's config file (TOML
+	// lines, e.g. pool_size for WarmStart "pool").
+	MacvmConfigExtra string
 	// ErofsWritableSize, when set (e.g. "64M"), configures the erofs
 	// snapshotter in block mode: each container's writable layer is an
 	// ext4 image of that size, the layers erofs images (see
@@ -139,7 +144,7 @@ func Start(ctx context.Context, opts Options) (*Containerd, error) {
 	if warm == "" {
 		warm = "off"
 	}
-	if err := WriteMacvmConfigWarm(c.MacvmConfig, opts.Paths, warm, c.TemplateDir); err != nil {
+	if err := WriteMacvmConfigExtra(c.MacvmConfig, opts.Paths, warm, c.TemplateDir, opts.MacvmConfigExtra); err != nil {
 		return fail(err)
 	}
 	if opts.CRI {
@@ -703,6 +708,13 @@ func (c *Containerd) Cleanup(ctx context.Context) error {
 	t1 := time.Now()
 	if err := c.stop(30 * time.Second); err != nil {
 		errs = append(errs, err)
+	}
+	if c.opts.WarmStart == "pool" {
+		// The warm-start pool daemon outlives shims (it exits when idle):
+		// stop it by its pidfile, with the VMs it keeps ready.
+		if err := vm.StopPool(filepath.Join(c.TemplateDir, "pool"), 30*time.Second); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	t2 := time.Now()
 	// Shims exit on their own once their last task is deleted; give them (and their VMs) a moment.

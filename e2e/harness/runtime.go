@@ -95,6 +95,12 @@ func WriteMacvmConfig(path string, p Paths) error {
 // WriteMacvmConfigWarm is WriteMacvmConfig with the shim's warm_start mode ("template", "pool", "off")
 // and the directory its templates go to (private to the caller, so nothing leaks between runs).
 func WriteMacvmConfigWarm(path string, p Paths, warmStart, templateDir string) error {
+	return WriteMacvmConfigExtra(path, p, warmStart, templateDir, "")
+}
+
+// WriteMacvmConfigExtra is WriteMacvmConfigWarm with extra TOML lines
+// appended (e.g. pool_size and pool_idle_timeout for warm_start "pool").
+func WriteMacvmConfigExtra(path string, p Paths, warmStart, templateDir, extra string) error {
 	kernel := filepath.Join(p.BootDir, "vmlinux")
 	initrd := filepath.Join(p.BootDir, "initrd.img")
 	// The VMs' state (and the shim's host mounts) below the harness's
@@ -107,6 +113,9 @@ warm_start = %q
 `, kernel, initrd, filepath.Join(filepath.Dir(path), "vm"), warmStart)
 	if templateDir != "" {
 		cfg += fmt.Sprintf("template_dir = %q\n", templateDir)
+	}
+	if extra != "" {
+		cfg += strings.TrimSpace(extra) + "\n"
 	}
 	return os.WriteFile(path, []byte(cfg), 0o644)
 }

@@ -38,8 +38,9 @@ const (
 //	memory_overhead_mib = 96  # guest kernel + agent, on top of the limit
 //	kernel_args = ["loglevel=4"]
 //	boot_timeout = "60s"      # from hypervisor start to the agent's answer
-//	warm_start = "template"   # "template" (default), "pool" (not built yet: as template) or "off"
-//	pool_size = 0             # VMs started ahead in pool mode
+//	warm_start = "template"   # "template" (default), "pool" (template clones started ahead) or "off"
+//	pool_size = 0             # VMs per template the pool daemon keeps ready (pool mode; 0: no pool)
+//	pool_idle_timeout = "10m" # the pool daemon drops a pool (and exits) unused this long
 //	template_dir = "/var/lib/macvm/templates"
 //	state_dir = "/run/macvm"  # VM state dirs (console log, pod share mounts)
 type Config struct {
@@ -53,9 +54,10 @@ type Config struct {
 	KernelArgs        []string `toml:"kernel_args"`
 	BootTimeout       string   `toml:"boot_timeout"`
 	// Warm start (warm.go): how VMs start, and where templates are kept.
-	WarmStart   string `toml:"warm_start"`
-	PoolSize    int    `toml:"pool_size"`
-	TemplateDir string `toml:"template_dir"`
+	WarmStart       string `toml:"warm_start"`
+	PoolSize        int    `toml:"pool_size"`
+	PoolIdleTimeout string `toml:"pool_idle_timeout"`
+	TemplateDir     string `toml:"template_dir"`
 	// StateDir is where each VM's state directory is made (default
 	// /run/macvm); the pod share's host mounts live there.
 	StateDir string `toml:"state_dir"`
@@ -98,6 +100,11 @@ func parseConfig(data []byte, source string) (*Config, error) {
 	}
 	if cfg.PoolSize < 0 {
 		return nil, fmt.Errorf("macvm config %s: pool_size must not be negative: %w", source, errdefs.ErrInvalidArgument)
+	}
+	if cfg.PoolIdleTimeout != "" {
+		if d, err := time.ParseDuration(cfg.PoolIdleTimeout); err != nil || d < time.Second {
+			return nil, fmt.Errorf("macvm config %s: pool_idle_timeout %q is not a duration of at least 1s: %w", source, cfg.PoolIdleTimeout, errdefs.ErrInvalidArgument)
+		}
 	}
 	if cfg.TemplateDir != "" && !filepath.IsAbs(cfg.TemplateDir) {
 		return nil, fmt.Errorf("macvm config %s: template_dir %q is not an absolute path: %w", source, cfg.TemplateDir, errdefs.ErrInvalidArgument)

@@ -6,6 +6,7 @@ import (
 	"runtime"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/containerd/errdefs"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
@@ -152,8 +153,8 @@ func TestWarmStartConfig(t *testing.T) {
 		``:                                     WarmTemplate,
 		`warm_start = "template"`:              WarmTemplate,
 		`warm_start = "off"`:                   WarmOff,
-		`warm_start = "pool"`:                  WarmTemplate, // not built yet
-		"warm_start = \"pool\"\npool_size = 2": WarmTemplate,
+		`warm_start = "pool"`:                  WarmPool,
+		"warm_start = \"pool\"\npool_size = 2": WarmPool,
 	} {
 		cfg, err := parseConfig([]byte(body), "t.toml")
 		if err != nil {
@@ -164,6 +165,21 @@ func TestWarmStartConfig(t *testing.T) {
 		}
 		if (cfg.templates(t.Context()) == nil) != (want == WarmOff) {
 			t.Errorf("%q: template cache %v", body, cfg.templates(t.Context()))
+		}
+	}
+	pool, err := parseConfig([]byte("warm_start = \"pool\"\npool_size = 2\npool_idle_timeout = \"90s\"\ntemplate_dir = \"/x/t\""), "t.toml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if pc := pool.templates(t.Context()).Pool; pc == nil || pc.Size != 2 || pc.IdleTimeout != 90*time.Second || pc.Dir != "/x/t/pool" {
+		t.Errorf("pool client %+v", pc)
+	}
+	if tc := (&Config{}).templates(t.Context()); tc.Pool != nil {
+		t.Errorf("template mode has a pool client")
+	}
+	for _, bad := range []string{`pool_idle_timeout = "soon"`, `pool_idle_timeout = "10ms"`, `pool_size = -1`} {
+		if _, err := parseConfig([]byte(bad), "t.toml"); !errdefs.IsInvalidArgument(err) {
+			t.Errorf("%s: got %v, want ErrInvalidArgument", bad, err)
 		}
 	}
 	cfg, _ := parseConfig([]byte(`template_dir = "/x/t"`), "t.toml")

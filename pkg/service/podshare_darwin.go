@@ -44,6 +44,9 @@ type podShare struct {
 
 func newPodShare(string, hostMounter) *podShare { return &podShare{} }
 
+// relocate is never needed on macOS: there is no pool (QEMU only).
+func (p *podShare) relocate(string) {}
+
 func (p *podShare) vmShares() ([]vm.Share, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()

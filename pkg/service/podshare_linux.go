@@ -49,6 +49,16 @@ func (p *podShare) vmShares() ([]vm.Share, error) {
 	return []vm.Share{{Tag: podShareTag, HostPath: p.dir}}, nil
 }
 
+// relocate serves the share from dir instead: a VM handed over by the
+// pool daemon was started with a share directory of its own (QEMU opened
+// it then), so containers are mounted below that one. Called after the
+// boot, before any container is added; the unused default directory goes
+// with the state directory.
+func (p *podShare) relocate(dir string) {
+	os.Remove(p.dir)
+	p.dir = dir
+}
+
 func checkContainerID(id string) error {
 	if id == "" || id == "." || id == ".." || filepath.Base(id) != id {
 		return fmt.Errorf("container id %q cannot name a directory: %w", id, errdefs.ErrInvalidArgument)

@@ -201,6 +201,10 @@ func (sb *sandbox) boot(ctx context.Context, b backend, spec *specs.Spec, early 
 	}
 	sb.client = client
 	m := sb.machine
+	if dirs := vm.ShareDirsOf(m); len(dirs) == 1 {
+		// A pooled VM serves a share directory of its own.
+		sb.share.relocate(dirs[0])
+	}
 	log.G(ctx).WithField("container_id", sb.id).WithField("start_mode", string(vm.StartModeOf(m))).
 		WithField("agent_ready", time.Since(m.BootStarted())).Info("VM ready")
 	go sb.watchdog()

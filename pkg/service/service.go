@@ -377,14 +377,6 @@ func (s *Service) create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	if err := podNamespaces(gs, s.initOwner); err != nil {
 		return nil, err
 	}
-	done = timed(ctx, r.ID, "host mounts")
-	if c.files, err = sb.share.add(r.ID, root, gs); err != nil {
-		return nil, err
-	}
-	done()
-	if blk != nil {
-		c.files.rootfs, c.files.devices = blk.Rootfs, blk.Devices
-	}
 	if boot {
 		// BUNDLE/vm points at the VM's state (its console log) for
 		// whoever debugs the first container; containerd removes the link
@@ -397,6 +389,17 @@ func (s *Service) create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 		return nil, fmt.Errorf("pod VM: %w", err)
 	} else if !sb.alive() {
 		return nil, fmt.Errorf("the pod's VM is gone: %w", errdefs.ErrUnavailable)
+	}
+	// The container's files are mounted below the share once the VM is
+	// up: a VM from the warm-start pool serves a share directory of its
+	// own, known only then (sandbox.boot relocates the share).
+	done = timed(ctx, r.ID, "host mounts")
+	if c.files, err = sb.share.add(r.ID, root, gs); err != nil {
+		return nil, err
+	}
+	done()
+	if blk != nil {
+		c.files.rootfs, c.files.devices = blk.Rootfs, blk.Devices
 	}
 	stdio := stdioSpec{stdin: r.Stdin, stdout: r.Stdout, stderr: r.Stderr, terminal: r.Terminal}
 	createErr := c.createInVM(ctx, stdio)

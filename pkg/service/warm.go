@@ -26,8 +26,10 @@ const (
 	// configuration; the first VM of a configuration boots cold and a
 	// detached builder saves the template meanwhile.
 	WarmTemplate = "template"
-	// WarmPool is meant to hand out VMs started ahead; it is not built
-	// yet and behaves as WarmTemplate (docs/warm-start.md has the design).
+	// WarmPool is WarmTemplate plus a pool daemon (pool.go) that keeps
+	// pool_size clones per template restored and paused ahead; a VM the
+	// pool cannot give is a template clone (QEMU only: the vz backend
+	// starts template clones).
 	WarmPool = "pool"
 	// WarmOff always boots cold.
 	WarmOff = "off"
@@ -51,10 +53,7 @@ const templateBuildTimeout = 10 * time.Minute
 
 // warmStart is the effective mode.
 func (c *Config) warmStart() string {
-	switch c.WarmStart {
-	case "":
-		return WarmTemplate
-	case WarmPool:
+	if c.WarmStart == "" {
 		return WarmTemplate
 	}
 	return c.WarmStart
@@ -73,15 +72,13 @@ func (c *Config) templates(ctx context.Context) *vm.TemplateCache {
 	if c.warmStart() == WarmOff {
 		return nil
 	}
-	if c.WarmStart == WarmPool {
-		log.G(ctx).Warn("warm_start = \"pool\" is not implemented yet: starting from templates")
-	}
 	dir := c.templateDir()
 	return &vm.TemplateCache{
 		Dir:    dir,
 		Ready:  guest.TemplateReady,
 		OnMiss: func(cfg vm.Config) { spawnTemplateBuilder(ctx, dir, cfg) },
 		Logf:   log.G(ctx).Infof,
+		Pool:   c.pool(ctx),
 	}
 }
 

@@ -39,6 +39,9 @@ type QEMU struct {
 	memPath   string
 	memShared bool
 	statePath string
+	// pooled is set for a VM handed over by the pool daemon
+	// (pool_client_linux.go): restored already, not our child.
+	pooled bool
 
 	done chan struct{} // closed by the reaper once qemu has exited
 	// agentOpen is closed when the guest first opens the agent port
@@ -48,8 +51,9 @@ type QEMU struct {
 
 	mu sync.Mutex // guards everything below
 	// started is set by the first Start; a Machine runs once.
-	started     bool
-	cmd         *exec.Cmd
+	started bool
+	// proc is the qemu process: our child, or a pooled VM's pidfd.
+	proc        process
 	bootStarted time.Time
 	qmp         *qmpClient
 	agent       net.Conn
@@ -143,8 +147,12 @@ func (q *QEMU) args() ([]string, error) {
 	})
 }
 
-// StartMode is StartTemplate for a clone restored from a template.
+// StartMode is StartTemplate for a clone restored from a template,
+// StartPool for one handed over by the pool daemon.
 func (q *QEMU) StartMode() StartMode {
+	if q.pooled {
+		return StartPool
+	}
 	if q.statePath != "" {
 		return StartTemplate
 	}
@@ -232,7 +240,7 @@ func (q *QEMU) Start(ctx context.Context) (retErr error) {
 		agentHost.Close()
 		return q.failEarly(fmt.Errorf("vm %s: starting %s: %w", q.cfg.ID, q.binary, err))
 	}
-	q.cmd = cmd
+	q.proc = childProcess{cmd}
 	q.agent = agentHost
 	q.qmp = newQMP(qmpHost, q.onEvent)
 	go q.reap()
@@ -292,7 +300,7 @@ func (q *QEMU) onEvent(name string, data json.RawMessage) {
 
 // reap is the only caller of Wait. It decides Err and closes done.
 func (q *QEMU) reap() {
-	waitErr := q.cmd.Wait()
+	waitErr := q.proc.wait()
 	// QEMU sends SHUTDOWN just before it exits; its end of the monitor is
 	// closed now, so the reader drains what is left and stops promptly.
 	select {
@@ -324,7 +332,7 @@ func (q *QEMU) reap() {
 
 // killLocked sends SIGKILL; the reaper notices. Callers hold q.mu.
 func (q *QEMU) killLocked(why string) {
-	if q.cmd == nil || q.cmd.Process == nil {
+	if q.proc == nil {
 		return
 	}
 	select {
@@ -335,7 +343,7 @@ func (q *QEMU) killLocked(why string) {
 	if q.killed == "" {
 		q.killed = why
 	}
-	_ = q.cmd.Process.Kill()
+	_ = q.proc.kill()
 }
 
 // AgentConn waits until the guest has opened the agent port (so the agent
@@ -344,7 +352,7 @@ func (q *QEMU) killLocked(why string) {
 // shows.
 func (q *QEMU) AgentConn(ctx context.Context) (net.Conn, error) {
 	q.mu.Lock()
-	started := q.cmd != nil
+	started := q.proc != nil
 	q.mu.Unlock()
 	if !started {
 		return nil, fmt.Errorf("vm %s: not started: %w", q.cfg.ID, errdefs.ErrFailedPrecondition)
@@ -407,7 +415,7 @@ func (q *QEMU) monitor(ctx context.Context, cmd string) error {
 // fails only if it was never started... which is no failure either.
 func (q *QEMU) Stop(ctx context.Context) error {
 	q.mu.Lock()
-	if q.cmd == nil {
+	if q.proc == nil {
 		q.mu.Unlock()
 		return nil
 	}
@@ -455,10 +463,10 @@ func (q *QEMU) consoleTail(n int) string { return tailFile(q.consolePath(), n) }
 func (q *QEMU) Pid() int {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	if q.cmd == nil || q.cmd.Process == nil {
+	if q.proc == nil {
 		return 0
 	}
-	return q.cmd.Process.Pid
+	return q.proc.pid()
 }
 
 // BootStarted is when qemu was executed.
@@ -467,6 +475,21 @@ func (q *QEMU) BootStarted() time.Time {
 	defer q.mu.Unlock()
 	return q.bootStarted
 }
+
+// process is a running qemu: waited for by its reaper, killed by kill.
+type process interface {
+	// wait blocks until the process has exited.
+	wait() error
+	kill() error
+	pid() int
+}
+
+// childProcess is a qemu this process started (and reaps).
+type childProcess struct{ cmd *exec.Cmd }
+
+func (c childProcess) wait() error { return c.cmd.Wait() }
+func (c childProcess) kill() error { return c.cmd.Process.Kill() }
+func (c childProcess) pid() int    { return c.cmd.Process.Pid }
 
 // socketpair returns our end as a net.Conn (it supports CloseWrite) and
 // the child's end as a file to inherit.

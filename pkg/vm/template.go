@@ -72,6 +72,9 @@ type TemplateCache struct {
 	OnMiss func(cfg Config)
 	// Logf reports fallbacks and rebuilds; nil is silent.
 	Logf func(format string, args ...any)
+	// Pool, when set, is asked first for a VM started ahead of the same
+	// template (QEMU only); without one a clone is started here.
+	Pool *PoolClient
 }
 
 func (tc *TemplateCache) logf(format string, args ...any) {

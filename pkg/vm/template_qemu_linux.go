@@ -90,16 +90,20 @@ func (tc *TemplateCache) lookup(q *QEMU) (string, error) {
 // restore loads a clone's template state (fd childStateFD) into the paused
 // QEMU. RAM is not in the stream (x-ignore-shared): it is the template's
 // memory file, mapped privately.
-func (q *QEMU) restore(ctx context.Context) error {
-	if _, err := q.qmp.execute(ctx, "migrate-set-capabilities", ignoreShared); err != nil {
+func (q *QEMU) restore(ctx context.Context) error { return restoreState(ctx, q.qmp) }
+
+// restoreState loads the template state over the monitor mon (the VM's
+// own, or the pool daemon's second one) and waits until the VM is paused.
+func restoreState(ctx context.Context, mon *qmpClient) error {
+	if _, err := mon.execute(ctx, "migrate-set-capabilities", ignoreShared); err != nil {
 		return err
 	}
-	if _, err := q.qmp.execute(ctx, "migrate-incoming", map[string]any{"uri": "fd:" + strconv.Itoa(childStateFD)}); err != nil {
+	if _, err := mon.execute(ctx, "migrate-incoming", map[string]any{"uri": "fd:" + strconv.Itoa(childStateFD)}); err != nil {
 		return err
 	}
 	// A failed load makes QEMU exit; a finished one leaves it paused.
 	for {
-		raw, err := q.qmp.execute(ctx, "query-status", nil)
+		raw, err := mon.execute(ctx, "query-status", nil)
 		if err != nil {
 			return fmt.Errorf("loading template state: %w", err)
 		}
@@ -270,6 +274,20 @@ func (w *warmQEMU) Start(ctx context.Context) error {
 		tc.miss(key, w.cfg)
 		return cold.Start(ctx)
 	}
+	if tc.Pool != nil {
+		pooled, err := tc.Pool.take(ctx, w.cfg, key)
+		if err == nil {
+			tc.touch(key)
+			w.mu.Lock()
+			w.cur = pooled
+			w.mu.Unlock()
+			return nil
+		}
+		if ctx.Err() != nil {
+			return err
+		}
+		tc.logf("warm start: vm %s: no VM from the pool, starting a template clone: %v", w.cfg.ID, err)
+	}
 	clone, err := NewQEMU(w.cfg)
 	if err != nil {
 		return err
@@ -303,5 +321,6 @@ func (w *warmQEMU) Err() error                                      { return w.m
 func (w *warmQEMU) ConsoleTail(n int) string                        { return w.m().ConsoleTail(n) }
 func (w *warmQEMU) Pid() int                                        { return w.m().Pid() }
 func (w *warmQEMU) BootStarted() time.Time                          { return w.m().BootStarted() }
+func (w *warmQEMU) ShareDirs() []string                             { return w.m().ShareDirs() }
 
 var _ Machine = (*warmQEMU)(nil)

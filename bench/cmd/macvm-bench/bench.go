@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/macvm/macvm/e2e/harness"
+	"github.com/macvm/macvm/pkg/vm"
 )
 
 // Namespace is the containerd namespace the benchmark works in.
@@ -28,9 +29,16 @@ type variant struct {
 	// passed as runtime options, so two macvm variants share one containerd.
 	configPath string
 	// templateDir is where the shim keeps its warm-start templates; set
-	// only for variants with warm_start = "template".
+	// only for variants with warm_start = "template" or "pool".
 	templateDir string
+	// poolSize is the pool_size of a warm_start = "pool" variant.
+	poolSize int
 }
+
+// benchPoolSize is the macvm-pool variant's pool_size: the `run` step
+// starts one container at a time, and a pool of two refills between
+// them; the density step's burst mostly falls back to template clones.
+const benchPoolSize = 2
 
 func (v *variant) vm() bool { return v.rt.VM }
 
@@ -102,6 +110,14 @@ func run(ctx context.Context, cfg config) (string, error) {
 		}
 		if err := cd.Cleanup(cctx); err != nil {
 			logf("cleanup: %v", err)
+		}
+		// The pool daemon outlives shims: stop it (and its ready VMs).
+		for _, v := range b.variants {
+			if v.poolSize > 0 {
+				if err := vm.StopPool(filepath.Join(v.templateDir, "pool"), time.Minute); err != nil {
+					logf("cleanup: %v", err)
+				}
+			}
 		}
 	}()
 	if err := cd.ImportBusybox(ctx); err != nil {
@@ -200,11 +216,17 @@ func (b *bench) setupVariants(snap harness.Paths, snapDir string) error {
 			return err
 		}
 		cfgPath := filepath.Join(snapDir, name+".toml")
-		templateDir := ""
-		if warm != "off" {
+		templateDir, extra, poolSize := "", "", 0
+		switch warm {
+		case "template":
 			templateDir = filepath.Join(snapDir, "templates-"+name)
+		case "pool":
+			// The same template as macvm-template (one build less).
+			templateDir = filepath.Join(snapDir, "templates-macvm-template")
+			poolSize = benchPoolSize
+			extra = fmt.Sprintf("pool_size = %d\n", poolSize)
 		}
-		if err := harness.WriteMacvmConfigWarm(cfgPath, harness.Paths{BootDir: bootDir}, warm, templateDir); err != nil {
+		if err := harness.WriteMacvmConfigExtra(cfgPath, harness.Paths{BootDir: bootDir}, warm, templateDir, extra); err != nil {
 			return err
 		}
 		// Ten TCG guests booting at once on two busy cores can take longer
@@ -218,6 +240,7 @@ func (b *bench) setupVariants(snap harness.Paths, snapDir string) error {
 			rt:          harness.Macvm(),
 			configPath:  cfgPath,
 			templateDir: templateDir,
+			poolSize:    poolSize,
 		})
 		return nil
 	}
@@ -226,6 +249,9 @@ func (b *bench) setupVariants(snap harness.Paths, snapDir string) error {
 	}
 	if b.cfg.warm {
 		if err := add("macvm-template", snap.BootDir, "template"); err != nil {
+			return err
+		}
+		if err := add("macvm-pool", snap.BootDir, "pool"); err != nil {
 			return err
 		}
 	}
@@ -283,8 +309,44 @@ func (b *bench) warmUp(ctx context.Context) error {
 			}
 		}
 		logf("warm-up: %s has its template", v.info.Name)
+		if v.poolSize > 0 {
+			if err := b.fillPool(ctx, v); err != nil {
+				return err
+			}
+		}
 	}
 	return nil
+}
+
+// fillPool starts a pool variant's daemon (the first run with a template
+// does) and waits until its pool is full, so the measurements see the
+// steady state: VMs taken from the pool.
+func (b *bench) fillPool(ctx context.Context, v *variant) error {
+	if _, err := b.ctr(ctx, nil, b.runArgs(v, []string{"--rm"}, b.id(v, "warmup-pool"), "true")...); err != nil {
+		return fmt.Errorf("warm-up of %s: %w", v.info.Name, err)
+	}
+	dir := filepath.Join(v.templateDir, "pool")
+	deadline := time.Now().Add(templateWait)
+	for {
+		sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		st, err := vm.PoolStatus(sctx, dir)
+		cancel()
+		for _, k := range st {
+			if k.Ready >= v.poolSize {
+				logf("warm-up: %s has %d VMs ready", v.info.Name, k.Ready)
+				return nil
+			}
+		}
+		if time.Now().After(deadline) {
+			log, _ := os.ReadFile(filepath.Join(dir, "pool.log"))
+			return fmt.Errorf("warm-up of %s: pool not full after %v (%v %v); pool log:\n%s", v.info.Name, templateWait, st, err, log)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(500 * time.Millisecond):
+		}
+	}
 }
 
 // hasTemplate reports whether dir holds a finished template (the shim

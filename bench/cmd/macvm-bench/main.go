@@ -57,7 +57,7 @@ func main() {
 		only     = flag.String("only", "", "comma-separated measurements to run (run,output,exec,stream,memory,density,micro); default all")
 		keep     = flag.Bool("keep", false, "keep containerd's log after the run")
 		readme   = flag.String("readme", "", "also put the summary table into this README, between its bench markers")
-		warm     = flag.Bool("warm", true, "also measure macvm started from a warm-start template (warm_start = \"template\") beside cold boots")
+		warm     = flag.Bool("warm", true, "also measure macvm started from a warm-start template (warm_start = \"template\") and from the pool (\"pool\") beside cold boots")
 	)
 	flag.Parse()
 	m, ok := modes[*modeName]
@@ -86,7 +86,7 @@ type config struct {
 	only                        map[string]bool
 	keep                        bool
 	readme                      string
-	// warm adds the warm-start (template) variant.
+	// warm adds the warm-start variants (template and pool).
 	warm bool
 }
 

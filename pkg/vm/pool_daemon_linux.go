@@ -1,0 +1,711 @@
+package vm
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/containerd/errdefs"
+	"github.com/moby/sys/mountinfo"
+	"golang.org/x/sys/unix"
+)
+
+// PoolDaemon keeps VMs started ahead for the shims of one template cache:
+// per template key, Size clones restored from the template and left
+// paused, each with a state and share directory of its own (QEMU opens a
+// 9p share's root when it starts, so the share cannot be chosen later).
+// A shim takes one over the socket and receives its QMP and agent sockets
+// and a pidfd; the daemon refills in the background, reaps the VMs it
+// handed out when their lease (the shim's connection) ends, drops a key's
+// pool when nobody asked for it for its idle time, and exits when it has
+// neither pools nor leases.
+//
+// Pooled qemus die with the daemon (parent-death signal): a daemon killed
+// outright must not leave VMs nobody accounts for, so it takes the VMs it
+// handed out with it; a daemon stopped with SIGTERM (Run's ctx) waits for
+// their leases to end instead.
+type PoolDaemon struct {
+	// Dir is the daemon's directory (socket, pidfile, lock, VM dirs).
+	Dir string
+	// Templates is the cache the pooled VMs are clones from.
+	Templates *TemplateCache
+	// Logf reports what the daemon does; nil is silent.
+	Logf func(format string, args ...any)
+
+	mu sync.Mutex // guards everything below
+	// keys are the pools, by template key.
+	keys map[string]*poolKey
+	// leases counts VMs handed out whose shim still holds them.
+	leases int
+	// wake wakes the janitor early (a pool set to size 0, a lease ended).
+	wake chan struct{}
+	// fill wakes the filler.
+	fill chan struct{}
+	// closing is set once Run is shutting down: no new VMs.
+	closing bool
+}
+
+// poolKey is one template key's pool.
+type poolKey struct {
+	key      string
+	cfg      Config
+	size     int
+	idle     time.Duration
+	ready    []*pooledVM
+	starting int
+	leased   int
+	lastUsed time.Time
+	// failures counts VM starts that failed in a row; at maxPoolFailures
+	// the filler leaves the key alone until the next request.
+	failures int
+}
+
+// maxPoolFailures stops refilling a key whose VMs do not start (a broken
+// template: the shims' own clone start then rebuilds it).
+const maxPoolFailures = 3
+
+// poolVMStartTimeout bounds one pooled VM's start and restore.
+const poolVMStartTimeout = 2 * time.Minute
+
+// pooledVM is a qemu started ahead, restored and paused.
+type pooledVM struct {
+	id     string
+	dir    string
+	shares []string
+	cmd    *exec.Cmd
+	// qmp and agent are the host ends of its sockets, handed over as is;
+	// pidfd was opened right after the start (before any reaping could
+	// free the pid).
+	qmp, agent, pidfd *os.File
+	done              chan struct{} // closed once reaped
+	readyAt           time.Time
+}
+
+func (d *PoolDaemon) logf(format string, args ...any) {
+	if d.Logf != nil {
+		d.Logf(format, args...)
+	}
+}
+
+// Run serves until ctx ends or the daemon has been idle: no pool left
+// and no lease. first, when set, is the request of the shim that started
+// the daemon (its key's pool starts filling at once). It returns an
+// error wrapping errdefs.ErrAlreadyExists when another daemon holds Dir.
+func (d *PoolDaemon) Run(ctx context.Context, first *poolRequest) error {
+	if err := os.MkdirAll(d.Dir, 0o700); err != nil {
+		return fmt.Errorf("pool: %w", err)
+	}
+	lock, err := os.OpenFile(PoolLockFile(d.Dir), os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return fmt.Errorf("pool lock: %w", err)
+	}
+	defer lock.Close()
+	if err := flockNB(lock); err != nil {
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return fmt.Errorf("pool daemon of %s already runs: %w", d.Dir, errdefs.ErrAlreadyExists)
+		}
+		return fmt.Errorf("pool lock: %w", err)
+	}
+	d.keys = map[string]*poolKey{}
+	d.wake = make(chan struct{}, 1)
+	d.fill = make(chan struct{}, 1)
+	d.removeStale()
+	os.Remove(PoolSocket(d.Dir))
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: PoolSocket(d.Dir), Net: "unix"})
+	if err != nil {
+		return fmt.Errorf("pool: %w", err)
+	}
+	l.SetUnlinkOnClose(false)
+	if err := os.WriteFile(PoolPidFile(d.Dir), []byte(strconv.Itoa(os.Getpid())+"\n"), 0o600); err != nil {
+		l.Close()
+		return fmt.Errorf("pool pidfile: %w", err)
+	}
+	d.logf("pool daemon %d serving %s", os.Getpid(), PoolSocket(d.Dir))
+	if first != nil {
+		if _, err := d.register(first); err != nil {
+			d.logf("pool: the first request cannot be pooled: %v", err)
+		}
+	}
+
+	runCtx, stop := context.WithCancel(ctx)
+	defer stop()
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() { defer wg.Done(); d.filler(runCtx) }()
+	go func() { defer wg.Done(); d.janitor(runCtx, stop) }()
+	go func() {
+		for {
+			c, err := l.AcceptUnix()
+			if err != nil {
+				return
+			}
+			go d.serve(c)
+		}
+	}()
+	<-runCtx.Done()
+
+	// Shut down: no new requests, the ready VMs go, leased ones stay
+	// until their shims are done with them.
+	os.Remove(PoolSocket(d.Dir))
+	l.Close()
+	d.mu.Lock()
+	d.closing = true
+	var drop []*pooledVM
+	for _, k := range d.keys {
+		drop = append(drop, k.ready...)
+		k.ready = nil
+	}
+	d.mu.Unlock()
+	for _, v := range drop {
+		d.discard(v)
+	}
+	wg.Wait()
+	for {
+		d.mu.Lock()
+		n, starting := d.leases, 0
+		for _, k := range d.keys {
+			starting += k.starting
+		}
+		d.mu.Unlock()
+		if n == 0 && starting == 0 {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	os.Remove(PoolPidFile(d.Dir))
+	d.logf("pool daemon %d exits", os.Getpid())
+	return nil
+}
+
+// register makes (or updates) req's key's pool and returns it; an error
+// when the request cannot be pooled (a VM with disks or NICs).
+func (d *PoolDaemon) register(req *poolRequest) (*poolKey, error) {
+	probe, err := NewQEMU(req.Config)
+	if err != nil {
+		return nil, err
+	}
+	in, err := probe.templateInputs()
+	if err != nil {
+		return nil, err
+	}
+	key, _, err := in.key()
+	if err != nil {
+		return nil, err
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	k := d.keys[key]
+	if k == nil {
+		k = &poolKey{key: key}
+		d.keys[key] = k
+	}
+	k.cfg = req.Config
+	k.cfg.Templates = nil
+	k.size = req.Size
+	k.idle = time.Duration(req.IdleMs) * time.Millisecond
+	if k.idle <= 0 {
+		k.idle = DefaultPoolIdleTimeout
+	}
+	k.lastUsed = time.Now()
+	k.failures = 0
+	d.kick(d.fill)
+	if k.size == 0 {
+		d.kick(d.wake)
+	}
+	return k, nil
+}
+
+func (d *PoolDaemon) kick(ch chan struct{}) {
+	select {
+	case ch <- struct{}{}:
+	default:
+	}
+}
+
+// serve answers one connection: a status, or a take whose connection then
+// stays open as the lease of the VM handed over.
+func (d *PoolDaemon) serve(c *net.UnixConn) {
+	defer c.Close()
+	var req poolRequest
+	files, err := readPoolMessage(c, &req, 0, time.Now().Add(DefaultPoolTimeout))
+	if err != nil {
+		writePoolMessage(c, &poolReply{Error: err.Error()})
+		return
+	}
+	for _, f := range files {
+		f.Close()
+	}
+	switch req.Op {
+	case poolOpStatus:
+		writePoolMessage(c, &poolReply{Status: d.status()})
+		return
+	case poolOpTake:
+	default:
+		writePoolMessage(c, &poolReply{Error: fmt.Sprintf("unknown request %q", req.Op)})
+		return
+	}
+	k, err := d.register(&req)
+	if err != nil {
+		writePoolMessage(c, &poolReply{Error: err.Error()})
+		return
+	}
+	v := d.pop(k)
+	if v == nil {
+		why := "no VM ready"
+		if req.Size == 0 {
+			why = "pool_size is 0"
+		}
+		writePoolMessage(c, &poolReply{Empty: true, Error: why})
+		return
+	}
+	rep := poolReply{Key: k.key, Pid: v.cmd.Process.Pid, Dir: v.dir, Shares: v.shares,
+		ReadyMs: time.Since(v.readyAt).Milliseconds()}
+	err = writePoolMessage(c, &rep, v.qmp, v.agent, v.pidfd)
+	// The shim has its own copies now (or none, and the VM goes).
+	v.qmp.Close()
+	v.agent.Close()
+	v.pidfd.Close()
+	if err != nil {
+		d.logf("pool: handing over vm %s: %v", v.id, err)
+	} else {
+		d.logf("pool: vm %s (pid %d) handed over for template %s after %v ready", v.id, rep.Pid, k.key, time.Duration(rep.ReadyMs)*time.Millisecond)
+		// The lease: the shim closes the connection when its VM has
+		// exited (or when it dies).
+		_, _ = io.Copy(io.Discard, c)
+	}
+	d.discard(v)
+	d.mu.Lock()
+	k.leased--
+	d.leases--
+	d.mu.Unlock()
+	d.kick(d.wake)
+}
+
+// pop takes the oldest ready VM of k that still runs, and counts its lease.
+func (d *PoolDaemon) pop(k *poolKey) *pooledVM {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for len(k.ready) > 0 {
+		v := k.ready[0]
+		k.ready = k.ready[1:]
+		select {
+		case <-v.done:
+			go d.discard(v) // exited while waiting
+			continue
+		default:
+		}
+		k.leased++
+		d.leases++
+		d.kick(d.fill)
+		return v
+	}
+	return nil
+}
+
+func (d *PoolDaemon) status() map[string]PoolKeyStatus {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	st := map[string]PoolKeyStatus{}
+	for key, k := range d.keys {
+		st[key] = PoolKeyStatus{Ready: len(k.ready), Leased: k.leased, Size: k.size}
+	}
+	return st
+}
+
+// filler starts VMs, one at a time (each restore costs CPU the shims
+// want), until every pool has its size.
+func (d *PoolDaemon) filler(ctx context.Context) {
+	for {
+		k := d.next()
+		if k == nil {
+			select {
+			case <-ctx.Done():
+				return
+			case <-d.fill:
+			case <-time.After(time.Second):
+			}
+			continue
+		}
+		d.mu.Lock()
+		cfg := k.cfg
+		d.mu.Unlock()
+		v, err := d.start(ctx, k.key, cfg)
+		d.mu.Lock()
+		k.starting--
+		if err != nil {
+			k.failures++
+			d.mu.Unlock()
+			if ctx.Err() == nil {
+				d.logf("pool: starting a VM of template %s (failure %d): %v", k.key, k.failures, err)
+			}
+			continue
+		}
+		k.failures = 0
+		if d.closing || d.keys[k.key] != k || len(k.ready) >= k.size {
+			d.mu.Unlock()
+			d.discard(v)
+			continue
+		}
+		k.ready = append(k.ready, v)
+		d.mu.Unlock()
+		d.logf("pool: vm %s (pid %d) ready for template %s", v.id, v.cmd.Process.Pid, k.key)
+	}
+}
+
+// next picks a pool short of VMs and counts the start; nil if none.
+func (d *PoolDaemon) next() *poolKey {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closing {
+		return nil
+	}
+	for _, k := range d.keys {
+		if k.failures < maxPoolFailures && len(k.ready)+k.starting < k.size && time.Since(k.lastUsed) < k.idle {
+			k.starting++
+			return k
+		}
+	}
+	return nil
+}
+
+// janitor drops pools idle for longer than their idle time (or sized 0)
+// and ends the daemon (stop) once there are neither pools nor leases.
+func (d *PoolDaemon) janitor(ctx context.Context, stop func()) {
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		case <-d.wake:
+		}
+		var drop []*pooledVM
+		d.mu.Lock()
+		for key, k := range d.keys {
+			if k.size > 0 && time.Since(k.lastUsed) < k.idle {
+				continue
+			}
+			drop = append(drop, k.ready...)
+			k.ready = nil
+			if k.leased == 0 && k.starting == 0 {
+				delete(d.keys, key)
+				d.logf("pool: template %s: pool dropped (size %d, unused for %v)", key, k.size, time.Since(k.lastUsed).Round(time.Second))
+			}
+		}
+		done := len(d.keys) == 0 && d.leases == 0
+		d.mu.Unlock()
+		for _, v := range drop {
+			d.discard(v)
+		}
+		if done {
+			stop()
+			return
+		}
+	}
+}
+
+// start launches a clone of key's template with a directory of its own,
+// restores it over a monitor of the daemon's (the VM's own QMP socket is
+// left untouched for the shim, greeting and all) and leaves it paused.
+func (d *PoolDaemon) start(ctx context.Context, key string, cfg Config) (_ *pooledVM, retErr error) {
+	tc := d.Templates
+	if _, err := tc.validate(key); err != nil {
+		return nil, err
+	}
+	var rnd [6]byte
+	if _, err := rand.Read(rnd[:]); err != nil {
+		return nil, err
+	}
+	v := &pooledVM{id: hex.EncodeToString(rnd[:]), done: make(chan struct{})}
+	v.dir = filepath.Join(d.Dir, "vm-"+v.id)
+	if err := os.Mkdir(v.dir, 0o711); err != nil {
+		return nil, fmt.Errorf("pool: %w", err)
+	}
+	var cleanup []io.Closer
+	defer func() {
+		for _, c := range cleanup {
+			c.Close()
+		}
+		if retErr != nil {
+			if v.cmd != nil {
+				v.cmd.Process.Kill()
+				<-v.done
+			}
+			for _, f := range []*os.File{v.qmp, v.agent, v.pidfd} {
+				if f != nil {
+					f.Close()
+				}
+			}
+			os.RemoveAll(v.dir)
+		}
+	}()
+	pcfg := cfg
+	pcfg.ID = "pool-" + v.id
+	pcfg.StateDir = v.dir
+	pcfg.Templates = nil
+	pcfg.Shares = make([]Share, len(cfg.Shares))
+	for i, s := range cfg.Shares {
+		s.HostPath = filepath.Join(v.dir, "share"+strconv.Itoa(i))
+		if err := os.Mkdir(s.HostPath, 0o711); err != nil {
+			return nil, fmt.Errorf("pool: %w", err)
+		}
+		pcfg.Shares[i] = s
+		v.shares = append(v.shares, s.HostPath)
+	}
+	q, err := NewQEMU(pcfg)
+	if err != nil {
+		return nil, err
+	}
+	q.memPath = filepath.Join(tc.dir(key), templateMemory)
+	q.statePath = filepath.Join(tc.dir(key), templateState)
+	args, err := q.args()
+	if err != nil {
+		return nil, err
+	}
+	args = append(args,
+		"-chardev", fmt.Sprintf("socket,id=poolmon,fd=%d", poolMonFD),
+		"-mon", "chardev=poolmon,mode=control")
+
+	qmpHost, qmpChild, err := filePair()
+	if err != nil {
+		return nil, err
+	}
+	cleanup = append(cleanup, qmpChild)
+	v.qmp = qmpHost
+	agentHost, agentChild, err := filePair()
+	if err != nil {
+		return nil, err
+	}
+	cleanup = append(cleanup, agentChild)
+	v.agent = agentHost
+	monHost, monChild, err := socketpair()
+	if err != nil {
+		return nil, err
+	}
+	cleanup = append(cleanup, monChild, monHost)
+	state, err := os.Open(q.statePath)
+	if err != nil {
+		return nil, fmt.Errorf("pool: template state: %w", err)
+	}
+	cleanup = append(cleanup, state)
+	logf, err := os.OpenFile(q.logPath(), os.O_CREATE|os.O_TRUNC|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		return nil, err
+	}
+	cleanup = append(cleanup, logf)
+
+	cmd := exec.Command(q.binary, args...)
+	cmd.Dir = v.dir
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.ExtraFiles = []*os.File{qmpChild, agentChild, state, monChild} // fds 3-6
+	cmd.SysProcAttr = &syscall.SysProcAttr{
+		// A daemon killed outright takes its VMs along (see PoolDaemon).
+		Pdeathsig: syscall.SIGKILL,
+		Setpgid:   true,
+	}
+	// Pdeathsig fires when the forking thread exits: fork from a fresh
+	// goroutine, whose thread the runtime keeps (see QEMU.Start).
+	startErr := make(chan error, 1)
+	go func() { startErr <- cmd.Start() }()
+	if err := <-startErr; err != nil {
+		return nil, fmt.Errorf("pool: starting %s: %w", q.binary, err)
+	}
+	pidfd, err := unix.PidfdOpen(cmd.Process.Pid, 0)
+	if err != nil {
+		cmd.Process.Kill()
+		cmd.Wait()
+		return nil, fmt.Errorf("pool: pidfd: %w", err)
+	}
+	v.pidfd = os.NewFile(uintptr(pidfd), "qemu-pidfd")
+	v.cmd = cmd
+	go func() {
+		cmd.Wait()
+		close(v.done)
+	}()
+
+	sctx, cancel := context.WithTimeout(ctx, poolVMStartTimeout)
+	defer cancel()
+	mon := newQMP(monHost, nil)
+	err = mon.handshake(sctx)
+	if err == nil {
+		err = restoreState(sctx, mon)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("pool: restoring vm %s: %w; %s", v.id, err,
+			describeTail("qemu log", tailFile(q.logPath(), consoleTailBytes)))
+	}
+	v.readyAt = time.Now()
+	return v, nil
+}
+
+// poolMonFD is the daemon's own monitor in a pooled qemu: after the
+// template state's fd (templated VMs have no NICs).
+const poolMonFD = childStateFD + 1
+
+// filePair is a socketpair as two files (both ends are passed on).
+func filePair() (*os.File, *os.File, error) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, nil, fmt.Errorf("socketpair: %w", err)
+	}
+	return os.NewFile(uintptr(fds[0]), "vm-host"), os.NewFile(uintptr(fds[1]), "vm-child"), nil
+}
+
+// discard kills v (if it still runs), waits for its reaping and removes
+// its directory once nothing is mounted below it any more: the shim
+// unmounts its containers' files from the share after its VM exited, and
+// a dead shim's are undone by containerd's cleanup of its containers.
+func (d *PoolDaemon) discard(v *pooledVM) {
+	if v.cmd != nil {
+		select {
+		case <-v.done:
+		default:
+			v.cmd.Process.Kill()
+		}
+		<-v.done
+	}
+	for _, f := range []*os.File{v.qmp, v.agent, v.pidfd} {
+		f.Close() // no-op when already closed
+	}
+	removeUnmounted(v.dir, time.Minute, d.logf)
+}
+
+// removeUnmounted removes dir once no mount is below it, waiting up to
+// wait; it never unmounts anything (what is mounted there is a shim's).
+func removeUnmounted(dir string, wait time.Duration, logf func(string, ...any)) {
+	deadline := time.Now().Add(wait)
+	for {
+		mounts, err := mountinfo.GetMounts(mountinfo.PrefixFilter(dir))
+		if err == nil && len(mounts) == 0 {
+			if err := os.RemoveAll(dir); err != nil {
+				logf("pool: removing %s: %v", dir, err)
+			}
+			return
+		}
+		if time.Now().After(deadline) {
+			logf("pool: leaving %s: still mounted below it (%v)", dir, err)
+			return
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// removeStale removes VM directories a previous daemon left (its VMs died
+// with it), unless something is still mounted below them.
+func (d *PoolDaemon) removeStale() {
+	ents, err := os.ReadDir(d.Dir)
+	if err != nil {
+		return
+	}
+	for _, e := range ents {
+		if e.IsDir() && strings.HasPrefix(e.Name(), "vm-") {
+			removeUnmounted(filepath.Join(d.Dir, e.Name()), 0, d.logf)
+		}
+	}
+}
+
+// PoolStatus asks the daemon of dir how many VMs each template key has
+// ready and handed out.
+func PoolStatus(ctx context.Context, dir string) (map[string]PoolKeyStatus, error) {
+	var dl net.Dialer
+	c, err := dl.DialContext(ctx, "unix", PoolSocket(dir))
+	if err != nil {
+		return nil, fmt.Errorf("pool daemon: %w: %w", errdefs.ErrUnavailable, err)
+	}
+	defer c.Close()
+	conn := c.(*net.UnixConn)
+	if err := writePoolMessage(conn, &poolRequest{Op: poolOpStatus}); err != nil {
+		return nil, err
+	}
+	var rep poolReply
+	if _, err := readPoolMessage(conn, &rep, 0, time.Now().Add(DefaultPoolTimeout)); err != nil {
+		return nil, err
+	}
+	if rep.Error != "" {
+		return nil, fmt.Errorf("pool daemon: %s: %w", rep.Error, errdefs.ErrUnavailable)
+	}
+	return rep.Status, nil
+}
+
+// RunPoolDaemon is the daemon's main: it serves dir for the templates of
+// tc until it is idle or ctx ends. first is the starting shim's request
+// (nil: none).
+func RunPoolDaemon(ctx context.Context, dir string, tc *TemplateCache, first *PoolJob, logf func(string, ...any)) error {
+	d := &PoolDaemon{Dir: dir, Templates: tc, Logf: logf}
+	var req *poolRequest
+	if first != nil {
+		req = &poolRequest{Op: poolOpTake, Config: first.Config, Size: first.Size, IdleMs: first.IdleTimeout.Milliseconds()}
+	}
+	return d.Run(ctx, req)
+}
+
+// StopPool stops the pool daemon of dir by the pid in its pidfile
+// (SIGTERM: the ready VMs go at once, the daemon exits when the VMs it
+// handed out are gone) and waits until it has exited, up to timeout, then
+// kills it (its VMs die with it). No daemon is no error.
+func StopPool(dir string, timeout time.Duration) error {
+	b, err := os.ReadFile(PoolPidFile(dir))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil || pid <= 0 {
+		return fmt.Errorf("pool pidfile %s: %q: %w", PoolPidFile(dir), b, errdefs.ErrDataLoss)
+	}
+	// The pid must still be a pool daemon of dir (not a recycled pid).
+	cmdline, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
+	if err != nil || !strings.Contains(string(cmdline), dir) {
+		return nil
+	}
+	fd, err := unix.PidfdOpen(pid, 0)
+	if err != nil {
+		return nil // gone
+	}
+	defer unix.Close(fd)
+	unix.PidfdSendSignal(fd, unix.SIGTERM, nil, 0)
+	if pidfdWait(fd, timeout) {
+		return nil
+	}
+	unix.PidfdSendSignal(fd, unix.SIGKILL, nil, 0)
+	if pidfdWait(fd, 10*time.Second) {
+		return fmt.Errorf("pool daemon %d did not stop within %v: killed: %w", pid, timeout, errdefs.ErrUnavailable)
+	}
+	return fmt.Errorf("pool daemon %d did not exit after SIGKILL: %w", pid, errdefs.ErrUnavailable)
+}
+
+// pidfdWait waits until the process of the pidfd has exited (a zombie
+// counts: not our child, someone else reaps it).
+func pidfdWait(fd int, timeout time.Duration) bool {
+	fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+	deadline := time.Now().Add(timeout)
+	for {
+		ms := int(time.Until(deadline).Milliseconds())
+		if ms <= 0 {
+			return false
+		}
+		n, err := unix.Poll(fds, ms)
+		if err == nil && n > 0 {
+			return true
+		}
+		if err != nil && !errors.Is(err, unix.EINTR) {
+			return false
+		}
+	}
+}
