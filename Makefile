@@ -11,7 +11,7 @@ BOOT_DIR   := $(OUT)/boot
 
 .PHONY: all build shim agent agent-all initrd kernel kernel-minimal boot-minimal kernel-smoke boot generate check-generated \
 	vet fmt-check check-darwin boot-macos kernel-debs test-macos-kernel test test-unit test-vm test-e2e test-cri containerd \
-	cri-tools cni critest test-critest nerdctl demo install clean
+	cri-tools cni critest test-critest nerdctl demo install clean pool-stop
 
 all: build
 
@@ -189,6 +189,13 @@ bench-full: boot shim containerd
 
 install: build
 	hack/install.sh
+
+# Stops the warm-start pool daemon (warm_start = "pool") of TEMPLATE_DIR and the VMs it keeps ready, by the pid in
+# its pidfile (SIGTERM; it exits once the VMs it handed out are gone). It also exits by itself when idle.
+TEMPLATE_DIR ?= /var/lib/macvm/templates
+pool-stop:
+	@pid=$$(cat $(TEMPLATE_DIR)/pool/pool.pid 2>/dev/null) && grep -qa macvm-pool /proc/$$pid/cmdline 2>/dev/null \
+		&& kill -TERM $$pid && echo "pool daemon $$pid stopping" || echo "no pool daemon in $(TEMPLATE_DIR)/pool"
 
 clean:
 	rm -rf $(OUT)

@@ -129,8 +129,8 @@ func (h *pooledHandles) close() {
 	}
 }
 
-// startPooled adopts a VM the daemon restored and left paused: QMP
-// handshake on its (untouched) monitor, then `cont`. It owns h: on
+// startPooled adopts a VM the daemon restored, warmed up and left paused:
+// QMP handshake on its (untouched) monitor, then `cont`. It owns h: on
 // failure everything in it is closed and the qemu killed.
 func (q *QEMU) startPooled(ctx context.Context, h pooledHandles) (retErr error) {
 	q.mu.Lock()

@@ -44,6 +44,13 @@ type PoolDaemon struct {
 	Templates *TemplateCache
 	// Logf reports what the daemon does; nil is silent.
 	Logf func(format string, args ...any)
+	// Warm, when set, runs each pooled VM briefly after its restore and
+	// is called with a connection to its agent (guest.TemplateReady: a
+	// session and an Info call), then the VM is paused again. A new QEMU
+	// process starts with an empty TCG translation cache, so without it
+	// the shim's first RPCs pay for translating the agent's code; the
+	// shim's handshake later replaces this session (transport resync).
+	Warm func(ctx context.Context, conn net.Conn) (release func(), err error)
 
 	mu sync.Mutex // guards everything below
 	// keys are the pools, by template key.
@@ -544,12 +551,36 @@ func (d *PoolDaemon) start(ctx context.Context, key string, cfg Config) (_ *pool
 	if err == nil {
 		err = restoreState(sctx, mon)
 	}
+	if err == nil && d.Warm != nil {
+		err = d.warm(sctx, mon, v)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("pool: restoring vm %s: %w; %s", v.id, err,
 			describeTail("qemu log", tailFile(q.logPath(), consoleTailBytes)))
 	}
 	v.readyAt = time.Now()
 	return v, nil
+}
+
+// warm runs the restored VM v until Warm returns, then pauses it again.
+func (d *PoolDaemon) warm(ctx context.Context, mon *qmpClient, v *pooledVM) error {
+	conn, err := net.FileConn(v.agent) // a dup: v.agent stays for the shim
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	if _, err := mon.execute(ctx, "cont", nil); err != nil {
+		return err
+	}
+	release, err := d.Warm(ctx, conn)
+	if err != nil {
+		return fmt.Errorf("warming up: %w", err)
+	}
+	if release != nil {
+		release()
+	}
+	_, err = mon.execute(ctx, "stop", nil)
+	return err
 }
 
 // poolMonFD is the daemon's own monitor in a pooled qemu: after the
@@ -642,10 +673,11 @@ func PoolStatus(ctx context.Context, dir string) (map[string]PoolKeyStatus, erro
 }
 
 // RunPoolDaemon is the daemon's main: it serves dir for the templates of
-// tc until it is idle or ctx ends. first is the starting shim's request
+// tc until it is idle or ctx ends; tc.Ready warms each pooled VM up (see
+// PoolDaemon.Warm). first is the starting shim's request
 // (nil: none).
 func RunPoolDaemon(ctx context.Context, dir string, tc *TemplateCache, first *PoolJob, logf func(string, ...any)) error {
-	d := &PoolDaemon{Dir: dir, Templates: tc, Logf: logf}
+	d := &PoolDaemon{Dir: dir, Templates: tc, Logf: logf, Warm: tc.Ready}
 	var req *poolRequest
 	if first != nil {
 		req = &poolRequest{Op: poolOpTake, Config: first.Config, Size: first.Size, IdleMs: first.IdleTimeout.Milliseconds()}
