@@ -30,7 +30,7 @@ const poolWait = 3 * time.Minute
 // of it are gone and its VM directories removed.
 func TestWarmStartPool(t *testing.T) {
 	rt := harness.Macvm()
-	d := daemonWith(t, rt, harness.Options{Paths: paths, WarmStart: "pool",
+	d := daemonWith(t, rt, harness.Options{Paths: suite.Paths, WarmStart: "pool",
 		MacvmConfigExtra: "pool_size = 2\npool_idle_timeout = \"10m\""})
 	poolDir := filepath.Join(d.TemplateDir, "pool")
 	t.Cleanup(func() {
