@@ -404,6 +404,8 @@ type fakeMounter struct {
 	mu sync.Mutex
 	// mounted maps a target to "bind SRC [ro]" or "rootfs".
 	mounted map[string]string
+	// submounts names the bind sources reported to have mounts below them.
+	submounts map[string]bool
 }
 
 func newFakeMounter() *fakeMounter { return &fakeMounter{mounted: map[string]string{}} }
@@ -415,14 +417,17 @@ func (m *fakeMounter) mountAll(_ []mount.Mount, target string) error {
 	return nil
 }
 
-func (m *fakeMounter) bind(src, target string, ro bool) error {
+func (m *fakeMounter) bind(src, target string, ro readOnly) (bool, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	m.mounted[target] = "bind " + src
-	if ro {
+	switch ro {
+	case readOnlyTop:
 		m.mounted[target] += " ro"
+	case readOnlyAll:
+		m.mounted[target] += " rro"
 	}
-	return nil
+	return m.submounts[src], nil
 }
 
 func (m *fakeMounter) unmountAll(dir string) error {

@@ -21,6 +21,8 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 	"github.com/containerd/typeurl/v2"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"github.com/opencontainers/runtime-spec/specs-go/features"
 )
 
 // Manager implements containerd's shim lifecycle for macvm: the `start`
@@ -235,9 +237,14 @@ func (m Manager) Stop(ctx context.Context, id string) (shim.StopStatus, error) {
 // Info describes the runtime; the options containerd passes are echoed
 // back after a check that they parse.
 func (m Manager) Info(ctx context.Context, optionsR io.Reader) (*types.RuntimeInfo, error) {
+	feats, err := typeurl.MarshalAnyToProto(runtimeFeatures())
+	if err != nil {
+		return nil, fmt.Errorf("runtime features: %w", err)
+	}
 	info := &types.RuntimeInfo{
-		Name:    m.name,
-		Version: &types.RuntimeVersion{Version: Version},
+		Name:     m.name,
+		Version:  &types.RuntimeVersion{Version: Version},
+		Features: feats,
 	}
 	data, err := io.ReadAll(optionsR)
 	if err != nil {
@@ -255,4 +262,18 @@ func (m Manager) Info(ctx context.Context, optionsR io.Reader) (*types.RuntimeIn
 		}
 	}
 	return info, nil
+}
+
+// runtimeFeatures is what the shim offers, in the OCI runtime-spec's
+// features format (as `runc features` prints it). containerd's CRI reads
+// MountOptions: "rro" there makes it offer recursive read-only volumes on
+// this runtime handler (podshare.go makes them read-only on the host and
+// in the guest). Only the bind mount options the shim itself interprets
+// are listed.
+func runtimeFeatures() *features.Features {
+	return &features.Features{
+		OCIVersionMin: "1.0.0",
+		OCIVersionMax: specs.Version,
+		MountOptions:  []string{"bind", "rbind", "ro", "rw", "rro"},
+	}
 }

@@ -70,11 +70,68 @@ func isBind(m specs.Mount) bool {
 	return m.Type == "bind" || slices.Contains(m.Options, "bind") || slices.Contains(m.Options, "rbind")
 }
 
+// readOnly is how much of a bind mount is read-only.
+type readOnly int
+
+const (
+	writable readOnly = iota
+	// readOnlyTop is "ro": the bind itself, not the mounts below it.
+	readOnlyTop
+	// readOnlyAll is "rro": the bind and every mount below it.
+	readOnlyAll
+)
+
+// readOnlyOf classifies a bind mount's options.
+func readOnlyOf(opts []string) readOnly {
+	switch {
+	case isRecursiveReadOnly(opts):
+		return readOnlyAll
+	case isReadOnly(opts):
+		return readOnlyTop
+	}
+	return writable
+}
+
+// withoutReadOnly returns opts without "ro" (and "rw").
+func withoutReadOnly(opts []string) []string {
+	var out []string
+	for _, o := range opts {
+		if o != "ro" && o != "rw" {
+			out = append(out, o)
+		}
+	}
+	return out
+}
+
+// isRecursiveReadOnly tells whether opts ask for a recursive read-only
+// mount ("rro", which containerd's CRI passes for a recursiveReadOnly
+// volume since the shim announces the mount option: Manager.Info).
+func isRecursiveReadOnly(opts []string) bool {
+	return slices.Contains(opts, "rro")
+}
+
+// rroAsRO replaces "rro" with "ro" for the guest: a bind source crosses
+// into the VM as part of one shared filesystem (9p, virtiofs), so a
+// read-only bind of it there is read-only all the way down.
+func rroAsRO(opts []string) []string {
+	if !isRecursiveReadOnly(opts) {
+		return opts
+	}
+	out := make([]string, 0, len(opts))
+	for _, o := range opts {
+		if o == "rro" {
+			o = "ro"
+		}
+		out = append(out, o)
+	}
+	return out
+}
+
 func isReadOnly(opts []string) bool {
 	ro := false
 	for _, o := range opts {
 		switch o {
-		case "ro":
+		case "ro", "rro":
 			ro = true
 		case "rw":
 			ro = false
@@ -102,8 +159,10 @@ type hostMounter interface {
 	// mountAll mounts a snapshot's mounts on target.
 	mountAll(mounts []mount.Mount, target string) error
 	// bind bind-mounts src (a directory or a file) on target, recursively,
-	// and remounts it read-only when asked.
-	bind(src, target string, readOnly bool) error
+	// and makes it read-only when asked: that mount only, not the ones
+	// below it, as runc does for "ro", or all of them for "rro". It
+	// reports whether the tree has mounts below its top.
+	bind(src, target string, ro readOnly) (submounts bool, err error)
 	// unmountAll detaches every mount at or below dir and fails if any is
 	// left: a directory with mounts below it must never be removed
 	// recursively (that would delete the user's files).

@@ -122,6 +122,7 @@ func rewriteBindMounts(spec *specs.Spec, stat func(string) (os.FileInfo, error))
 			return nil, err
 		}
 		ro := isReadOnly(m.Options)
+		m.Options = rroAsRO(m.Options)
 		switch {
 		case device:
 		case fi.IsDir():

@@ -107,7 +107,7 @@ func (p *podShare) add(id string, root containerRootfs, gs *specs.Spec) (_ *cont
 		if root.dir == "" {
 			return nil, fmt.Errorf("container %s has neither rootfs mounts nor a root path: %w", id, errdefs.ErrInvalidArgument)
 		}
-		if err := p.mnt.bind(root.dir, rootfs, false); err != nil {
+		if _, err := p.mnt.bind(root.dir, rootfs, writable); err != nil {
 			return nil, fmt.Errorf("bind rootfs %s: %w", root.dir, err)
 		}
 	}
@@ -138,8 +138,19 @@ func (p *podShare) add(id string, root containerRootfs, gs *specs.Spec) (_ *cont
 		if err != nil {
 			return nil, err
 		}
-		if err := p.mnt.bind(src, target, isReadOnly(m.Options)); err != nil {
+		ro := readOnlyOf(m.Options)
+		submounts, err := p.mnt.bind(src, target, ro)
+		if err != nil {
 			return nil, fmt.Errorf("bind mount %s: %w", m.Destination, err)
+		}
+		m.Options = rroAsRO(m.Options)
+		if ro == readOnlyTop && submounts {
+			// A read-only bind is read-only at its top only: the mounts below
+			// it stay writable (runc; critest's non-recursive readonly mount).
+			// In the guest the whole tree is one 9p mount, which a read-only
+			// bind would cover entirely, so the host's read-only mount of the
+			// top enforces it instead (writes there fail with EROFS).
+			m.Options = withoutReadOnly(m.Options)
 		}
 		m.Source = path.Join(guestDir, name)
 	}
@@ -176,18 +187,35 @@ func (sysMounter) mountAll(mounts []mount.Mount, target string) error {
 	return mount.All(mounts, target)
 }
 
-func (sysMounter) bind(src, target string, readOnly bool) error {
+func (sysMounter) bind(src, target string, ro readOnly) (bool, error) {
 	if err := unix.Mount(src, target, "", unix.MS_BIND|unix.MS_REC, ""); err != nil {
-		return err
+		return false, err
 	}
-	if !readOnly {
-		return nil
-	}
-	if err := unix.Mount("", target, "", unix.MS_BIND|unix.MS_REMOUNT|unix.MS_RDONLY, ""); err != nil {
+	below, err := mountinfo.GetMounts(mountinfo.PrefixFilter(target))
+	if err != nil {
 		_ = unix.Unmount(target, unix.MNT_DETACH)
-		return fmt.Errorf("remount read-only: %w", err)
+		return false, fmt.Errorf("mounts below %s: %w", target, err)
 	}
-	return nil
+	submounts := false
+	for _, m := range below {
+		if filepath.Clean(m.Mountpoint) != filepath.Clean(target) {
+			submounts = true
+		}
+	}
+	switch ro {
+	case readOnlyTop:
+		if err := unix.Mount("", target, "", unix.MS_BIND|unix.MS_REMOUNT|unix.MS_RDONLY, ""); err != nil {
+			_ = unix.Unmount(target, unix.MNT_DETACH)
+			return false, fmt.Errorf("remount read-only: %w", err)
+		}
+	case readOnlyAll:
+		attr := &unix.MountAttr{Attr_set: unix.MOUNT_ATTR_RDONLY}
+		if err := unix.MountSetattr(-1, target, unix.AT_RECURSIVE, attr); err != nil {
+			_ = unix.Unmount(target, unix.MNT_DETACH)
+			return false, fmt.Errorf("make read-only recursively: %w", err)
+		}
+	}
+	return submounts, nil
 }
 
 func (sysMounter) unmountAll(dir string) error {

@@ -10,6 +10,7 @@ import (
 
 	"github.com/containerd/errdefs"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
 
 	agent "github.com/macvm/macvm/pkg/guest/api/v1"
 )
@@ -32,13 +33,15 @@ func (f fakeInfo) Sys() any           { return nil }
 // dropped, and the host spec untouched.
 func TestPodShareAdd(t *testing.T) {
 	files := map[string]fs.FileMode{
-		"/data":       fs.ModeDir,
-		"/cfg/hosts":  0,
-		"/ro":         fs.ModeDir,
-		"/dev/null":   fs.ModeDevice | fs.ModeCharDevice,
-		"/snap/1/fs/": fs.ModeDir,
+		"/data":          fs.ModeDir,
+		"/cfg/hosts":     0,
+		"/ro":            fs.ModeDir,
+		"/ro-with-tmpfs": fs.ModeDir,
+		"/dev/null":      fs.ModeDevice | fs.ModeCharDevice,
+		"/snap/1/fs/":    fs.ModeDir,
 	}
 	mnt := newFakeMounter()
+	mnt.submounts = map[string]bool{"/ro-with-tmpfs": true}
 	p := newPodShare(filepath.Join(t.TempDir(), "shared"), mnt)
 	p.stat = func(path string) (os.FileInfo, error) {
 		m, ok := files[path]
@@ -55,6 +58,8 @@ func TestPodShareAdd(t *testing.T) {
 			{Destination: "/etc/hosts", Type: "bind", Source: "/cfg/hosts", Options: []string{"rbind", "ro"}},
 			{Destination: "/mnt/ro", Source: "/ro", Options: []string{"bind", "ro"}},
 			{Destination: "/dev/null2", Type: "bind", Source: "/dev/null", Options: []string{"bind"}},
+			{Destination: "/mnt/sub", Type: "bind", Source: "/ro-with-tmpfs", Options: []string{"rbind", "ro"}},
+			{Destination: "/mnt/rro", Type: "bind", Source: "/ro-with-tmpfs", Options: []string{"rbind", "rro"}},
 		},
 	}
 	gs, err := copySpec(spec)
@@ -71,6 +76,8 @@ func TestPodShareAdd(t *testing.T) {
 		filepath.Join(dir, "0"):      "bind /data",
 		filepath.Join(dir, "1"):      "bind /cfg/hosts ro",
 		filepath.Join(dir, "2"):      "bind /ro ro",
+		filepath.Join(dir, "3"):      "bind /ro-with-tmpfs ro",
+		filepath.Join(dir, "4"):      "bind /ro-with-tmpfs rro",
 	} {
 		if got := mnt.get(target); got != want {
 			t.Errorf("host mount on %s: %q, want %q", target, got, want)
@@ -85,6 +92,10 @@ func TestPodShareAdd(t *testing.T) {
 		{Destination: "/etc/hosts", Type: "bind", Source: "/run/macvm/shared/c1/1", Options: []string{"rbind", "ro"}},
 		{Destination: "/mnt/ro", Source: "/run/macvm/shared/c1/2", Options: []string{"bind", "ro"}},
 		{Destination: "/dev/null2", Type: "bind", Source: "/dev/null", Options: []string{"bind"}},
+		// Read-only at its top by the host's mount; the mounts below stay writable.
+		{Destination: "/mnt/sub", Type: "bind", Source: "/run/macvm/shared/c1/3", Options: []string{"rbind"}},
+		// Read-only all the way down, host and guest.
+		{Destination: "/mnt/rro", Type: "bind", Source: "/run/macvm/shared/c1/4", Options: []string{"rbind", "ro"}},
 	}
 	if !reflect.DeepEqual(f.gspec.Mounts, want) {
 		t.Errorf("guest mounts:\n got %+v\nwant %+v", f.gspec.Mounts, want)
@@ -143,10 +154,10 @@ func TestSysMounter(t *testing.T) {
 	os.Mkdir(dst, 0o755)
 	os.WriteFile(fdst, nil, 0o644)
 	var m sysMounter
-	if err := m.bind(src, dst, true); err != nil {
-		t.Fatal(err)
+	if sub, err := m.bind(src, dst, readOnlyTop); err != nil || sub {
+		t.Fatalf("bind of a directory without mounts below it: submounts %v, %v; want false, nil", sub, err)
 	}
-	if err := m.bind(filepath.Join(src, "f"), fdst, false); err != nil {
+	if _, err := m.bind(filepath.Join(src, "f"), fdst, writable); err != nil {
 		t.Fatal(err)
 	}
 	if b, err := os.ReadFile(fdst); err != nil || string(b) != "x" {
@@ -160,5 +171,84 @@ func TestSysMounter(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(dst, "f")); !os.IsNotExist(err) {
 		t.Errorf("still mounted after unmountAll: %v", err)
+	}
+}
+
+// TestSysMounterSubmounts binds a tree with a tmpfs mounted inside it read-only, as critest's
+// non-recursive readonly mount spec does: the top is read-only, the tmpfs below stays writable, and bind
+// reports the submount (so the guest does not make the whole tree read-only).
+func TestSysMounterSubmounts(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("bind mounts need root")
+	}
+	src := t.TempDir()
+	sub := filepath.Join(src, "tmpfs")
+	if err := os.Mkdir(sub, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount("none", sub, "tmpfs", 0, ""); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = unix.Unmount(sub, unix.MNT_DETACH) })
+	dir := t.TempDir()
+	dst := filepath.Join(dir, "d")
+	if err := os.Mkdir(dst, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	var m sysMounter
+	submounts, err := m.bind(src, dst, readOnlyTop)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = m.unmountAll(dir) })
+	if !submounts {
+		t.Error("bind of a tree with a tmpfs inside: submounts false, want true")
+	}
+	if err := os.WriteFile(filepath.Join(dst, "top"), nil, 0o644); err == nil {
+		t.Error("a write to the read-only bind's top succeeded")
+	}
+	if err := os.WriteFile(filepath.Join(dst, "tmpfs", "file"), nil, 0o644); err != nil {
+		t.Errorf("a write to the tmpfs below a non-recursive read-only bind: %v, want it writable", err)
+	}
+	if err := m.unmountAll(dir); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestSysMounterRecursiveReadOnly binds a tree with a tmpfs inside it with "rro": the tmpfs is
+// read-only too.
+func TestSysMounterRecursiveReadOnly(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("bind mounts need root")
+	}
+	src := t.TempDir()
+	sub := filepath.Join(src, "tmpfs")
+	if err := os.Mkdir(sub, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount("none", sub, "tmpfs", 0, ""); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = unix.Unmount(sub, unix.MNT_DETACH) })
+	dir := t.TempDir()
+	dst := filepath.Join(dir, "d")
+	if err := os.Mkdir(dst, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	var m sysMounter
+	if _, err := m.bind(src, dst, readOnlyAll); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = m.unmountAll(dir) })
+	for _, f := range []string{filepath.Join(dst, "top"), filepath.Join(dst, "tmpfs", "file")} {
+		if err := os.WriteFile(f, nil, 0o644); err == nil {
+			t.Errorf("a write to %s through a recursive read-only bind succeeded", f)
+		}
+	}
+	if err := os.WriteFile(filepath.Join(sub, "file"), nil, 0o644); err != nil {
+		t.Errorf("the source's own tmpfs became read-only: %v", err)
+	}
+	if err := m.unmountAll(dir); err != nil {
+		t.Fatal(err)
 	}
 }
