@@ -14,6 +14,37 @@ var Differences = map[string]string{
 	"[k8s.io] Security Context NamespaceOption runtime should support HostIpc is true": "a container cannot join the " +
 		"node's IPC namespace across the VM boundary: a hostIPC pod gets the VM's own, so the segment critest makes on the " +
 		"host with ipcmk is not in the container's `ipcs -m` (docs/kubernetes.md, Limits)",
+	"[k8s.io] Security Context NamespaceOption runtime should support HostNetwork is true": "a container cannot join " +
+		"the node's network namespace across the VM boundary: a hostNetwork pod's VM has a NIC on the shim's user-space " +
+		"NAT, so the port critest listens on in the host's namespace is not in the container's port list",
+	"[k8s.io] Streaming runtime should support streaming interfaces runtime should support portforward in host network": "" +
+		"the same: a hostNetwork pod's server listens in the VM, not on the node's loopback that containerd forwards to",
+	"[k8s.io] Streaming runtime should support streaming interfaces runtime should support portforward [Conformance]": "" +
+		"containerd's CRI forwards a port by dialing localhost inside the pod's network namespace on the host; with " +
+		"macvm the pod's interface is carried into the VM and the server listens on the guest's loopback, which the " +
+		"host-side namespace cannot reach (kubectl port-forward is not supported; the pod IP is reachable)",
+	"[k8s.io] Container Mount Propagation runtime should support mount propagation mount with 'rshared' should support propagation from host to container and vice versa": "" +
+		"a mount made inside the container is a mount in the VM's kernel and cannot appear on the host (bind sources " +
+		"cross as a shared filesystem, files only); host to container works",
+	"[k8s.io] Container Mount Readonly runtime should support readonly mounts should support non-recursive readonly mounts": "" +
+		"the mount semantics pass (the volume's top is read-only, the tmpfs below it writable), but the spec's cleanup " +
+		"cannot remove its tmpfs mount point on the host while the container runs (EBUSY): the pod share binds the " +
+		"volume's source on the host for the VM's 9p server, where runc's bind lives in the container's mount namespace",
+	"[k8s.io] Container Mount Readonly runtime should support readonly mounts should support recursive readonly mounts": "" +
+		"the same: the mount semantics pass (the tmpfs below the volume's top is read-only too), the spec's cleanup " +
+		"cannot remove its tmpfs mount point on the host while the container runs (EBUSY)",
+	"[k8s.io] Security Context SeccompProfilePath runtime should support an seccomp profile that blocks setting hostname with SYS_ADMIN": "" +
+		"seccomp profiles are not applied in the guest yet (README, \"Not applied yet\"); the VM is the isolation boundary",
+	"[k8s.io] Security Context SeccompProfilePath should support seccomp default on the container": "" +
+		"seccomp profiles are not applied in the guest yet (README, \"Not applied yet\"); the VM is the isolation boundary",
+	"[k8s.io] Security Context SeccompProfilePath should support seccomp localhost profile on the container": "" +
+		"seccomp profiles are not applied in the guest yet (README, \"Not applied yet\"); the VM is the isolation boundary",
+	"[k8s.io] Security Context bucket runtime should support Privileged is true": "the guest kernel has no bridge " +
+		"module (the initrd carries only the modules the VM needs): `brctl addbr` fails with ENOPKG (no bridge support) " +
+		"before the kernel would check the privilege",
+	"[k8s.io] Security Context bucket runtime should support adding capability": "the guest kernel has no bridge " +
+		"module (the initrd carries only the modules the VM needs): `brctl addbr` fails with ENOPKG (no bridge support) " +
+		"before the kernel would check CAP_NET_ADMIN",
 }
 
 // Known says, one line each, why a spec fails on runc on this machine too: a limit of the harness or
