@@ -401,7 +401,8 @@ func (d *PoolDaemon) next() *poolKey {
 }
 
 // janitor drops pools idle for longer than their idle time (or sized 0)
-// and ends the daemon (stop) once there are neither pools nor leases.
+// and the ready VMs of a template that is no longer valid, and ends the
+// daemon (stop) once there are neither pools nor leases.
 func (d *PoolDaemon) janitor(ctx context.Context, stop func()) {
 	t := time.NewTicker(time.Second)
 	defer t.Stop()
@@ -412,17 +413,32 @@ func (d *PoolDaemon) janitor(ctx context.Context, stop func()) {
 		case <-t.C:
 		case <-d.wake:
 		}
+		// A pool whose template is gone or changed (damaged, rebuilt,
+		// pruned) serves nobody: its VMs would be clones of a template
+		// the shims no longer use.
+		d.mu.Lock()
+		keys := make([]string, 0, len(d.keys))
+		for key := range d.keys {
+			keys = append(keys, key)
+		}
+		d.mu.Unlock()
+		stale := map[string]bool{}
+		for _, key := range keys {
+			if _, err := d.Templates.validate(key); err != nil {
+				stale[key] = true
+			}
+		}
 		var drop []*pooledVM
 		d.mu.Lock()
 		for key, k := range d.keys {
-			if k.size > 0 && time.Since(k.lastUsed) < k.idle {
+			if k.size > 0 && time.Since(k.lastUsed) < k.idle && (!stale[key] || len(k.ready) == 0) {
 				continue
 			}
 			drop = append(drop, k.ready...)
 			k.ready = nil
 			if k.leased == 0 && k.starting == 0 {
 				delete(d.keys, key)
-				d.logf("pool: template %s: pool dropped (size %d, unused for %v)", key, k.size, time.Since(k.lastUsed).Round(time.Second))
+				d.logf("pool: template %s: pool dropped (size %d, unused for %v, template gone or changed: %v)", key, k.size, time.Since(k.lastUsed).Round(time.Second), stale[key])
 			}
 		}
 		done := len(d.keys) == 0 && d.leases == 0
@@ -556,16 +572,23 @@ func (d *PoolDaemon) start(ctx context.Context, key string, cfg Config) (_ *pool
 		close(v.done)
 	}()
 
+	// Filling the pool is background work: the restore and warm-up run
+	// at the lowest CPU priority, so they yield to the VMs in use (on a
+	// small TCG host they otherwise slow the container just handed a VM).
+	renice(cmd.Process.Pid, poolNice)
 	sctx, cancel := context.WithTimeout(ctx, poolVMStartTimeout)
 	defer cancel()
 	mon := newQMP(monHost, nil)
 	err = mon.handshake(sctx)
+	renice(cmd.Process.Pid, poolNice) // threads QEMU made meanwhile
 	if err == nil {
 		err = restoreState(sctx, mon)
 	}
 	if err == nil && d.Warm != nil {
 		err = d.warm(sctx, mon, v)
 	}
+	// Handed over, it is a container's VM like any other.
+	renice(cmd.Process.Pid, 0)
 	if err != nil {
 		return nil, fmt.Errorf("pool: restoring vm %s: %w; %s", v.id, err,
 			describeTail("qemu log", tailFile(q.logPath(), consoleTailBytes)))
@@ -593,6 +616,23 @@ func (d *PoolDaemon) warm(ctx context.Context, mon *qmpClient, v *pooledVM) erro
 	}
 	_, err = mon.execute(ctx, "stop", nil)
 	return err
+}
+
+// poolNice is the nice value of a pooled qemu until it is ready.
+const poolNice = 19
+
+// renice sets the nice value of every thread of pid (nice is per thread
+// on Linux; threads inherit their creator's).
+func renice(pid, nice int) {
+	tasks, err := os.ReadDir("/proc/" + strconv.Itoa(pid) + "/task")
+	if err != nil {
+		return
+	}
+	for _, t := range tasks {
+		if tid, err := strconv.Atoi(t.Name()); err == nil {
+			_ = unix.Setpriority(unix.PRIO_PROCESS, tid, nice)
+		}
+	}
 }
 
 // poolMonFD is the daemon's own monitor in a pooled qemu: after the
