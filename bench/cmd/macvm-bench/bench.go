@@ -108,16 +108,17 @@ func run(ctx context.Context, cfg config) (string, error) {
 				logf("containerd log kept at %s", keep)
 			}
 		}
-		if err := cd.Cleanup(cctx); err != nil {
-			logf("cleanup: %v", err)
-		}
-		// The pool daemon outlives shims: stop it (and its ready VMs).
+		// The pool daemon outlives shims: stop it (and its ready VMs)
+		// before the harness looks for processes left behind.
 		for _, v := range b.variants {
 			if v.poolSize > 0 {
 				if err := vm.StopPool(filepath.Join(v.templateDir, "pool"), time.Minute); err != nil {
 					logf("cleanup: %v", err)
 				}
 			}
+		}
+		if err := cd.Cleanup(cctx); err != nil {
+			logf("cleanup: %v", err)
 		}
 	}()
 	if err := cd.ImportBusybox(ctx); err != nil {
