@@ -357,3 +357,31 @@ func TestPoolDaemonLifecycle(t *testing.T) {
 		t.Errorf("StopPool without a daemon: %v", err)
 	}
 }
+
+// TestPoolDaemonIdle: a daemon whose only pool gets no request for its
+// idle time exits by itself.
+func TestPoolDaemonIdle(t *testing.T) {
+	cfg := fakeConfig(t)
+	tdir := t.TempDir()
+	dir := filepath.Join(tdir, "pool")
+	d := &PoolDaemon{Dir: dir, Templates: &TemplateCache{Dir: tdir}, Logf: t.Logf}
+	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
+	defer cancel()
+	start := time.Now()
+	ran := make(chan error, 1)
+	go func() { ran <- d.Run(ctx, &poolRequest{Op: poolOpTake, Config: cfg, Size: 2, IdleMs: 500}) }()
+	select {
+	case err := <-ran:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the daemon did not exit after its pool's idle time")
+	}
+	if waited := time.Since(start); waited < 500*time.Millisecond {
+		t.Errorf("exited after %v, before the idle time", waited)
+	}
+	if _, err := os.Stat(PoolPidFile(dir)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("pidfile left: %v", err)
+	}
+}
