@@ -66,6 +66,12 @@ func Init(logf Logf) error {
 		}
 	}
 	ensureStdio()
+	// /run is shared: a container helper started ahead of its container
+	// (the agent's spare) sees what the agent mounts there later, the
+	// container's root among it. Helpers make their copy private at once.
+	if err := unix.Mount("", "/run", "", unix.MS_SHARED, ""); err != nil {
+		logf("boot: make /run shared: %v", err)
+	}
 	// /dev/ptmx must reach the devpts instance the agent mounted.
 	_ = os.Remove("/dev/ptmx")
 	if err := os.Symlink("pts/ptmx", "/dev/ptmx"); err != nil {

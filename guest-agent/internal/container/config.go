@@ -46,6 +46,9 @@ type helperConfig struct {
 	// Join lists the namespaces (of an exec) the helper enters itself, open
 	// on helperNSFd, helperNSFd+1, ... (see helperJoined for why).
 	Join []specs.LinuxNamespaceType `json:"join,omitempty"`
+	// StdioFds, for a spare helper (spare.go), are the fds its stdio files
+	// go to, in the order they follow on the sync socket.
+	StdioFds []int `json:"stdio_fds,omitempty"`
 }
 
 // helperMsg is one packet on the sync socket.

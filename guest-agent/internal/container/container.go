@@ -69,9 +69,13 @@ type Manager struct {
 	// onOOM is told when a container's cgroup records an OOM kill.
 	onOOM func(containerID string)
 
-	// mu guards containers.
+	// mu guards containers, spare and spareStarting.
 	mu         sync.Mutex
 	containers map[string]*Container
+	// spare is the helper started ahead for the next container whose
+	// namespaces it matches (spare.go); nil once taken.
+	spare         *spareHelper
+	spareStarting bool
 
 	// sharesMu guards shares.
 	sharesMu sync.Mutex
@@ -207,12 +211,21 @@ func (m *Manager) Create(ctx context.Context, id string, specJSON []byte, device
 		return nil, err
 	}
 	withTerminal(spec.Process, &stdio)
+	spare := m.takeSpare(ctx, cloneflags, join)
+	if spare != nil && spec.Hostname == "" {
+		// A fresh UTS namespace starts with the VM's hostname as it is
+		// now; the spare's was copied when it started.
+		if h, err := os.Hostname(); err == nil {
+			spec.Hostname = h
+		}
+	}
 	c.init, err = spawn(ctx, m.reaper, m.streams, spawnSpec{
 		cfg:        &helperConfig{Init: true, Rootfs: c.rootfs, Spec: spec, Process: spec.Process, NewCgroupNS: newCgroup, NewNetNS: newNet},
 		stdio:      stdio,
 		cloneflags: cloneflags,
 		join:       join,
 		cgroupFD:   c.cgFD,
+		spare:      spare,
 		onExit:     c.initExited,
 	})
 	if err != nil {

@@ -59,12 +59,21 @@ func RunHelper() {
 }
 
 func runHelper() error {
+	if len(os.Args) > 1 && os.Args[1] == helperSpareArg {
+		// A spare (spare.go): started ahead, it waits here for a container.
+		if err := sendMsg(helperSyncFd, helperMsg{Type: "idle"}, -1); err != nil {
+			return err
+		}
+	}
 	cfgFile := os.NewFile(helperConfigFd, "config")
 	var cfg helperConfig
 	err := json.NewDecoder(cfgFile).Decode(&cfg)
 	cfgFile.Close()
 	if err != nil {
 		return fmt.Errorf("helper: read config: %w", err)
+	}
+	if err := recvStdio(helperSyncFd, cfg.StdioFds); err != nil {
+		return err
 	}
 	// The agent learns that execve succeeded from this socket closing.
 	unix.CloseOnExec(helperSyncFd)

@@ -82,6 +82,9 @@ type spawnSpec struct {
 	cgroupFD   int
 	// helperNS are namespaces the helper joins itself (cfg.Join).
 	helperNS []*os.File
+	// spare, if set, is the helper to use instead of starting one: it
+	// already runs in namespaces that match cloneflags (spare.go).
+	spare *spareHelper
 	// onExit runs after the exit is recorded and output drained.
 	onExit func(*Process)
 }
@@ -103,6 +106,9 @@ func spawn(ctx context.Context, r *reaper.Reaper, streams Streams, ss spawnSpec)
 		}
 	}()
 	closeLater := func(c io.Closer) { cleanups = append(cleanups, func() { c.Close() }) }
+	if ss.spare != nil {
+		cleanups = append(cleanups, ss.spare.discard)
+	}
 
 	sctx, cancel := context.WithTimeout(ctx, streamWaitTimeout)
 	defer cancel()
@@ -131,35 +137,49 @@ func spawn(ctx context.Context, r *reaper.Reaper, streams Streams, ss spawnSpec)
 		return nil, err
 	}
 
-	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		return nil, fmt.Errorf("socketpair: %w", err)
+	// The helper: a spare started ahead (spare.go), or one started now.
+	var cmd *exec.Cmd
+	var cfgW *os.File
+	var exitc <-chan reaper.Exit
+	var childEndsOfHelper []*os.File
+	if sp := ss.spare; sp != nil {
+		p.sync, cfgW = sp.sync, sp.cfgW // discard closes them on failure
+	} else {
+		fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return nil, fmt.Errorf("socketpair: %w", err)
+		}
+		p.sync = fds[0]
+		cleanups = append(cleanups, func() { unix.Close(fds[0]) })
+		childSync := os.NewFile(uintptr(fds[1]), "sync")
+		defer childSync.Close()
+		cfgR, w, err := os.Pipe()
+		if err != nil {
+			return nil, err
+		}
+		defer cfgR.Close()
+		// The agent must not keep the child's ends once it runs: a helper
+		// that dies before it is ready must read as EOF (recvReady).
+		childEndsOfHelper = []*os.File{childSync, cfgR}
+		cfgW = w
+		closeLater(cfgW)
+		cmd = &exec.Cmd{
+			Path:       "/proc/self/exe",
+			Args:       []string{HelperArg0},
+			Env:        []string{"PATH=" + defaultPath},
+			ExtraFiles: []*os.File{childSync, cfgR},
+			SysProcAttr: &unix.SysProcAttr{
+				Cloneflags:  ss.cloneflags,
+				UseCgroupFD: ss.cgroupFD >= 0,
+				CgroupFD:    ss.cgroupFD,
+			},
+		}
+		cmd.ExtraFiles = append(cmd.ExtraFiles, ss.helperNS...)
 	}
-	p.sync = fds[0]
-	cleanups = append(cleanups, func() { unix.Close(fds[0]) })
-	childSync := os.NewFile(uintptr(fds[1]), "sync")
-	defer childSync.Close()
-	cfgR, cfgW, err := os.Pipe()
-	if err != nil {
-		return nil, err
-	}
-	defer cfgR.Close()
-	closeLater(cfgW)
-
-	cmd := &exec.Cmd{
-		Path:       "/proc/self/exe",
-		Args:       []string{HelperArg0},
-		Env:        []string{"PATH=" + defaultPath},
-		ExtraFiles: []*os.File{childSync, cfgR},
-		SysProcAttr: &unix.SysProcAttr{
-			Cloneflags:  ss.cloneflags,
-			UseCgroupFD: ss.cgroupFD >= 0,
-			CgroupFD:    ss.cgroupFD,
-		},
-	}
-	cmd.ExtraFiles = append(cmd.ExtraFiles, ss.helperNS...)
-	// The child's ends of the pipes, closed in the agent once it runs.
+	// The child's ends of the pipes (to become its fds childFds), closed
+	// in the agent once the child has them.
 	var childEnds []*os.File
+	var childFds []int
 	defer func() {
 		for _, f := range childEnds {
 			f.Close()
@@ -172,15 +192,12 @@ func spawn(ctx context.Context, r *reaper.Reaper, streams Streams, ss spawnSpec)
 				return nil, err
 			}
 			_ = growPipe(w) // best effort: a default pipe only costs speed (stdio.go)
-			childEnds = append(childEnds, r)
+			childEnds, childFds = append(childEnds, r), append(childFds, 0)
 			closeLater(w)
-			cmd.Stdin, p.stdinW, p.stdinConn = r, w, inConn
+			p.stdinW, p.stdinConn = w, inConn
 		}
-		for _, o := range []struct {
-			conn net.Conn
-			dst  *io.Writer
-		}{{outConn, &cmd.Stdout}, {errConn, &cmd.Stderr}} {
-			if o.conn == nil {
+		for i, conn := range []net.Conn{outConn, errConn} {
+			if conn == nil {
 				continue
 			}
 			r, w, err := os.Pipe()
@@ -188,33 +205,54 @@ func spawn(ctx context.Context, r *reaper.Reaper, streams Streams, ss spawnSpec)
 				return nil, err
 			}
 			_ = growPipe(r) // best effort: a default pipe only costs speed (stdio.go)
-			childEnds = append(childEnds, w)
+			childEnds, childFds = append(childEnds, w), append(childFds, 1+i)
 			closeLater(r)
-			*o.dst = w
 			p.outputs = append(p.outputs, r)
 		}
 	}
 
-	pid, exitc, err := r.Start(func() (int, error) {
-		if err := startInNamespaces(ss.join, cmd.Start); err != nil {
-			return 0, err
+	if sp := ss.spare; sp != nil {
+		if ss.cgroupFD >= 0 {
+			if err := sp.joinCgroup(ss.cgroupFD); err != nil {
+				return nil, err
+			}
 		}
-		return cmd.Process.Pid, nil
-	})
-	if err != nil {
-		return nil, fmt.Errorf("start helper: %w", err)
+		if err := sendStdio(p.sync, childEnds); err != nil {
+			return nil, err
+		}
+		ss.cfg.StdioFds = childFds
+		p.pid, p.proc = sp.pid, sp.proc
+		exitc = sp.exitc
+	} else {
+		for i, f := range childEnds {
+			switch childFds[i] {
+			case 0:
+				cmd.Stdin = f
+			case 1:
+				cmd.Stdout = f
+			case 2:
+				cmd.Stderr = f
+			}
+		}
+		pid, ch, err := r.Start(func() (int, error) {
+			if err := startInNamespaces(ss.join, cmd.Start); err != nil {
+				return 0, err
+			}
+			return cmd.Process.Pid, nil
+		})
+		if err != nil {
+			return nil, fmt.Errorf("start helper: %w", err)
+		}
+		p.pid, p.proc, exitc = pid, cmd.Process, ch
+		cleanups = append(cleanups, func() {
+			p.proc.Signal(unix.SIGKILL)
+			<-ch
+		})
 	}
-	p.pid, p.proc = pid, cmd.Process
-	cleanups = append(cleanups, func() {
-		p.proc.Signal(unix.SIGKILL)
-		<-exitc
-	})
-	for _, f := range childEnds {
+	for _, f := range append(childEnds, childEndsOfHelper...) {
 		f.Close()
 	}
 	childEnds = nil
-	childSync.Close()
-	cfgR.Close()
 
 	go func() {
 		json.NewEncoder(cfgW).Encode(ss.cfg)

@@ -80,6 +80,11 @@ func run(start time.Time, pid1 bool, logf func(string, ...any)) error {
 			os.Exit(0)
 		}
 	}
+	if pid1 {
+		// A helper started ahead for the first container (in a warm-start
+		// template it is saved with the guest).
+		mgr.StartSpareAsync(logf)
+	}
 	svc := service.New(mgr, events, boot.CgroupRoot, powerOff)
 	if pid1 {
 		// The VM is the pod's network namespace: the agent configures

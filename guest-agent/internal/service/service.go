@@ -80,7 +80,7 @@ func (s *Service) Info(ctx context.Context, _ *emptypb.Empty) (*agent.InfoRespon
 		CgroupControllers: controllers,
 		Cpus:              uint32(runtime.NumCPU()),
 		MemoryBytes:       uint64(si.Totalram) * uint64(si.Unit),
-		ModulesLoaded:     s.containers.MountsReady(),
+		ModulesLoaded:     s.containers.MountsReady() && s.containers.SpareSettled(),
 	}, nil
 }
 

@@ -47,8 +47,9 @@ type InfoResponse struct {
 	Cpus              uint32                 `protobuf:"varint,6,opt,name=cpus,proto3" json:"cpus,omitempty"`
 	MemoryBytes       uint64                 `protobuf:"varint,7,opt,name=memory_bytes,json=memoryBytes,proto3" json:"memory_bytes,omitempty"`
 	// modules_loaded is true once the kernel modules the agent loads at
-	// boot are in (what CreateContainer waits for): a warm-start template
-	// is saved only then, so its clones do not load them again.
+	// boot are in (what CreateContainer waits for) and the container helper
+	// it starts ahead is idle: a warm-start template is saved only then, so
+	// its clones do not repeat either.
 	ModulesLoaded bool `protobuf:"varint,8,opt,name=modules_loaded,json=modulesLoaded,proto3" json:"modules_loaded,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
