@@ -133,17 +133,20 @@ func (m *Manager) SpareSettled() bool {
 
 // takeSpare hands out the spare helper for a container's init that wants
 // exactly its namespaces, waiting for it to be idle; nil means start a
-// helper afresh (no spare, another namespace set, or a spare that failed,
-// which is then discarded).
+// helper afresh (no spare, another namespace set, or a spare that failed).
+// The first container's init decides: a spare it cannot use is discarded,
+// since the later containers of a pod join namespaces and could not use it
+// either, and an idle spare only holds guest memory.
 func (m *Manager) takeSpare(ctx context.Context, cloneflags uintptr, join []nsJoin) *spareHelper {
-	if cloneflags != spareCloneflags || len(join) > 0 {
-		return nil
-	}
 	m.mu.Lock()
 	sp := m.spare
 	m.spare = nil
 	m.mu.Unlock()
 	if sp == nil {
+		return nil
+	}
+	if cloneflags != spareCloneflags || len(join) > 0 {
+		go sp.discard()
 		return nil
 	}
 	select {
@@ -163,6 +166,9 @@ func (m *Manager) takeSpare(ctx context.Context, cloneflags uintptr, join []nsJo
 func (sp *spareHelper) discard() {
 	sp.proc.Signal(unix.SIGKILL)
 	<-sp.exitc
+	// The wait for "idle" reads sync until the dead helper's end closes:
+	// only then may the fd go.
+	<-sp.idle
 	unix.Close(sp.sync)
 	sp.cfgW.Close()
 }

@@ -97,4 +97,23 @@ func TestHostSpareHelper(t *testing.T) {
 	if pid := run("fresh"); pid == sparePid {
 		t.Error("the second container reused the spare's pid")
 	}
+
+	// A first container that wants other namespaces discards the spare.
+	if err := m.StartSpare(); err != nil {
+		t.Fatal(err)
+	}
+	m.mu.Lock()
+	sp := m.spare
+	m.mu.Unlock()
+	if got := m.takeSpare(ctx, unix.CLONE_NEWNS, nil); got != nil {
+		t.Fatal("a container without new PID, IPC and UTS namespaces got the spare")
+	}
+	select {
+	case <-sp.exitc:
+	case <-ctx.Done():
+		t.Fatal("the unused spare was not killed")
+	}
+	if !m.SpareSettled() {
+		t.Error("the manager still counts a spare")
+	}
 }
