@@ -151,8 +151,9 @@ func (c Comparison) Markdown(when time.Time) string {
 	}
 	fmt.Fprintf(&b, "\n## Running it\n\n"+
 		"`make test-critest` (part of `make test`) runs a focused subset on both handlers; `make critest` runs the whole\n"+
-		"suite (about an hour for macvm on this machine, each pod a VM booted under TCG), keeps critest's JSON reports in\n"+
-		"`_output/critest`, and rewrites this file. After a fix, rerun the affected specs with a focus\n"+
+		"suite (times in the table above; each macvm pod is a VM booted under TCG), keeps critest's JSON reports in\n"+
+		"`_output/critest`, and rewrites this file. The two readonly-volume specs that fail on macvm leave their\n"+
+		"`/tmp/test<pod id>` directory behind (critest gives up on it at the EBUSY). After a fix, rerun the affected specs with a focus\n"+
 		"(`MACVM_CRITEST_FOCUS=... MACVM_CRITEST_REPORTS=DIR2`) and render the overlay without the long run:\n"+
 		"`MACVM_CRITEST_FROM=$PWD/_output/critest,DIR2 MACVM_CRITEST_FOCUS= MACVM_CRITEST_DOC=$PWD/docs/critest.md go test -run TestCritest ./e2e/critest/`\n"+
 		"(absolute paths: go test runs in the package directory).\n")
