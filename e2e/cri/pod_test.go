@@ -107,11 +107,13 @@ func TestPodLifecycle(t *testing.T) {
 }
 
 // TestOOMKilled runs a container that allocates past its memory limit: crictl inspect must report it
-// exited 137 with reason OOMKilled, and the pod stays ready.
+// exited 137 with reason OOMKilled, and the pod and the sibling container stay as they were.
 func TestOOMKilled(t *testing.T) {
 	forEachRuntime(t, func(t *testing.T, rt harness.Runtime) {
 		d := daemon(t, rt, harness.CRIConfig{})
 		podID, podPath := runPod(t, d, rt, podConfig(d, "oom"))
+		sibling := startContainer(t, d, podID, podPath, containerConfig("sibling", "sleep", "31342"))
+		waitState(t, d, sibling, "CONTAINER_RUNNING")
 		cfg := containerConfig("hog", "dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=4")
 		cfg["linux"] = map[string]any{"resources": map[string]any{"memory_limit_in_bytes": 32 << 20}}
 		id := startContainer(t, d, podID, podPath, cfg)
@@ -122,5 +124,9 @@ func TestOOMKilled(t *testing.T) {
 		if got := podState(t, d, podID); got != "SANDBOX_READY" {
 			t.Fatalf("pod after its container's OOM: %s, want SANDBOX_READY", got)
 		}
+		if st := inspect(t, d, sibling); st.Status.State != "CONTAINER_RUNNING" {
+			t.Fatalf("sibling after the hog's OOM: %s, want CONTAINER_RUNNING", st.Status.State)
+		}
+		execUntil(t, d, sibling, "alive", "echo", "alive")
 	})
 }
