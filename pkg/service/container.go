@@ -239,7 +239,7 @@ func (c *container) waitExit(p *process) {
 // shared), waits for the execs' exits to be published (bounded, then forces
 // them) and snapshots the stats.
 func (c *container) afterInitExit() {
-	if c.sb.vmCtx.Err() == nil {
+	if c.sb.vmCtx.Err() == nil && !c.ownPIDNamespace() {
 		ctx, cancel := context.WithTimeout(c.sb.vmCtx, rpcTimeout)
 		if _, err := c.sb.client.SignalProcess(ctx, &agent.SignalProcessRequest{ContainerId: c.id, Signal: uint32(syscall.SIGKILL), All: true}); err != nil &&
 			!errdefs.IsNotFound(err) && c.sb.vmCtx.Err() == nil {
@@ -269,6 +269,23 @@ func (c *container) afterInitExit() {
 		}
 		cancel()
 	}
+}
+
+// ownPIDNamespace tells whether the container's init was PID 1 of a PID
+// namespace of its own in the guest: the guest kernel then killed (and
+// reaped) everything else in it before the init's exit was reported, and
+// the kill of what is left would be one more round trip to the guest
+// before TaskExit for nothing.
+func (c *container) ownPIDNamespace() bool {
+	if c.files == nil || c.files.gspec == nil || c.files.gspec.Linux == nil {
+		return false
+	}
+	for _, ns := range c.files.gspec.Linux.Namespaces {
+		if ns.Type == specs.PIDNamespace {
+			return ns.Path == ""
+		}
+	}
+	return false
 }
 
 // recordInitExit persists the init's exit in the bundle for the delete

@@ -616,3 +616,28 @@ func TestKillOfWedgedGuest(t *testing.T) {
 		t.Error("the VM of a wedged guest was not stopped")
 	}
 }
+
+// TestInitExitKillsTheRestOnlyWithoutOwnPIDNamespace: when an init with a
+// PID namespace of its own exits, the guest kernel has already killed the
+// rest of its container, so its TaskExit waits for no kill round trip to
+// the guest; an init sharing a PID namespace gets the kill, as with runc.
+func TestInitExitKillsTheRestOnlyWithoutOwnPIDNamespace(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		ns       []specs.LinuxNamespace
+		wantKill bool
+	}{
+		{"own PID namespace", []specs.LinuxNamespace{{Type: specs.PIDNamespace}, {Type: specs.MountNamespace}}, false},
+		{"the VM's PID namespace", []specs.LinuxNamespace{{Type: specs.MountNamespace}}, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := newHarness(t, func(p *fakeProc) { p.exitWith(0) })
+			h.create("c", &taskAPI.CreateTaskRequest{Bundle: h.bundle("c", func(s *specs.Spec) { s.Linux.Namespaces = tc.ns })})
+			h.start("c", "")
+			h.wait("c", "")
+			if got := h.agent.called("Signal  9 all=true"); got != tc.wantKill {
+				t.Errorf("kill of the container's other processes after the init's exit: %v, want %v", got, tc.wantKill)
+			}
+		})
+	}
+}
