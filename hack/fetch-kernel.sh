@@ -3,9 +3,11 @@
 #   DIR/vmlinux   uncompressed ELF (QEMU boots it through PVH, ~1 s faster than the bzImage under TCG)
 #   DIR/vmlinuz   the bzImage as shipped (for hypervisors that want it)
 #   DIR/config    the kernel's build configuration
-#   DIR/modules/  the .ko files the guest agent loads (virtio-mmio, console, 9p, blk, ext4, overlay, erofs, net)
+#   DIR/modules/  the .ko files the guest agent loads (virtio-mmio, console, 9p, blk, ext4, overlay, erofs, net,
+#                 bridge)
 #                 plus their dependencies, flat; macvm-mkinitrd orders them into /lib/modules/load.list
-#   DIR/version   the package and its version; DIR/.complete marks a finished run (the cache key).
+#   DIR/version   the package and its version; DIR/.complete marks a finished run and holds the module list
+#                 (the cache key: a changed list fetches again).
 # The generic kernel, not the cloud one: only it has 9p (as modules). Idempotent: a complete DIR is left alone
 # (delete it, or set MACVM_KERNEL_REFRESH=1, to fetch again).
 # amd64 only for now; arm64 (linux-image-arm64, an Image.gz to gunzip instead of a bzImage) is future work.
@@ -15,8 +17,10 @@ usage() { echo "usage: $0 DIR" >&2; exit 2; }
 dir=$1
 repo=$(cd "$(dirname "$0")/.." && pwd)
 
-# What the guest needs, by module name; dependencies are added from each module's .modinfo.
-modules=(virtio_mmio virtio_console 9p 9pnet_virtio virtio_blk ext4 crc32c_generic overlay erofs virtio_net)
+# What the guest needs, by module name; dependencies are added from each module's .modinfo. bridge is for
+# containers that make their own bridges (privileged pods, nested runtimes; critest's Privileged and capability
+# specs run `brctl addbr`).
+modules=(virtio_mmio virtio_console 9p 9pnet_virtio virtio_blk ext4 crc32c_generic overlay erofs virtio_net bridge)
 
 arch=${GOARCH:-$(go env GOARCH 2>/dev/null || dpkg --print-architecture)}
 case "$arch" in
@@ -24,7 +28,7 @@ amd64) meta=linux-image-amd64 ;;
 *) echo "fetch-kernel: GOARCH=$arch is not supported yet (only amd64; arm64 is future work)" >&2; exit 1 ;;
 esac
 
-if [ -f "$dir/.complete" ] && [ -z "${MACVM_KERNEL_REFRESH:-}" ] &&
+if [ -f "$dir/.complete" ] && [ -z "${MACVM_KERNEL_REFRESH:-}" ] && [ "$(cat "$dir/.complete")" = "${modules[*]}" ] &&
 	[ -s "$dir/vmlinux" ] && [ -s "$dir/vmlinuz" ] && [ -d "$dir/modules" ]; then
 	echo "fetch-kernel: $dir is complete ($(cat "$dir/version")), skipping"
 	exit 0
@@ -70,7 +74,7 @@ tool="$tmp/macvm-kernel"
 cp "$vmlinuz" "$new/vmlinuz"
 cp "$tmp/root/boot/config-$kver" "$new/config"
 echo "$pkg $version" >"$new/version"
-touch "$new/.complete"
+echo "${modules[*]}" >"$new/.complete"
 rm -rf "$dir"
 mv "$new" "$dir"
 echo "fetch-kernel: $pkg $version -> $dir ($(wc -l <"$dir/modules.list") modules)"

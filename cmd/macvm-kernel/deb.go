@@ -19,10 +19,11 @@ import (
 // distribution kernel that has them as modules (Debian's cloud kernels):
 // the PCI transport its virtio devices sit on, the console (hvc0), the
 // vsock agent channel, virtiofs shares, disks, the NIC, the entropy device,
-// and the filesystems of a container root. Built-in names are skipped.
+// the filesystems of a container root, and bridge for containers that make
+// their own bridges (as on QEMU). Built-in names are skipped.
 var vzModules = []string{
 	"virtio_pci", "virtio_console", "vmw_vsock_virtio_transport", "virtiofs",
-	"virtio_blk", "virtio_net", "virtio_rng", "overlay", "erofs", "ext4", "crc32c_generic",
+	"virtio_blk", "virtio_net", "virtio_rng", "overlay", "erofs", "ext4", "crc32c_generic", "bridge",
 }
 
 // vzFirstModules are loaded before the rest so the agent can reach the

@@ -39,12 +39,6 @@ var Differences = map[string]string{
 		"seccomp profiles are not applied in the guest yet (README, \"Not applied yet\"); the VM is the isolation boundary",
 	"[k8s.io] Security Context SeccompProfilePath should support seccomp localhost profile on the container": "" +
 		"seccomp profiles are not applied in the guest yet (README, \"Not applied yet\"); the VM is the isolation boundary",
-	"[k8s.io] Security Context bucket runtime should support Privileged is true": "the guest kernel has no bridge " +
-		"module (the initrd carries only the modules the VM needs): `brctl addbr` fails with ENOPKG (no bridge support) " +
-		"before the kernel would check the privilege",
-	"[k8s.io] Security Context bucket runtime should support adding capability": "the guest kernel has no bridge " +
-		"module (the initrd carries only the modules the VM needs): `brctl addbr` fails with ENOPKG (no bridge support) " +
-		"before the kernel would check CAP_NET_ADMIN",
 }
 
 // Known says, one line each, why a spec fails on runc on this machine too: a limit of the harness or
