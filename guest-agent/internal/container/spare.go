@@ -159,6 +159,14 @@ func (m *Manager) takeSpare(ctx context.Context, cloneflags uintptr, join []nsJo
 		sp.discard()
 		return nil
 	}
+	select {
+	case <-sp.exitc:
+		// It died idle (the guest's OOM killer, a stray kill): the exit
+		// channel is closed after its one value, so discard still works.
+		go sp.discard()
+		return nil
+	default:
+	}
 	return sp
 }
 

@@ -98,6 +98,30 @@ func TestHostSpareHelper(t *testing.T) {
 		t.Error("the second container reused the spare's pid")
 	}
 
+	// A spare that died while idle is not used: the container starts
+	// from a fresh helper.
+	if err := m.StartSpare(); err != nil {
+		t.Fatal(err)
+	}
+	for !m.SpareSettled() {
+		if ctx.Err() != nil {
+			t.Fatal("the second spare never became idle")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	m.mu.Lock()
+	dead := m.spare
+	m.mu.Unlock()
+	dead.proc.Signal(unix.SIGKILL)
+	select {
+	case <-dead.exitc: // closed after its value: takeSpare still sees it
+	case <-ctx.Done():
+		t.Fatal("the killed spare was never reaped")
+	}
+	if pid := run("after-dead-spare"); pid == dead.pid {
+		t.Error("a container ran from a dead spare's pid")
+	}
+
 	// A first container that wants other namespaces discards the spare.
 	if err := m.StartSpare(); err != nil {
 		t.Fatal(err)
