@@ -183,7 +183,9 @@ type containerMemory struct {
 func (c containerMemory) total() procmem.Usage { return c.shim.Add(c.hypervisor).Add(c.rest) }
 
 // hostMemory reads the shim of container id and all its descendants; the
-// hypervisor is the descendant running qemu-system-*.
+// hypervisor is the descendant running qemu-system-*, or, for a VM handed
+// over by the pool daemon (whose child it is), the pid the shim logged in
+// its "VM started" line.
 func (b *bench) hostMemory(id string) (containerMemory, error) {
 	var cm containerMemory
 	shim, err := b.cd.ShimPid(id)
@@ -197,6 +199,7 @@ func (b *bench) hostMemory(id string) (containerMemory, error) {
 	if err != nil {
 		return cm, err
 	}
+	foundVM := false
 	for _, p := range desc {
 		u, err := procmem.Of(p.Pid)
 		if err != nil {
@@ -205,13 +208,39 @@ func (b *bench) hostMemory(id string) (containerMemory, error) {
 			}
 			return cm, err
 		}
-		if strings.Contains(strings.Fields(p.Cmdline + " x")[0], "qemu-system") {
+		if isQEMU(p.Cmdline) {
 			cm.hypervisor = cm.hypervisor.Add(u)
+			foundVM = true
 		} else {
 			cm.rest = cm.rest.Add(u)
 		}
 	}
+	if !foundVM {
+		if pid := b.vmPid(id); pid > 0 {
+			if cmd, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid)); err == nil && isQEMU(strings.ReplaceAll(string(cmd), "\x00", " ")) {
+				u, err := procmem.Of(pid)
+				if err != nil {
+					return cm, err
+				}
+				cm.hypervisor = u
+			}
+		}
+	}
 	return cm, nil
+}
+
+// vmPid is the hypervisor pid the shim logged for container id (0 if none).
+func (b *bench) vmPid(id string) int {
+	times, err := scanStartPathFile(b.cd.LogPath)
+	if err != nil || times[id] == nil {
+		return 0
+	}
+	return times[id].VMPid
+}
+
+// isQEMU says whether a command line runs qemu-system-*.
+func isQEMU(cmdline string) bool {
+	return strings.Contains(strings.Fields(cmdline + " x")[0], "qemu-system")
 }
 
 func toMiB(b int64) float64 { return float64(b) / mib }

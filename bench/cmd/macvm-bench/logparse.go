@@ -105,6 +105,11 @@ type startPath struct {
 	// exec → agent answering time (0 when it did not say).
 	Mode       string
 	AgentReady time.Duration
+	// VMPid is the hypervisor's pid from the last "VM started" line (0
+	// when it did not say; the last, since a failed clone's fallback starts
+	// a second VM). A pooled VM's qemu is the pool daemon's child, not the
+	// shim's, so memory is read through this pid.
+	VMPid int
 }
 
 // at returns when line msg was logged for the container (zero if never).
@@ -148,6 +153,9 @@ func scanStartPath(r io.Reader) (startPathTimes, error) {
 		case l.Msg == msgVMStarted:
 			if id := l.Fields["container_id"]; id != "" {
 				set(id, msgVMStarted, l.Time)
+				if pid, err := strconv.Atoi(l.Fields["vm_pid"]); err == nil {
+					get(id).VMPid = pid
+				}
 			}
 		case l.Msg == msgAgentReady || l.Msg == msgAgentReadyOld:
 			id := l.Fields["container_id"]

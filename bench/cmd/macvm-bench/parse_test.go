@@ -52,6 +52,9 @@ func TestScanStartPath(t *testing.T) {
 	if d := m.at(msgVMStarted).Sub(m.at(msgShimConnect)); d != 500*time.Millisecond {
 		t.Errorf("vm start phase = %v, want 500ms", d)
 	}
+	if m.VMPid != 43 {
+		t.Errorf("vm pid %d, want 43 (the last VM started line: the VM that serves the container)", m.VMPid)
+	}
 	if m.Mode != "template" || m.AgentReady != 1750*time.Millisecond {
 		t.Errorf("start mode %q, agent_ready %v; want template, 1.75s", m.Mode, m.AgentReady)
 	}
