@@ -154,20 +154,8 @@ func (q *QEMU) startPooled(ctx context.Context, h pooledHandles) (retErr error) 
 	h.qmp.Close()
 	h.agent.Close()
 	q.bootStarted = h.asked
-	q.proc = &pidfdProcess{fd: h.pidfd, id: h.pid, lease: h.lease}
-	q.agent = agentConn
-	q.qmp = newQMP(qmpConn, q.onEvent)
-	go q.reap()
-
-	defer func() {
-		if retErr != nil {
-			q.killLocked("start failed")
-			q.mu.Unlock()
-			<-q.done
-			q.mu.Lock()
-			retErr = fmt.Errorf("%w\n%s", retErr, q.diagnostics())
-		}
-	}()
+	q.attach(&pidfdProcess{fd: h.pidfd, id: h.pid, lease: h.lease}, agentConn, qmpConn)
+	defer q.undoFailedStart(&retErr)
 	q.mu.Unlock()
 	err = q.qmp.handshake(ctx)
 	if err == nil {

@@ -240,20 +240,8 @@ func (q *QEMU) Start(ctx context.Context) (retErr error) {
 		agentHost.Close()
 		return q.failEarly(fmt.Errorf("vm %s: starting %s: %w", q.cfg.ID, q.binary, err))
 	}
-	q.proc = childProcess{cmd}
-	q.agent = agentHost
-	q.qmp = newQMP(qmpHost, q.onEvent)
-	go q.reap()
-
-	defer func() {
-		if retErr != nil {
-			q.killLocked("start failed")
-			q.mu.Unlock()
-			<-q.done
-			q.mu.Lock()
-			retErr = fmt.Errorf("%w\n%s", retErr, q.diagnostics())
-		}
-	}()
+	q.attach(childProcess{cmd}, agentHost, qmpHost)
+	defer q.undoFailedStart(&retErr)
 	// QMP replies come from the reader goroutine, which takes no lock
 	// but q.mu for events; make the round trips without holding it.
 	q.mu.Unlock()
@@ -458,6 +446,30 @@ func (q *QEMU) Err() error {
 func (q *QEMU) ConsoleTail(n int) string { return q.consoleTail(n) }
 
 func (q *QEMU) consoleTail(n int) string { return tailFile(q.consolePath(), n) }
+
+// attach makes a started hypervisor process this machine's (a child, or a
+// pooled VM's pidfd), with the host ends of its agent channel and QMP
+// socket, and starts watching it. q.mu is held.
+func (q *QEMU) attach(proc process, agent, qmpConn net.Conn) {
+	q.proc = proc
+	q.agent = agent
+	q.qmp = newQMP(qmpConn, q.onEvent)
+	go q.reap()
+}
+
+// undoFailedStart, deferred by a start with q.mu held after attach, kills the
+// hypervisor when the start fails, waits for it to be reaped and adds its
+// diagnostics (log tail, console) to the error.
+func (q *QEMU) undoFailedStart(retErr *error) {
+	if *retErr == nil {
+		return
+	}
+	q.killLocked("start failed")
+	q.mu.Unlock()
+	<-q.done
+	q.mu.Lock()
+	*retErr = fmt.Errorf("%w\n%s", *retErr, q.diagnostics())
+}
 
 // Pid is qemu's process id, or 0 before Start.
 func (q *QEMU) Pid() int {
