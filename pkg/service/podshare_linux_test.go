@@ -174,14 +174,14 @@ func TestSysMounter(t *testing.T) {
 	}
 }
 
-// TestSysMounterSubmounts binds a tree with a tmpfs mounted inside it read-only, as critest's
-// non-recursive readonly mount spec does: the top is read-only, the tmpfs below stays writable, and bind
-// reports the submount (so the guest does not make the whole tree read-only).
-func TestSysMounterSubmounts(t *testing.T) {
+// treeWithTmpfs makes a source tree with a tmpfs mounted at src/tmpfs (unmounted at the end) and an
+// empty bind target dst in dir, for the bind tests below. It skips without root.
+func treeWithTmpfs(t *testing.T) (src, dir, dst string) {
+	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("bind mounts need root")
 	}
-	src := t.TempDir()
+	src = t.TempDir()
 	sub := filepath.Join(src, "tmpfs")
 	if err := os.Mkdir(sub, 0o755); err != nil {
 		t.Fatal(err)
@@ -190,11 +190,19 @@ func TestSysMounterSubmounts(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = unix.Unmount(sub, unix.MNT_DETACH) })
-	dir := t.TempDir()
-	dst := filepath.Join(dir, "d")
+	dir = t.TempDir()
+	dst = filepath.Join(dir, "d")
 	if err := os.Mkdir(dst, 0o755); err != nil {
 		t.Fatal(err)
 	}
+	return src, dir, dst
+}
+
+// TestSysMounterSubmounts binds a tree with a tmpfs mounted inside it read-only, as critest's
+// non-recursive readonly mount spec does: the top is read-only, the tmpfs below stays writable, and bind
+// reports the submount (so the guest does not make the whole tree read-only).
+func TestSysMounterSubmounts(t *testing.T) {
+	src, dir, dst := treeWithTmpfs(t)
 	var m sysMounter
 	submounts, err := m.bind(src, dst, readOnlyTop)
 	if err != nil {
@@ -218,23 +226,7 @@ func TestSysMounterSubmounts(t *testing.T) {
 // TestSysMounterRecursiveReadOnly binds a tree with a tmpfs inside it with "rro": the tmpfs is
 // read-only too.
 func TestSysMounterRecursiveReadOnly(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("bind mounts need root")
-	}
-	src := t.TempDir()
-	sub := filepath.Join(src, "tmpfs")
-	if err := os.Mkdir(sub, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err := unix.Mount("none", sub, "tmpfs", 0, ""); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = unix.Unmount(sub, unix.MNT_DETACH) })
-	dir := t.TempDir()
-	dst := filepath.Join(dir, "d")
-	if err := os.Mkdir(dst, 0o755); err != nil {
-		t.Fatal(err)
-	}
+	src, dir, dst := treeWithTmpfs(t)
 	var m sysMounter
 	if _, err := m.bind(src, dst, readOnlyAll); err != nil {
 		t.Fatal(err)
@@ -245,7 +237,7 @@ func TestSysMounterRecursiveReadOnly(t *testing.T) {
 			t.Errorf("a write to %s through a recursive read-only bind succeeded", f)
 		}
 	}
-	if err := os.WriteFile(filepath.Join(sub, "file"), nil, 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(src, "tmpfs", "file"), nil, 0o644); err != nil {
 		t.Errorf("the source's own tmpfs became read-only: %v", err)
 	}
 	if err := m.unmountAll(dir); err != nil {
