@@ -165,6 +165,14 @@ func (pn *podNetwork) close() error {
 	return errors.Join(errs...)
 }
 
+// inHostNamespace tells whether the VM uses a network namespace others see
+// (taken over from CNI or made by the shim for hooks): releasing it must be
+// done when Delete returns, since the caller goes on with that namespace
+// (CNI DEL, removing it, checking it is as CNI left it).
+func (pn *podNetwork) inHostNamespace() bool {
+	return pn != nil && (pn.netns != nil || pn.ownNetns != "")
+}
+
 func (pn *podNetwork) removeOwn() error {
 	if pn == nil || pn.ownNetns == "" {
 		return nil

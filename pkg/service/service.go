@@ -158,8 +158,10 @@ func (s *Service) sandboxFor(ctx context.Context, id, ns, bundle string, cfg *Co
 // hypervisor's exit, the host cleanup: most of a short container's
 // teardown) goes on after the call returns: containerd's Delete does not
 // wait for it, and the shim's shutdown and the next VM's boot do
-// (waitTeardowns).
+// (waitTeardowns). A VM in a network namespace others see is torn down
+// before the call returns (podNetwork.inHostNamespace).
 func (s *Service) releaseSandboxIfIdle(ctx context.Context, sb *sandbox, async bool) {
+	async = async && !sb.network.inHostNamespace()
 	s.mu.Lock()
 	idle := s.sb == sb && len(s.containers) == 0 && len(s.creating) == 0
 	var done chan struct{}
