@@ -157,59 +157,69 @@ func TestNerdctlPublish(t *testing.T) {
 			t.Fatalf("CNI's portmap needs iptables (hack/with-deps installs it): %v", err)
 		}
 		d := daemon(t, rt)
-		dir := t.TempDir()
+		nerdctl := newNerdctl(t, d, bin)
 		// A port per run and runtime, away from the usual ones.
 		port := 20000 + (os.Getpid()*7+len(rt.Short)*131+time.Now().Nanosecond())%20000
-		nerdctl := func(args ...string) harness.Result {
-			t.Helper()
-			full := append([]string{"--address", d.Address, "--namespace", d.Namespace,
-				"--data-root", filepath.Join(dir, "data"), "--cni-path", filepath.Join(suite.Paths.BinDir, "cni"),
-				"--cni-netconfpath", filepath.Join(dir, "cni")}, args...)
-			cmd := exec.CommandContext(ctx(t, step), bin, full...)
-			cmd.Env = append(os.Environ(), "PATH="+suite.Paths.BinDir+":"+os.Getenv("PATH"))
-			var stdout, stderr bytes.Buffer
-			cmd.Stdout, cmd.Stderr = &stdout, &stderr
-			err := cmd.Run()
-			res := harness.Result{Stdout: stdout.Bytes(), Stderr: stderr.Bytes()}
-			if ee, ok := err.(*exec.ExitError); ok {
-				res.ExitCode = ee.ExitCode()
-			} else if err != nil {
-				t.Fatalf("nerdctl %s: %v", strings.Join(args, " "), err)
-			}
-			return res
-		}
 		res := nerdctl("run", "-d", "--runtime", rt.Name, "--name", "web", "-p", fmt.Sprintf("%d:8080", port),
 			harness.BusyboxImage, "sh", "-c", "while true; do echo nerdctl-says-hi | nc -l -p 8080; done")
 		if res.ExitCode != 0 {
 			t.Fatalf("nerdctl run -p: %v", res)
 		}
-		t.Cleanup(func() {
-			nerdctl("rm", "-f", "web")
-			// The bridge of nerdctl's default network outlives its
-			// containers; the next data root would refuse its subnet.
-			exec.Command("ip", "link", "del", "nerdctl0").Run()
-		})
-		var got string
-		deadline := time.Now().Add(2 * time.Minute)
-		for time.Now().Before(deadline) && got != "nerdctl-says-hi\n" {
-			// portmap forwards connections to a host address, not to loopback.
-			host := hostAddress(t)
-			if c, err := net.DialTimeout("tcp", net.JoinHostPort(host, fmt.Sprint(port)), 10*time.Second); err == nil {
-				c.SetReadDeadline(time.Now().Add(30 * time.Second))
-				got, _ = bufio.NewReader(c).ReadString('\n')
-				c.Close()
-			}
-			if got != "nerdctl-says-hi\n" {
-				time.Sleep(time.Second)
-			}
-		}
-		if got != "nerdctl-says-hi\n" {
+		t.Cleanup(func() { nerdctl("rm", "-f", "web") })
+		// portmap forwards connections to a host address, not to loopback.
+		if got := readLine(hostAddress(t), port, "nerdctl-says-hi\n"); got != "nerdctl-says-hi\n" {
 			t.Errorf("published port %d: read %q, want nerdctl-says-hi", port, got)
 		}
 		if res := nerdctl("rm", "-f", "web"); res.ExitCode != 0 {
 			t.Errorf("nerdctl rm -f: %v", res)
 		}
 	})
+}
+
+// newNerdctl returns a runner of nerdctl against d with a data root and
+// CNI configuration of the test's own; its cleanup removes the bridge of
+// nerdctl's default network, which outlives its containers (the next data
+// root would refuse its subnet).
+func newNerdctl(t *testing.T, d *harness.Containerd, bin string) func(args ...string) harness.Result {
+	dir := t.TempDir()
+	t.Cleanup(func() { exec.Command("ip", "link", "del", "nerdctl0").Run() })
+	return func(args ...string) harness.Result {
+		t.Helper()
+		full := append([]string{"--address", d.Address, "--namespace", d.Namespace,
+			"--data-root", filepath.Join(dir, "data"), "--cni-path", filepath.Join(suite.Paths.BinDir, "cni"),
+			"--cni-netconfpath", filepath.Join(dir, "cni")}, args...)
+		cmd := exec.CommandContext(ctx(t, step), bin, full...)
+		cmd.Env = append(os.Environ(), "PATH="+suite.Paths.BinDir+":"+os.Getenv("PATH"))
+		var stdout, stderr bytes.Buffer
+		cmd.Stdout, cmd.Stderr = &stdout, &stderr
+		err := cmd.Run()
+		res := harness.Result{Stdout: stdout.Bytes(), Stderr: stderr.Bytes()}
+		if ee, ok := err.(*exec.ExitError); ok {
+			res.ExitCode = ee.ExitCode()
+		} else if err != nil {
+			t.Fatalf("nerdctl %s: %v", strings.Join(args, " "), err)
+		}
+		return res
+	}
+}
+
+// readLine connects to host:port until it reads want (a server in a
+// container may need a moment after its start), for up to two minutes,
+// and returns the last line read.
+func readLine(host string, port int, want string) string {
+	var got string
+	deadline := time.Now().Add(2 * time.Minute)
+	for time.Now().Before(deadline) && got != want {
+		if c, err := net.DialTimeout("tcp", net.JoinHostPort(host, fmt.Sprint(port)), 10*time.Second); err == nil {
+			c.SetReadDeadline(time.Now().Add(30 * time.Second))
+			got, _ = bufio.NewReader(c).ReadString('\n')
+			c.Close()
+		}
+		if got != want {
+			time.Sleep(500 * time.Millisecond)
+		}
+	}
+	return got
 }
 
 // hostAddress is a non-loopback IPv4 address of the host.

@@ -12,6 +12,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/macvm/macvm/internal/tap"
 	agent "github.com/macvm/macvm/pkg/guest/api/v1"
 	"github.com/macvm/macvm/pkg/vm"
 )
@@ -242,26 +243,9 @@ func redirect(from, to netlink.Link) error {
 	return nil
 }
 
-// openTap creates a tap (no packet information header, as QEMU's tap
-// netdev expects) in the current thread's network namespace and returns
-// its open queue.
-func openTap(name string) (*os.File, error) {
-	fd, err := unix.Open("/dev/net/tun", unix.O_RDWR|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return nil, fmt.Errorf("open /dev/net/tun: %w", err)
-	}
-	ifr, err := unix.NewIfreq(name)
-	if err != nil {
-		unix.Close(fd)
-		return nil, err
-	}
-	ifr.SetUint16(unix.IFF_TAP | unix.IFF_NO_PI | unix.IFF_VNET_HDR)
-	if err := unix.IoctlIfreq(fd, unix.TUNSETIFF, ifr); err != nil {
-		unix.Close(fd)
-		return nil, fmt.Errorf("TUNSETIFF %s: %w", name, err)
-	}
-	return os.NewFile(uintptr(fd), "/dev/net/tun:"+name), nil
-}
+// openTap creates a tap in the current thread's network namespace and
+// returns its open queue.
+func openTap(name string) (*os.File, error) { return tap.Open(name) }
 
 // NICs are the VM's devices, one tap per taken-over interface, with the
 // interface's MAC.

@@ -8,6 +8,7 @@ import (
 
 	"github.com/containerd/log"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"google.golang.org/protobuf/proto"
 
 	agent "github.com/macvm/macvm/pkg/guest/api/v1"
 	"github.com/macvm/macvm/pkg/network"
@@ -129,8 +130,10 @@ func (pn *podNetwork) nics() []vm.NIC {
 	return nil
 }
 
-// configure asks the agent to set the NICs up as the network says.
-func (pn *podNetwork) configure(ctx context.Context, client agentClient) error {
+// configure asks the agent to set the NICs up as the network says. A
+// clone's NICs (mode not cold) still have their template's MACs, so the
+// agent is told to find them by those.
+func (pn *podNetwork) configure(ctx context.Context, client agentClient, mode vm.StartMode) error {
 	var req *agent.ConfigureNetworkRequest
 	switch {
 	case pn == nil:
@@ -142,8 +145,26 @@ func (pn *podNetwork) configure(ctx context.Context, client agentClient) error {
 	default:
 		return nil
 	}
+	if mode != vm.StartCold {
+		req = forClone(req)
+	}
 	_, err := client.ConfigureNetwork(ctx, req)
 	return err
+}
+
+// forClone is req for a VM cloned from a template: interface i is the
+// clone's NIC i, which carries vm.TemplateMAC(i) until the agent sets the
+// interface's own MAC (req always names it). req itself is left alone.
+func forClone(req *agent.ConfigureNetworkRequest) *agent.ConfigureNetworkRequest {
+	out := proto.Clone(req).(*agent.ConfigureNetworkRequest)
+	for i, ifc := range out.Interfaces {
+		if ifc.Mac == "" {
+			// Keep the MAC the host chose: it becomes the interface's.
+			ifc.Mac = ifc.DeviceMac
+		}
+		ifc.DeviceMac = vm.TemplateMAC(i).String()
+	}
+	return out
 }
 
 // close releases the network once the VM is gone: taps and tc rules out

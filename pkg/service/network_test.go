@@ -8,6 +8,7 @@ import (
 	"github.com/containerd/errdefs"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
+	agent "github.com/macvm/macvm/pkg/guest/api/v1"
 	"github.com/macvm/macvm/pkg/vm"
 )
 
@@ -81,5 +82,29 @@ func TestDropNetworkNamespace(t *testing.T) {
 	dropNetworkNamespace(s)
 	if len(s.Linux.Namespaces) != 1 || s.Linux.Namespaces[0].Type != specs.PIDNamespace {
 		t.Errorf("namespaces after drop: %v, want the PID namespace only", s.Linux.Namespaces)
+	}
+}
+
+// A clone's NICs carry their template's MACs: the agent is told to find
+// interface i by vm.TemplateMAC(i) and to set the interface's own MAC.
+func TestForClone(t *testing.T) {
+	req := &agent.ConfigureNetworkRequest{Interfaces: []*agent.NetworkInterface{
+		{DeviceMac: "0a:58:0a:63:00:05", Name: "eth0", Mac: "0a:58:0a:63:00:05", Addresses: []string{"10.99.0.5/24"}},
+		{DeviceMac: "5a:94:ef:e4:0c:ee", Name: "eth1"},
+	}, Routes: []*agent.Route{{Gateway: "10.99.0.1", Device: "eth0"}}}
+	got := forClone(req)
+	for i, want := range []struct{ dev, mac string }{
+		{vm.TemplateMAC(0).String(), "0a:58:0a:63:00:05"},
+		{vm.TemplateMAC(1).String(), "5a:94:ef:e4:0c:ee"},
+	} {
+		if ifc := got.Interfaces[i]; ifc.DeviceMac != want.dev || ifc.Mac != want.mac {
+			t.Errorf("interface %d: device MAC %s, MAC %s; want %s, %s", i, ifc.DeviceMac, ifc.Mac, want.dev, want.mac)
+		}
+	}
+	if ifc := got.Interfaces[0]; ifc.Name != "eth0" || len(ifc.Addresses) != 1 || len(got.Routes) != 1 {
+		t.Errorf("the rest of the request changed: %+v", got)
+	}
+	if req.Interfaces[0].DeviceMac != "0a:58:0a:63:00:05" || req.Interfaces[1].Mac != "" {
+		t.Errorf("the network's own request was modified: %+v", req)
 	}
 }

@@ -300,7 +300,7 @@ func (sb *sandbox) setupSteps() []setupStep {
 			return err
 		}},
 		{"configure guest network", func(ctx context.Context, sb *sandbox) error {
-			return sb.network.configure(ctx, sb.client)
+			return sb.network.configure(ctx, sb.client, vm.StartModeOf(sb.machine))
 		}},
 	}
 }

@@ -453,3 +453,12 @@ func (tc *TemplateCache) building(key string) bool {
 	unix.Flock(int(f.Fd()), unix.LOCK_UN)
 	return false
 }
+
+// TemplateMAC is the MAC of the NIC at index in a warm-start template, and
+// so in every clone until the agent sets the container's own: a fixed,
+// locally administered address (02:6d:76:74 is "mvt"), the same in every
+// template, so nothing of a container is in one and a clone's NICs can be
+// found by it.
+func TemplateMAC(index int) net.HardwareAddr {
+	return net.HardwareAddr{0x02, 0x6d, 0x76, 0x74, byte(index >> 8), byte(index)}
+}

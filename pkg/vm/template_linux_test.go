@@ -2,6 +2,7 @@ package vm
 
 import (
 	"context"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -9,6 +10,7 @@ import (
 	"time"
 
 	"github.com/containerd/errdefs"
+	"golang.org/x/sys/unix"
 )
 
 // templateTestConfig is a config with stand-in boot files: keys and
@@ -95,6 +97,98 @@ func TestTemplateKey(t *testing.T) {
 	}
 	if _, err := q.templateInputs(); !errdefs.IsNotImplemented(err) {
 		t.Errorf("template of a VM with a disk: %v, want not implemented", err)
+	}
+}
+
+// NICs are in the key by number, order and kind; their backends and MACs
+// (a container's) are not.
+func TestTemplateKeyNICs(t *testing.T) {
+	cfg := templateTestConfig(t)
+	f, err := os.Open(os.DevNull)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	g, err := os.Open(os.DevNull)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	mac := func(s string) net.HardwareAddr {
+		hw, err := net.ParseMAC(s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return hw
+	}
+	withNICs := func(nics ...NIC) Config {
+		c := cfg
+		c.NICs = nics
+		return c
+	}
+	none := templateKey(t, cfg)
+	tap := templateKey(t, withNICs(NIC{Kind: NICTap, File: f, MAC: mac("0a:58:0a:63:00:05")}))
+	if tap == none {
+		t.Errorf("a NIC did not change the key")
+	}
+	if k := templateKey(t, withNICs(NIC{Kind: NICTap, File: g, MAC: mac("0a:58:0a:63:00:06")})); k != tap {
+		t.Errorf("another container's tap and MAC changed the key")
+	}
+	if k := templateKey(t, withNICs(NIC{Kind: NICTap, File: g})); k != tap {
+		t.Errorf("a NIC without a MAC changed the key")
+	}
+	dgram := templateKey(t, withNICs(NIC{Kind: NICDatagram, File: f, MAC: mac("5a:94:ef:e4:0c:ee")}))
+	if dgram == tap || dgram == none {
+		t.Errorf("a datagram NIC has the key of a tap or of none")
+	}
+	two := templateKey(t, withNICs(NIC{Kind: NICTap, File: f}, NIC{Kind: NICDatagram, File: g}))
+	swapped := templateKey(t, withNICs(NIC{Kind: NICDatagram, File: f}, NIC{Kind: NICTap, File: g}))
+	if two == tap || two == swapped {
+		t.Errorf("the number or order of NICs kept the key")
+	}
+}
+
+func TestStandInNICs(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("stand-in taps need root (a network namespace and /dev/net/tun)")
+	}
+	nics, release, err := standInNICs([]NIC{{Kind: NICDatagram}, {Kind: NICTap}, {Kind: NICTap}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer release()
+	if len(nics) != 3 {
+		t.Fatalf("%d stand-ins for 3 NICs", len(nics))
+	}
+	for i, n := range nics {
+		if want := []NICKind{NICDatagram, NICTap, NICTap}[i]; n.Kind != want || n.File == nil {
+			t.Errorf("stand-in %d: kind %s file %v, want a %s with a file", i, n.Kind, n.File, want)
+		}
+		if n.MAC.String() != TemplateMAC(i).String() {
+			t.Errorf("stand-in %d: MAC %s, want %s", i, n.MAC, TemplateMAC(i))
+		}
+	}
+	// A tap stand-in is opened like the pod network's: no packet
+	// information, virtio-net headers (QEMU offers offloads over those).
+	for _, n := range nics[1:] {
+		ifr, err := unix.NewIfreq("")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := unix.IoctlIfreq(int(n.File.Fd()), unix.TUNGETIFF, ifr); err != nil {
+			t.Fatalf("TUNGETIFF: %v", err)
+		}
+		if flags, want := ifr.Uint16(), uint16(unix.IFF_TAP|unix.IFF_NO_PI|unix.IFF_VNET_HDR); flags&want != want {
+			t.Errorf("tap flags %#x, want %#x set", flags, want)
+		}
+	}
+	// The taps are not in our namespace.
+	if ifs, _ := net.Interfaces(); len(ifs) > 0 {
+		for _, i := range ifs {
+			if strings.HasPrefix(i.Name, "tmpl") {
+				t.Errorf("stand-in tap %s is in the test's own namespace", i.Name)
+			}
+		}
 	}
 }
 

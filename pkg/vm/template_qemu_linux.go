@@ -29,16 +29,14 @@ func NewQEMUMachine(cfg Config) (Machine, error) {
 // templateInputs is cfg's canonical command line: per-VM paths (state
 // directory, shares' host directories) replaced by fixed placeholders, so
 // two VMs of one boot configuration and device layout get one key whatever
-// their containers. Disks are refused: the guest caches a disk's size and
-// partitions at boot, which a clone's disk would not match.
+// their containers. NICs count by number, order and kind (a tap and a
+// datagram socket negotiate different virtio-net features), not by MAC:
+// the template's NICs have TemplateMAC and the agent sets a clone's own.
+// Disks are refused: the guest caches a disk's size and partitions at
+// boot, which a clone's disk would not match.
 func (q *QEMU) templateInputs() (templateInputs, error) {
 	if len(q.cfg.Disks) > 0 {
 		return templateInputs{}, fmt.Errorf("vm %s: templates of VMs with disks: %w", q.cfg.ID, errdefs.ErrNotImplemented)
-	}
-	if len(q.cfg.NICs) > 0 {
-		// A NIC's backend (tap, stack socket) is per VM and inherited as
-		// an fd; a template would have to be booted with a stand-in.
-		return templateInputs{}, fmt.Errorf("vm %s: templates of VMs with NICs: %w", q.cfg.ID, errdefs.ErrNotImplemented)
 	}
 	c := q.cfg
 	c.Shares = make([]Share, len(q.cfg.Shares))
@@ -46,9 +44,13 @@ func (q *QEMU) templateInputs() (templateInputs, error) {
 		s.HostPath = "share" + strconv.Itoa(i)
 		c.Shares[i] = s
 	}
+	c.NICs = make([]NIC, len(q.cfg.NICs))
+	for i, n := range q.cfg.NICs {
+		c.NICs[i] = NIC{Kind: n.Kind}
+	}
 	args, err := qemuArgs(c, qemuOptions{
 		Arch: runtime.GOARCH, KVM: q.kvm, TSCKHz: q.tscKHz, ConsolePath: "console",
-		QMPFD: childQMPFD, AgentFD: childAgentFD, Paused: true, MemPath: templateMemory,
+		QMPFD: childQMPFD, AgentFD: childAgentFD, NICFDs: nicFDs(len(c.NICs)), Paused: true, MemPath: templateMemory,
 	})
 	if err != nil {
 		return templateInputs{}, err
@@ -181,8 +183,18 @@ func (q *QEMU) save(ctx context.Context, path string) error {
 // with its RAM in a shared file and without any share mounted, waits for
 // Ready, and saves it. Only one process builds a key at a time; Build
 // returns an error wrapping errdefs.ErrAlreadyExists when another one
-// holds the lock (that one will finish it).
+// holds the lock (that one will finish it). cfg's NICs need only their
+// kinds: the template VM gets stand-ins (standInNICs), never a
+// container's backend or MAC.
 func (tc *TemplateCache) Build(ctx context.Context, cfg Config) error {
+	if len(cfg.NICs) > 0 {
+		nics, release, err := standInNICs(cfg.NICs)
+		if err != nil {
+			return fmt.Errorf("template for vm %s: %w", cfg.ID, err)
+		}
+		defer release()
+		cfg.NICs = nics
+	}
 	probe, err := NewQEMU(cfg)
 	if err != nil {
 		return err
@@ -274,7 +286,11 @@ func (w *warmQEMU) Start(ctx context.Context) error {
 		tc.miss(key, w.cfg)
 		return cold.Start(ctx)
 	}
-	if tc.Pool != nil {
+	if tc.Pool != nil && len(w.cfg.NICs) > 0 {
+		// Pooled VMs are started ahead without a NIC: a NIC's backend
+		// is this VM's own and known only now.
+		tc.logf("warm start: vm %s has %d NICs, which pooled VMs lack: starting a template clone", w.cfg.ID, len(w.cfg.NICs))
+	} else if tc.Pool != nil {
 		pooled, err := tc.Pool.take(ctx, w.cfg, key)
 		if err == nil {
 			tc.touch(key)

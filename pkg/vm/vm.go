@@ -65,8 +65,9 @@ type NIC struct {
 	// File is the host end (see NICKind). The backend hands it to the
 	// hypervisor while starting; the caller keeps ownership and closes it
 	// after Start returns (QEMU has its own copy by then) or after the VM
-	// has stopped (Virtualization.framework uses it in-process).
-	File *os.File
+	// has stopped (Virtualization.framework uses it in-process). It is never
+	// serialised: a template builder's job has none (it makes stand-ins).
+	File *os.File `json:"-"`
 	// MAC is the device's MAC; empty lets the backend pick none (QEMU's
 	// default) or a random one.
 	MAC net.HardwareAddr
