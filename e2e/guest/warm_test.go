@@ -127,6 +127,7 @@ func TestWarmStartClones(t *testing.T) {
 				if r.skew != 0 {
 					t.Errorf("guest clock %v is off the host's [%v, %v] by %v", guestNow, before, after, r.skew)
 				}
+				checkQEMUMemory(t, v.m.Pid(), 64)
 				results[i] = r
 			})
 		}

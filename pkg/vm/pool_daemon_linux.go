@@ -545,6 +545,7 @@ func (d *PoolDaemon) start(ctx context.Context, key string, cfg Config) (_ *pool
 
 	cmd := exec.Command(q.binary, args...)
 	cmd.Dir = v.dir
+	cmd.Env = qemuEnv()
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.ExtraFiles = []*os.File{qmpChild, agentChild, state, monChild} // fds 3-6
 	cmd.SysProcAttr = &syscall.SysProcAttr{
@@ -555,6 +556,7 @@ func (d *PoolDaemon) start(ctx context.Context, key string, cfg Config) (_ *pool
 	// Pdeathsig fires when the forking thread exits: fork from a fresh
 	// goroutine, whose thread the runtime keeps (see QEMU.Start).
 	startErr := make(chan error, 1)
+	noHugePages()
 	go func() { startErr <- cmd.Start() }()
 	if err := <-startErr; err != nil {
 		return nil, fmt.Errorf("pool: starting %s: %w", q.binary, err)

@@ -207,6 +207,7 @@ func (q *QEMU) Start(ctx context.Context) (retErr error) {
 
 	cmd := exec.Command(q.binary, args...)
 	cmd.Dir = q.cfg.StateDir
+	cmd.Env = qemuEnv()
 	cmd.Stdout = log
 	cmd.Stderr = log
 	if len(q.cfg.NICs) > 0 {
@@ -230,6 +231,7 @@ func (q *QEMU) Start(ctx context.Context) (retErr error) {
 	// thread; the caller's goroutine might be locked (e.g. while it
 	// switches namespaces) and its thread discarded later.
 	startErr := make(chan error, 1)
+	noHugePages()
 	go func() { startErr <- cmd.Start() }()
 	err = <-startErr
 	log.Close()

@@ -316,15 +316,16 @@ func TestTemplateBuildLocked(t *testing.T) {
 }
 
 // A template's RAM is a shared file; a clone maps it privately and waits
-// for its state instead of booting.
+// for its state instead of booting, with a smaller TCG translation cache
+// (it holds no boot code).
 func TestTemplateArgs(t *testing.T) {
 	cfg := templateTestConfig(t)
 	for _, tt := range []struct {
 		shared, incoming bool
 		want             []string
 	}{
-		{true, false, []string{"memory-backend-file,id=mem,size=256M,mem-path=/t/mem,,x,share=on", "microvm,x-option-roms=off,pit=off,pic=off,memory-backend=mem"}},
-		{false, true, []string{"memory-backend-file,id=mem,size=256M,mem-path=/t/mem,,x,share=off", "-incoming defer"}},
+		{true, false, []string{"memory-backend-file,id=mem,size=256M,mem-path=/t/mem,,x,share=on", "microvm,x-option-roms=off,pit=off,pic=off,memory-backend=mem", "-accel tcg,tb-size=128"}},
+		{false, true, []string{"memory-backend-file,id=mem,size=256M,mem-path=/t/mem,,x,share=off", "-incoming defer", "-accel tcg,tb-size=64"}},
 	} {
 		args, err := qemuArgs(cfg, qemuOptions{Arch: "amd64", MemPath: "/t/mem,x", MemShared: tt.shared, Incoming: tt.incoming, QMPFD: 3, AgentFD: 4})
 		if err != nil {
