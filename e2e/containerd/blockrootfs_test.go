@@ -67,3 +67,48 @@ func TestErofsBlockRootfs(t *testing.T) {
 		ctrOK(t, d, "containers", "rm", "erofs-keep")
 	})
 }
+
+// TestWarmStartBlockRootfs: a VM whose root filesystem is disks (erofs
+// snapshotter in block mode) starts from a template booted with empty
+// stand-in disks of the same count and read-only flags: the first
+// container boots cold and leaves the template, the next one is a clone
+// whose agent re-probes the disks it finds empty, mounts the container's
+// images and runs from them (its root is the overlay of the disks, a
+// layer's file is read, a write lands in the writable image).
+func TestWarmStartBlockRootfs(t *testing.T) {
+	for _, tool := range []string{"mkfs.erofs", "mkfs.ext4"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Fatalf("%s is needed (Debian's erofs-utils and e2fsprogs; hack/with-deps installs them): %v", tool, err)
+		}
+	}
+	rt := harness.Macvm()
+	d := daemonWith(t, rt, harness.Options{Paths: suite.Paths, ErofsWritableSize: "64M", WarmStart: "template"}, "--snapshotter", "erofs")
+	snap := []string{"--snapshotter", "erofs"}
+	script := "grep ' / ' /proc/mounts; cat /sys/block/vd*/size; echo written >/root/new && cat /root/new; ls /bin/busybox"
+	runDisks := func(id string) (string, string) {
+		t.Helper()
+		res := run(t, d, rt, nil, snap, id, "sh", "-c", script)
+		out := string(res.Stdout)
+		if res.ExitCode != 0 || !strings.HasSuffix(out, "written\n/bin/busybox\n") {
+			t.Fatalf("ctr run --snapshotter erofs %s: %v", id, res)
+		}
+		return out, startMode(t, d, id)
+	}
+	if _, mode := runDisks("werofs-cold"); mode != "cold" {
+		t.Fatalf("first container: start_mode=%s, want cold", mode)
+	}
+	waitTemplate(t, d, "")
+	out, mode := runDisks("werofs-clone")
+	if mode != "template" {
+		t.Fatalf("second container: start_mode=%s, want template", mode)
+	}
+	t.Logf("in the clone:\n%s", out)
+	if !strings.HasPrefix(out, "overlay / overlay ") || !strings.Contains(out, "upperdir=/run/macvm/disks/werofs-clone/0/upper") {
+		t.Errorf("the clone's root is not the overlay of its disks: %q", out)
+	}
+	for _, l := range strings.Split(out, "\n") {
+		if l == "0" {
+			t.Errorf("a disk still has no capacity in the clone: %q", out)
+		}
+	}
+}

@@ -160,7 +160,7 @@ func TestWarmStartNetwork(t *testing.T) {
 		if mode := startMode(t, d, id); mode != "template" {
 			t.Errorf("%s: start_mode=%s, want template", id, mode)
 		}
-		if log, _ := os.ReadFile(d.LogPath); !strings.Contains(string(log), "vm "+id+" has 1 NICs, which pooled VMs lack") {
+		if log, _ := os.ReadFile(d.LogPath); !strings.Contains(string(log), "vm "+id+" has 1 NICs and 0 disks, which pooled VMs lack") {
 			t.Errorf("%s: no log line of the pool fallback", id)
 		}
 		res := ctr(t, d, nil, "task", "exec", "--exec-id", "probe", id, "sh", "-c",

@@ -271,11 +271,6 @@ func (sb *sandbox) vmConfig(ctx context.Context, spec *specs.Spec) (vm.Config, e
 		Templates:  sb.cfg.templates(ctx),
 		NICs:       sb.network.nics(),
 	}
-	if len(vcfg.Disks) > 0 {
-		// Templates have no disks (the guest learns a disk's size at
-		// boot): a VM with a block-image root filesystem boots cold.
-		vcfg.Templates = nil
-	}
 	return vcfg, nil
 }
 

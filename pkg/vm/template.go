@@ -341,6 +341,17 @@ func (tc *TemplateCache) build(ctx context.Context, cfg Config, in templateInput
 		}
 		tcfg.Shares[i] = s
 	}
+	tcfg.Disks = make([]Disk, len(cfg.Disks))
+	for i, d := range cfg.Disks {
+		// Same devices, empty files: the guest sees each with no
+		// capacity and reads nothing from it, so nothing of it is cached
+		// when a clone's agent re-probes the container's disk there.
+		d.Path = filepath.Join(tmp, "disk"+strconv.Itoa(i))
+		if err := os.WriteFile(d.Path, nil, 0o600); err != nil {
+			return err
+		}
+		tcfg.Disks[i] = d
+	}
 	if err := os.MkdirAll(tcfg.StateDir, 0o700); err != nil {
 		return err
 	}
@@ -354,6 +365,9 @@ func (tc *TemplateCache) build(ctx context.Context, cfg Config, in templateInput
 	os.RemoveAll(tcfg.StateDir)
 	for _, s := range tcfg.Shares {
 		os.Remove(s.HostPath)
+	}
+	for _, d := range tcfg.Disks {
+		os.Remove(d.Path)
 	}
 	if err := os.Rename(tmp, tc.dir(key)); err != nil {
 		return fmt.Errorf("template %s: %w", key, err)

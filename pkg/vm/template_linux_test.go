@@ -89,14 +89,33 @@ func TestTemplateKey(t *testing.T) {
 		key = templateKey(t, cfg)
 	}
 
-	c := cfg
-	c.Disks = []Disk{{Path: cfg.Kernel}}
-	q, err := NewQEMU(c)
-	if err != nil {
-		t.Fatal(err)
+}
+
+// Disks are in the key by number, order and read-only flag; their image
+// files (a container's) are not.
+func TestTemplateKeyDisks(t *testing.T) {
+	cfg := templateTestConfig(t)
+	withDisks := func(disks ...Disk) Config {
+		c := cfg
+		c.Disks = disks
+		return c
 	}
-	if _, err := q.templateInputs(); !errdefs.IsNotImplemented(err) {
-		t.Errorf("template of a VM with a disk: %v, want not implemented", err)
+	none := templateKey(t, cfg)
+	two := templateKey(t, withDisks(Disk{Path: "/a/rw.img"}, Disk{Path: "/a/layer.erofs", ReadOnly: true}))
+	if two == none {
+		t.Errorf("disks did not change the key")
+	}
+	if k := templateKey(t, withDisks(Disk{Path: "/b/rw.img"}, Disk{Path: "/b/layer.erofs", ReadOnly: true})); k != two {
+		t.Errorf("another container's image files changed the key")
+	}
+	for name, c := range map[string]Config{
+		"read-only flag": withDisks(Disk{Path: "/a/rw.img"}, Disk{Path: "/a/layer.erofs"}),
+		"order":          withDisks(Disk{Path: "/a/layer.erofs", ReadOnly: true}, Disk{Path: "/a/rw.img"}),
+		"count":          withDisks(Disk{Path: "/a/rw.img"}, Disk{Path: "/a/l1", ReadOnly: true}, Disk{Path: "/a/l2", ReadOnly: true}),
+	} {
+		if k := templateKey(t, c); k == two {
+			t.Errorf("changing the disks' %s kept the key", name)
+		}
 	}
 }
 

@@ -32,13 +32,15 @@ func NewQEMUMachine(cfg Config) (Machine, error) {
 // their containers. NICs count by number, order and kind (a tap and a
 // datagram socket negotiate different virtio-net features), not by MAC:
 // the template's NICs have TemplateMAC and the agent sets a clone's own.
-// Disks are refused: the guest caches a disk's size and partitions at
-// boot, which a clone's disk would not match.
+// Disks count by number, order and read-only flag: the template is booted
+// with empty stand-ins (build), and the agent re-probes a disk it sees
+// empty before mounting it.
 func (q *QEMU) templateInputs() (templateInputs, error) {
-	if len(q.cfg.Disks) > 0 {
-		return templateInputs{}, fmt.Errorf("vm %s: templates of VMs with disks: %w", q.cfg.ID, errdefs.ErrNotImplemented)
-	}
 	c := q.cfg
+	c.Disks = make([]Disk, len(q.cfg.Disks))
+	for i, d := range q.cfg.Disks {
+		c.Disks[i] = Disk{Path: "disk" + strconv.Itoa(i), ReadOnly: d.ReadOnly}
+	}
 	c.Shares = make([]Share, len(q.cfg.Shares))
 	for i, s := range q.cfg.Shares {
 		s.HostPath = "share" + strconv.Itoa(i)
@@ -286,10 +288,10 @@ func (w *warmQEMU) Start(ctx context.Context) error {
 		tc.miss(key, w.cfg)
 		return cold.Start(ctx)
 	}
-	if tc.Pool != nil && len(w.cfg.NICs) > 0 {
-		// Pooled VMs are started ahead without a NIC: a NIC's backend
-		// is this VM's own and known only now.
-		tc.logf("warm start: vm %s has %d NICs, which pooled VMs lack: starting a template clone", w.cfg.ID, len(w.cfg.NICs))
+	if tc.Pool != nil && (len(w.cfg.NICs) > 0 || len(w.cfg.Disks) > 0) {
+		// Pooled VMs are started ahead without NICs or disks: their
+		// backends are this VM's own and known only now.
+		tc.logf("warm start: vm %s has %d NICs and %d disks, which pooled VMs lack: starting a template clone", w.cfg.ID, len(w.cfg.NICs), len(w.cfg.Disks))
 	} else if tc.Pool != nil {
 		pooled, err := tc.Pool.take(ctx, w.cfg, key)
 		if err == nil {

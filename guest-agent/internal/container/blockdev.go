@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/containerd/errdefs"
@@ -77,6 +78,14 @@ func lookupDisk(serial string, index int) (string, error) {
 		}
 		anySerial = true
 		if serial != "" && s == serial {
+			again, err := reprobe(name)
+			if err != nil {
+				return "", fmt.Errorf("disk %q (%s): %w", serial, name, err)
+			}
+			if again {
+				// The device is back, maybe under another name.
+				return "", fmt.Errorf("disk %q (%s) re-probed: %w", serial, name, errdefs.ErrNotFound)
+			}
 			return "/dev/" + name, nil
 		}
 	}
@@ -89,6 +98,53 @@ func lookupDisk(serial string, index int) (string, error) {
 		}
 	}
 	return "", fmt.Errorf("no virtio disk with serial %q among %v: %w", serial, vds, errdefs.ErrNotFound)
+}
+
+// reprobed are the virtio devices whose disk was re-probed (see reprobe),
+// so that a disk that really is empty is re-probed once only.
+var (
+	reprobeMu sync.Mutex // guards reprobed
+	reprobed  = map[string]bool{}
+)
+
+// reprobe makes virtio_blk probe the disk name again if the guest sees it
+// with no capacity, and reports whether it did. In a VM cloned from a
+// warm-start template the guest probed, at the template's boot, an empty
+// stand-in file; the clone's QEMU has the container's image there, but
+// virtio_blk reads a disk's capacity when it probes it (or on a
+// config-change interrupt, which QEMU raises only for a resize, and a
+// read-only disk cannot be resized). Unbinding and binding the virtio device
+// re-reads the capacity and the partitions, with nothing cached from the
+// stand-in (it had no blocks to cache).
+func reprobe(name string) (bool, error) {
+	b, err := os.ReadFile(filepath.Join(sysBlock, name, "size"))
+	if err != nil || strings.TrimSpace(string(b)) != "0" {
+		return false, nil
+	}
+	devLink := filepath.Join(sysBlock, name, "device")
+	dev, err := filepath.EvalSymlinks(devLink)
+	if err != nil {
+		return false, fmt.Errorf("virtio device of %s: %w", name, err)
+	}
+	drv, err := filepath.EvalSymlinks(filepath.Join(devLink, "driver"))
+	if err != nil {
+		return false, fmt.Errorf("driver of %s: %w", name, err)
+	}
+	id := filepath.Base(dev)
+	reprobeMu.Lock()
+	defer reprobeMu.Unlock()
+	if reprobed[id] {
+		return false, nil
+	}
+	reprobed[id] = true
+	if err := os.WriteFile(filepath.Join(drv, "unbind"), []byte(id), 0); err != nil {
+		return false, fmt.Errorf("unbind %s (%s): %w", id, name, err)
+	}
+	// bind probes synchronously: the disk is back when it returns.
+	if err := os.WriteFile(filepath.Join(drv, "bind"), []byte(id), 0); err != nil {
+		return false, fmt.Errorf("bind %s (%s): %w", id, name, err)
+	}
+	return true, nil
 }
 
 // sortDisks orders virtio disk names as the kernel assigns them: by

@@ -119,3 +119,43 @@ func TestSortDisks(t *testing.T) {
 		t.Errorf("got %v, want %v", got, want)
 	}
 }
+
+// A disk the guest sees with no capacity (a warm-start template's empty
+// stand-in) is re-probed once through its driver's unbind and bind; a
+// disk with a capacity, or one re-probed already, is used as it is.
+func TestLookupDiskReprobesEmptyDisk(t *testing.T) {
+	fakeSysBlock(t, map[string]string{"vda": "disk0", "vdb": "disk1"})
+	root := filepath.Dir(sysBlock)
+	drv := filepath.Join(root, "drivers", "virtio_blk")
+	for _, d := range []string{drv, filepath.Join(root, "devices", "virtio3"), filepath.Join(root, "devices", "virtio4")} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, f := range []string{"unbind", "bind"} {
+		os.WriteFile(filepath.Join(drv, f), nil, 0o200)
+	}
+	for name, dev := range map[string]string{"vda": "virtio3", "vdb": "virtio4"} {
+		os.Symlink(filepath.Join(root, "devices", dev), filepath.Join(sysBlock, name, "device"))
+		os.Symlink(drv, filepath.Join(root, "devices", dev, "driver"))
+	}
+	os.WriteFile(filepath.Join(sysBlock, "vda", "size"), []byte("0\n"), 0o644)
+	os.WriteFile(filepath.Join(sysBlock, "vdb", "size"), []byte("131072\n"), 0o644)
+	t.Cleanup(func() { delete(reprobed, "virtio3"); delete(reprobed, "virtio4") })
+
+	if got, err := lookupDisk("disk1", 1); err != nil || got != "/dev/vdb" {
+		t.Errorf("disk with a capacity: %q, %v; want /dev/vdb at once", got, err)
+	}
+	if _, err := lookupDisk("disk0", 0); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Errorf("empty disk: %v, want NotFound while it is re-probed", err)
+	}
+	for _, f := range []string{"unbind", "bind"} {
+		if b, _ := os.ReadFile(filepath.Join(drv, f)); string(b) != "virtio3" {
+			t.Errorf("%s got %q, want virtio3", f, b)
+		}
+	}
+	// Still empty after the re-probe: an empty disk, used as it is.
+	if got, err := lookupDisk("disk0", 0); err != nil || got != "/dev/vda" {
+		t.Errorf("after the re-probe: %q, %v; want /dev/vda", got, err)
+	}
+}
