@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"slices"
 	"strings"
 	"time"
 
@@ -245,6 +246,22 @@ func isQEMU(cmdline string) bool {
 
 func toMiB(b int64) float64 { return float64(b) / mib }
 
+// hvAnonTitle names the hypervisor's anonymous PSS: the part of its PSS that
+// is its own (see procmem.Usage.Anon). The rest are file pages it shares:
+// QEMU's binary and libraries and, for a template clone or pooled VM, the
+// template's RAM pages it has read. PSS charges each of those pages to every
+// process mapping it in equal parts, so a lone clone pays for all the
+// template pages it touched and each of ten clones for about a tenth: the
+// density rows are the cost per running container when VMs share a template.
+const hvAnonTitle = "hypervisor (qemu) anonymous PSS: its own (heap, TCG cache, guest pages written), no shared template or library pages"
+
+// templateAccounting is the report's note on how the memory rows count a
+// warm-start template's RAM.
+const templateAccounting = "hypervisor PSS of a template clone or pooled VM includes its share of the template's RAM pages it has read " +
+	"(the page cache of the template's memory file, charged in equal parts to every VM mapping a page): one clone alone pays for all of them " +
+	"(memory rows), ten clones of one template a tenth each (density rows: the cost per running container); " +
+	"the anonymous PSS rows are what each VM holds for itself whatever runs beside it"
+
 // measureMemory records what container d costs: on the host, its shim,
 // hypervisor and other processes; in a VM, the guest's used memory and the
 // agent's RSS.
@@ -259,6 +276,12 @@ func (b *bench) measureMemory(ctx context.Context, d detached) error {
 	if d.v.vm() {
 		b.res.metric("mem.hv_rss", GroupMemory, "hypervisor (qemu) RSS", "MiB", vmOnly, absMax(140*1e6/mib)).add(name, toMiB(cm.hypervisor.RSS))
 		b.res.metric("mem.hv_pss", GroupMemory, "hypervisor (qemu) PSS", "MiB", vmOnly).add(name, toMiB(cm.hypervisor.PSS))
+		if cm.hypervisor.Anon > 0 {
+			b.res.metric("mem.hv_anon", GroupMemory, hvAnonTitle, "MiB", vmOnly).add(name, toMiB(cm.hypervisor.Anon))
+		}
+		if w := d.v.info.WarmStart; (w == "template" || w == "pool") && !slices.Contains(b.res.Notes, templateAccounting) {
+			b.res.Notes = append(b.res.Notes, templateAccounting)
+		}
 	} else {
 		b.res.metric("mem.ctr_rss", GroupMemory, "container processes on the host RSS (runc: `sleep`)", "MiB").add(name, toMiB(cm.rest.RSS))
 	}

@@ -176,3 +176,20 @@ func TestUpdateReadme(t *testing.T) {
 		t.Error("a missing README was accepted")
 	}
 }
+
+// A target set by another issue names it; issue 5's (the default) do not.
+func TestTargetCellIssue(t *testing.T) {
+	r := &Results{}
+	m := r.metric("density.hv_pss_each", GroupDensity, "hypervisor PSS per container", "MiB", vmOnly, absMax(40e6/mib), issue(8))
+	m.add("macvm-template", 45)
+	m.add("macvm-pool", 30)
+	got := targetCell(m, []string{"macvm-template", "macvm-pool"}, stats.Summary{})
+	if want := "issue 8: ≤ 38.1 MiB: macvm-template **not met**, macvm-pool met"; got != want {
+		t.Errorf("target cell %q, want %q", got, want)
+	}
+	m5 := r.metric("mem.shim_rss", GroupMemory, "shim RSS", "MiB", absMax(15))
+	m5.add("macvm", 10)
+	if got := targetCell(m5, []string{"macvm"}, stats.Summary{}); got != "≤ 15.0 MiB: macvm met" {
+		t.Errorf("issue-5 target cell %q", got)
+	}
+}

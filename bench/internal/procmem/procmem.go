@@ -2,7 +2,11 @@
 // /proc/meminfo. RSS counts every resident page a process maps, shared ones
 // included; PSS divides each shared page among the processes mapping it, so
 // the PSS of N hypervisors adds up to what they really cost together. Both
-// come from /proc/PID/smaps_rollup, one read per process.
+// come from /proc/PID/smaps_rollup, one read per process. Anon, the PSS of
+// anonymous pages, is what a process holds for itself: for a hypervisor its
+// heap, the TCG translation cache and the guest pages it has written, but not
+// the file pages it maps (a warm-start template's RAM, QEMU's binary and
+// libraries), which are shared with every process mapping them.
 package procmem
 
 import (
@@ -18,10 +22,14 @@ import (
 // Usage is a process's resident memory in bytes.
 type Usage struct {
 	RSS, PSS int64
+	// Anon is smaps_rollup's Pss_Anon (Linux 5.13+; 0 before).
+	Anon int64
 }
 
 // Add sums two usages (for totals over several processes).
-func (u Usage) Add(v Usage) Usage { return Usage{RSS: u.RSS + v.RSS, PSS: u.PSS + v.PSS} }
+func (u Usage) Add(v Usage) Usage {
+	return Usage{RSS: u.RSS + v.RSS, PSS: u.PSS + v.PSS, Anon: u.Anon + v.Anon}
+}
 
 // Of reads pid's smaps_rollup.
 func Of(pid int) (Usage, error) {
@@ -39,7 +47,7 @@ func Of(pid int) (Usage, error) {
 	if !ok1 || !ok2 {
 		return Usage{}, fmt.Errorf("smaps_rollup of %d has no Rss/Pss", pid)
 	}
-	return Usage{RSS: rss, PSS: pss}, nil
+	return Usage{RSS: rss, PSS: pss, Anon: kv["Pss_Anon"]}, nil
 }
 
 // ParseKB parses "Name:   123 kB" lines (smaps_rollup, meminfo, status)

@@ -54,8 +54,9 @@ func TestStatusRSS(t *testing.T) {
 	}
 }
 
-// TestOfSelf reads this test process's own rollup: RSS is positive and PSS
-// never exceeds it.
+// TestOfSelf reads this test process's own rollup: RSS is positive, PSS
+// never exceeds it, and the anonymous part (a Go heap: some) never exceeds
+// PSS.
 func TestOfSelf(t *testing.T) {
 	u, err := Of(os.Getpid())
 	if err != nil {
@@ -63,6 +64,9 @@ func TestOfSelf(t *testing.T) {
 	}
 	if u.RSS <= 0 || u.PSS <= 0 || u.PSS > u.RSS {
 		t.Errorf("own usage %+v: want 0 < PSS <= RSS", u)
+	}
+	if rollup, _ := os.ReadFile("/proc/self/smaps_rollup"); strings.Contains(string(rollup), "Pss_Anon:") && (u.Anon <= 0 || u.Anon > u.PSS) {
+		t.Errorf("own usage %+v: want 0 < Anon <= PSS", u)
 	}
 	if _, err := Host(); err != nil {
 		t.Errorf("Host: %v", err)
