@@ -35,8 +35,11 @@ else
 SHIM_CGO := 0
 endif
 
+# macvm-usernet (the user-space network of VMs without a network namespace)
+# goes beside the shim, where the shim looks for it.
 shim:
 	CGO_ENABLED=$(SHIM_CGO) go build -o $(BIN)/containerd-shim-macvm-v1 ./cmd/containerd-shim-macvm-v1
+	CGO_ENABLED=0 go build -o $(BIN)/macvm-usernet ./cmd/macvm-usernet
 ifeq ($(shell uname -s),Darwin)
 	codesign -f --entitlements $(ENTITLEMENTS) -s - $(BIN)/containerd-shim-macvm-v1
 endif

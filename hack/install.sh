@@ -19,7 +19,7 @@ DESTDIR=${DESTDIR:-}
 CONFIG_DIR=${CONFIG_DIR:-/etc/macvm}
 SHARE=$PREFIX/share/macvm
 
-for f in "$BIN/containerd-shim-macvm-v1" "$BOOT/vmlinux" "$BOOT/initrd.img"; do
+for f in "$BIN/containerd-shim-macvm-v1" "$BIN/macvm-usernet" "$BOOT/vmlinux" "$BOOT/initrd.img"; do
 	if [ ! -e "$f" ]; then
 		echo "install: $f is missing: run \`make build\` first" >&2
 		exit 1
@@ -28,10 +28,12 @@ done
 
 install -d "$DESTDIR$PREFIX/bin" "$DESTDIR$SHARE" "$DESTDIR$CONFIG_DIR"
 install -m 0755 "$BIN/containerd-shim-macvm-v1" "$DESTDIR$PREFIX/bin/containerd-shim-macvm-v1"
+# The user-space network's process; the shim looks for it beside itself.
+install -m 0755 "$BIN/macvm-usernet" "$DESTDIR$PREFIX/bin/macvm-usernet"
 # _output/boot/vmlinux is a symlink into the kernel build: install the file it points to.
 install -m 0644 "$(readlink -f "$BOOT/vmlinux")" "$DESTDIR$SHARE/vmlinux"
 install -m 0644 "$(readlink -f "$BOOT/initrd.img")" "$DESTDIR$SHARE/initrd.img"
-echo "installed $PREFIX/bin/containerd-shim-macvm-v1 and $SHARE/{vmlinux,initrd.img}${DESTDIR:+ under $DESTDIR}"
+echo "installed $PREFIX/bin/containerd-shim-macvm-v1, $PREFIX/bin/macvm-usernet and $SHARE/{vmlinux,initrd.img}${DESTDIR:+ under $DESTDIR}"
 
 config=$DESTDIR$CONFIG_DIR/config.toml
 if [ -e "$config" ] && [ "${FORCE:-0}" != 1 ]; then

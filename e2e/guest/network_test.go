@@ -6,6 +6,8 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -30,6 +32,11 @@ func TestUserNetwork(t *testing.T) {
 	defer srv.Close()
 	hostPort := srv.Listener.Addr().(*net.TCPAddr).Port
 
+	// The shim finds macvm-usernet beside itself; this test binary has it built.
+	network.UserNetHelper = filepath.Join(t.TempDir(), "macvm-usernet")
+	if b, err := exec.Command("go", "build", "-o", network.UserNetHelper, "../../cmd/macvm-usernet").CombinedOutput(); err != nil {
+		t.Fatalf("build macvm-usernet: %v\n%s", err, b)
+	}
 	u, err := network.NewUserNet([]network.PortForward{{HostAddr: "127.0.0.1:0", GuestPort: 8080}})
 	if err != nil {
 		t.Fatal(err)

@@ -132,6 +132,8 @@ func (p Paths) snapshot(dir string) (Paths, error) {
 	copies := []struct{ src, dst string }{
 		{filepath.Join(p.BinDir, "containerd-shim-runc-v2"), filepath.Join(s.BinDir, "containerd-shim-runc-v2")},
 		{filepath.Join(p.BinDir, "containerd-shim-macvm-v1"), filepath.Join(s.BinDir, "containerd-shim-macvm-v1")},
+		// The shim starts macvm-usernet from its own directory.
+		{filepath.Join(p.BinDir, "macvm-usernet"), filepath.Join(s.BinDir, "macvm-usernet")},
 		{filepath.Join(p.BootDir, "vmlinux"), filepath.Join(s.BootDir, "vmlinux")},
 		{filepath.Join(p.BootDir, "initrd.img"), filepath.Join(s.BootDir, "initrd.img")},
 	}

@@ -1,20 +1,21 @@
 package network
 
 import (
-	"context"
+	"bufio"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"os"
+	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
 	"syscall"
+	"time"
 
 	"github.com/containerd/errdefs"
-	"github.com/containers/gvisor-tap-vsock/pkg/types"
-	"github.com/containers/gvisor-tap-vsock/pkg/virtualnetwork"
 	"golang.org/x/sys/unix"
 
 	agent "github.com/macvm/macvm/pkg/guest/api/v1"
@@ -27,15 +28,15 @@ import (
 // answers for the DNSZone names and forwards the rest to the host's
 // resolver.
 const (
-	UserSubnet  = "192.168.127.0/24"
-	GatewayIP   = "192.168.127.1"
-	GuestIP     = "192.168.127.2"
-	HostIP      = "192.168.127.254"
-	DNSZone     = "macvm.internal."
-	userPrefix  = 24
-	userMTU     = 1500
-	gatewayMAC  = "5a:94:ef:e4:0c:dd"
-	guestMACStr = "5a:94:ef:e4:0c:ee"
+	UserSubnet = "192.168.127.0/24"
+	GatewayIP  = "192.168.127.1"
+	GuestIP    = "192.168.127.2"
+	HostIP     = "192.168.127.254"
+	DNSZone    = "macvm.internal."
+	UserMTU    = 1500
+	GatewayMAC = "5a:94:ef:e4:0c:dd"
+	GuestMAC   = "5a:94:ef:e4:0c:ee"
+	userPrefix = 24
 )
 
 // PortForward publishes a guest TCP port on the host: connections to
@@ -82,43 +83,55 @@ func ParsePorts(s string) ([]PortForward, error) {
 	return out, nil
 }
 
+// UserNetHelper is the macvm-usernet binary that runs the stack. Empty:
+// macvm-usernet beside the running executable (the shim's install
+// directory), else on PATH.
+var UserNetHelper string
+
+// userNetHelper resolves UserNetHelper.
+func userNetHelper() (string, error) {
+	if UserNetHelper != "" {
+		return UserNetHelper, nil
+	}
+	if self, err := os.Executable(); err == nil {
+		p := filepath.Join(filepath.Dir(self), "macvm-usernet")
+		if _, err := os.Stat(p); err == nil {
+			return p, nil
+		}
+	}
+	p, err := exec.LookPath("macvm-usernet")
+	if err != nil {
+		return "", fmt.Errorf("user-space network: macvm-usernet (install it beside the shim): %w: %w", errdefs.ErrNotFound, err)
+	}
+	return p, nil
+}
+
+// userNetStartTimeout bounds the helper's start (a Go process and the
+// stack's set-up: milliseconds idle, much longer on a loaded host).
+const userNetStartTimeout = time.Minute
+
 // UserNet is one VM's user-space network: a gvisor-tap-vsock virtual
 // network (gateway, NAT to the host's network, DNS) whose switch port is
 // the host end of a datagram socket pair; the other end is the VM's NIC.
+// The stack runs in a macvm-usernet process (package userstack says why),
+// which holds the host end and the published ports' listeners.
 type UserNet struct {
-	vn     *virtualnetwork.VirtualNetwork
-	guest  *os.File // the VM's end, handed to the hypervisor
-	host   net.Conn // the stack's end
-	cancel context.CancelFunc
-	done   chan struct{} // closed when the switch stops reading
+	guest *os.File  // the VM's end, handed to the hypervisor
+	cmd   *exec.Cmd // macvm-usernet
+	stdin io.WriteCloser
+	done  chan struct{} // closed when the helper has exited (cmd.Wait returned)
+	// published is what the helper listens on; set before NewUserNet returns.
+	published []net.Addr
 
-	mu        sync.Mutex // guards listeners and closed
-	listeners []net.Listener
-	closed    bool
+	mu     sync.Mutex // guards closed
+	closed bool
 }
 
 // NewUserNet starts a stack for one VM and publishes ports. Close stops it.
-func NewUserNet(ports []PortForward) (u *UserNet, retErr error) {
-	vn, err := virtualnetwork.New(&types.Configuration{
-		MTU:               userMTU,
-		Subnet:            UserSubnet,
-		GatewayIP:         GatewayIP,
-		GatewayMacAddress: gatewayMAC,
-		// The guest's address is static (ConfigureNetwork), but the
-		// lease keeps the stack's DHCP server from handing it out.
-		DHCPStaticLeases:  map[string]string{GuestIP: guestMACStr},
-		GatewayVirtualIPs: []string{HostIP},
-		NAT:               map[string]string{HostIP: "127.0.0.1"},
-		DNS: []types.Zone{{
-			Name: DNSZone,
-			Records: []types.Record{
-				{Name: "host", IP: net.ParseIP(HostIP)},
-				{Name: "gateway", IP: net.ParseIP(GatewayIP)},
-			},
-		}},
-	})
+func NewUserNet(ports []PortForward) (_ *UserNet, retErr error) {
+	helper, err := userNetHelper()
 	if err != nil {
-		return nil, fmt.Errorf("user-space network: %w", err)
+		return nil, err
 	}
 	// One frame per datagram, as QEMU's dgram netdev and the framework's
 	// file handle attachment send them (gvisor-tap-vsock's vfkit protocol).
@@ -139,37 +152,81 @@ func NewUserNet(ports []PortForward) (u *UserNet, retErr error) {
 		_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUF, 1<<20)
 		_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, 4<<20)
 	}
-	hostFile := os.NewFile(uintptr(fds[0]), "usernet-host")
+	host := os.NewFile(uintptr(fds[0]), "usernet-host")
 	guest := os.NewFile(uintptr(fds[1]), "usernet-guest")
-	host, err := net.FileConn(hostFile)
-	hostFile.Close()
+	defer host.Close() // the helper has its own copy
+	args := make([]string, 0, len(ports))
+	for _, p := range ports {
+		args = append(args, p.HostAddr+"="+strconv.Itoa(p.GuestPort))
+	}
+	cmd := exec.Command(helper, args...)
+	cmd.ExtraFiles = []*os.File{host} // fd 3
+	cmd.Stderr = os.Stderr
+	stdin, err := cmd.StdinPipe()
 	if err != nil {
 		guest.Close()
 		return nil, fmt.Errorf("user-space network: %w", err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	u = &UserNet{vn: vn, guest: guest, host: host, cancel: cancel, done: make(chan struct{})}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		guest.Close()
+		return nil, fmt.Errorf("user-space network: %w", err)
+	}
+	if err := cmd.Start(); err != nil {
+		guest.Close()
+		return nil, fmt.Errorf("user-space network: starting %s: %w", helper, err)
+	}
+	u := &UserNet{guest: guest, cmd: cmd, stdin: stdin, done: make(chan struct{})}
+	lines := make(chan []string, 1)
 	go func() {
-		defer close(u.done)
-		// Returns when the connection is closed (Close) or fails.
-		_ = vn.AcceptVfkit(ctx, host)
+		// Read the start-up lines, then drain (the helper writes no more).
+		var got []string
+		sc := bufio.NewScanner(stdout)
+		for sc.Scan() {
+			got = append(got, sc.Text())
+			if t := sc.Text(); t == "ready" || strings.HasPrefix(t, "error ") {
+				break
+			}
+		}
+		lines <- got
+		_, _ = io.Copy(io.Discard, stdout)
+		_ = cmd.Wait()
+		close(u.done)
 	}()
 	defer func() {
 		if retErr != nil {
 			u.Close()
 		}
 	}()
-	for _, p := range ports {
-		if err := u.publish(p); err != nil {
-			return nil, err
+	var got []string
+	select {
+	case got = <-lines:
+	case <-time.After(userNetStartTimeout):
+		return nil, fmt.Errorf("user-space network: %s did not start within %v: %w", helper, userNetStartTimeout, errdefs.ErrUnavailable)
+	}
+	for _, l := range got {
+		switch {
+		case strings.HasPrefix(l, "published "):
+			a, err := net.ResolveTCPAddr("tcp", strings.TrimPrefix(l, "published "))
+			if err != nil {
+				return nil, fmt.Errorf("user-space network: %s said %q: %w", helper, l, errdefs.ErrUnknown)
+			}
+			u.published = append(u.published, a)
+		case strings.HasPrefix(l, "error "):
+			// Failures to serve are mostly a port that cannot be
+			// published (in use, no such address).
+			return nil, fmt.Errorf("user-space network: %s: %w", strings.TrimPrefix(l, "error "), errdefs.ErrUnavailable)
 		}
+	}
+	if len(got) == 0 || got[len(got)-1] != "ready" || len(u.published) != len(ports) {
+		return nil, fmt.Errorf("user-space network: %s exited without serving (said %q): %w", helper, got, errdefs.ErrUnknown)
 	}
 	return u, nil
 }
 
 // NIC is the VM's device: the datagram end, with the guest's MAC.
 func (u *UserNet) NIC() vm.NIC {
-	mac, _ := net.ParseMAC(guestMACStr)
+	mac, _ := net.ParseMAC(GuestMAC)
 	return vm.NIC{Kind: vm.NICDatagram, File: u.guest, MAC: mac}
 }
 
@@ -178,10 +235,10 @@ func (u *UserNet) NIC() vm.NIC {
 func (u *UserNet) GuestConfig() *agent.ConfigureNetworkRequest {
 	return &agent.ConfigureNetworkRequest{
 		Interfaces: []*agent.NetworkInterface{{
-			DeviceMac: guestMACStr,
+			DeviceMac: GuestMAC,
 			Name:      "eth0",
-			Mac:       guestMACStr,
-			Mtu:       userMTU,
+			Mac:       GuestMAC,
+			Mtu:       UserMTU,
 			Addresses: []string{GuestIP + "/" + strconv.Itoa(userPrefix)},
 		}},
 		Routes: []*agent.Route{{Gateway: GatewayIP, Device: "eth0"}},
@@ -191,70 +248,15 @@ func (u *UserNet) GuestConfig() *agent.ConfigureNetworkRequest {
 // Published returns the host addresses the published ports listen on, in
 // the order given (a port 0 in the request shows the one chosen).
 func (u *UserNet) Published() []net.Addr {
-	u.mu.Lock()
-	defer u.mu.Unlock()
-	var out []net.Addr
-	for _, l := range u.listeners {
-		out = append(out, l.Addr())
-	}
-	return out
+	return append([]net.Addr(nil), u.published...)
 }
 
-// publish listens on the host and relays each connection into the guest
-// through the stack (the guest sees it come from the gateway).
-func (u *UserNet) publish(p PortForward) error {
-	l, err := net.Listen("tcp", p.HostAddr)
-	if err != nil {
-		return fmt.Errorf("publish %s -> guest port %d: %w: %w", p.HostAddr, p.GuestPort, errdefs.ErrUnavailable, err)
-	}
-	u.mu.Lock()
-	if u.closed {
-		u.mu.Unlock()
-		l.Close()
-		return fmt.Errorf("user-space network closed: %w", errdefs.ErrFailedPrecondition)
-	}
-	u.listeners = append(u.listeners, l)
-	u.mu.Unlock()
-	target := net.JoinHostPort(GuestIP, strconv.Itoa(p.GuestPort))
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return // closed
-			}
-			go u.relay(c, target)
-		}
-	}()
-	return nil
-}
+// userNetStopTimeout is how long Close waits for the helper to exit after
+// its stdin closed before killing it.
+const userNetStopTimeout = 10 * time.Second
 
-func (u *UserNet) relay(c net.Conn, target string) {
-	defer c.Close()
-	g, err := u.vn.DialContextTCP(context.Background(), target)
-	if err != nil {
-		return // the guest refused: the client sees the connection close
-	}
-	defer g.Close()
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		_, _ = io.Copy(g, c)
-		closeWrite(g)
-	}()
-	_, _ = io.Copy(c, g)
-	closeWrite(c)
-	wg.Wait()
-}
-
-func closeWrite(c net.Conn) {
-	if cw, ok := c.(interface{ CloseWrite() error }); ok {
-		_ = cw.CloseWrite()
-	}
-}
-
-// Close stops publishing ports and disconnects the stack from the VM. The
-// gvisor stack itself has no shutdown; its idle goroutines go with the shim.
+// Close stops the helper (its listeners close with it) and closes the
+// VM's end of the socket pair.
 func (u *UserNet) Close() error {
 	u.mu.Lock()
 	if u.closed {
@@ -262,15 +264,16 @@ func (u *UserNet) Close() error {
 		return nil
 	}
 	u.closed = true
-	ls := u.listeners
-	u.listeners = nil
 	u.mu.Unlock()
 	var errs []error
-	for _, l := range ls {
-		errs = append(errs, l.Close())
+	_ = u.stdin.Close()
+	select {
+	case <-u.done:
+	case <-time.After(userNetStopTimeout):
+		_ = u.cmd.Process.Kill()
+		<-u.done
+		errs = append(errs, fmt.Errorf("user-space network: macvm-usernet did not exit within %v of its stdin closing: killed", userNetStopTimeout))
 	}
-	u.cancel()
-	errs = append(errs, u.host.Close(), u.guest.Close())
-	<-u.done
+	errs = append(errs, u.guest.Close())
 	return errors.Join(errs...)
 }

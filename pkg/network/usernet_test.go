@@ -2,7 +2,14 @@ package network
 
 import (
 	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"reflect"
+	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/containerd/errdefs"
@@ -42,14 +49,32 @@ func TestParsePorts(t *testing.T) {
 	}
 }
 
+// TestMain builds macvm-usernet, which NewUserNet starts, into a private
+// directory.
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "usernet-helper-")
+	if err != nil {
+		panic(err)
+	}
+	UserNetHelper = filepath.Join(dir, "macvm-usernet")
+	out, err := exec.Command("go", "build", "-o", UserNetHelper, "../../cmd/macvm-usernet").CombinedOutput()
+	if err != nil {
+		os.RemoveAll(dir)
+		panic(fmt.Sprintf("building macvm-usernet: %v\n%s", err, out))
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
 func TestUserNetCloseReleasesPorts(t *testing.T) {
 	u, err := NewUserNet([]PortForward{{HostAddr: "127.0.0.1:0", GuestPort: 80}})
 	if err != nil {
 		t.Fatal(err)
 	}
 	addr := u.Published()[0].String()
-	if n := u.NIC(); n.File == nil || n.MAC.String() != guestMACStr {
-		t.Errorf("NIC %+v: want the datagram end with MAC %s", n, guestMACStr)
+	if n := u.NIC(); n.File == nil || n.MAC.String() != GuestMAC {
+		t.Errorf("NIC %+v: want the datagram end with MAC %s", n, GuestMAC)
 	}
 	if err := u.Close(); err != nil {
 		t.Errorf("Close: %v", err)
@@ -61,5 +86,27 @@ func TestUserNetCloseReleasesPorts(t *testing.T) {
 	u2.Close()
 	if err := u.Close(); err != nil {
 		t.Errorf("second Close: %v", err)
+	}
+	// The helper is gone once Close returns.
+	if err := u.cmd.Process.Signal(syscall.Signal(0)); err == nil {
+		t.Errorf("macvm-usernet %d still runs after Close", u.cmd.Process.Pid)
+	}
+}
+
+// A port that cannot be published fails NewUserNet with ErrUnavailable and
+// leaves no helper running.
+func TestUserNetPublishFails(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	u, err := NewUserNet([]PortForward{{HostAddr: "127.0.0.1:0", GuestPort: 80}, {HostAddr: l.Addr().String(), GuestPort: 81}})
+	if err == nil {
+		u.Close()
+		t.Fatalf("publishing %s, which is taken, succeeded", l.Addr())
+	}
+	if !errors.Is(err, errdefs.ErrUnavailable) || !strings.Contains(err.Error(), l.Addr().String()) {
+		t.Errorf("error %v: want ErrUnavailable naming %s", err, l.Addr())
 	}
 }
