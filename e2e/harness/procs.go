@@ -272,8 +272,15 @@ func untrackedDescendants(exclude ...int) ([]Proc, error) {
 // socketHolders returns the PIDs of processes that have the unix socket bound at path open, by matching
 // the socket's inode from /proc/net/unix against every process's fds. This is how a shim is found from
 // the address containerd recorded for it, with no guessing by process name.
+//
+// The list is read from /proc/thread-self/net, not /proc/net (/proc/self/net: the network namespace of
+// the process's main thread). Tests create network namespaces on locked threads that are then
+// discarded, but a locked goroutine that ends on the main thread does not end it: Go parks ("wedges")
+// the main thread, still in the namespace the goroutine entered, so /proc/net would list that
+// namespace's sockets and miss every shim's (TestPod failed so after the network tests).
+// An unlocked goroutine always runs on a thread in the test's own namespace.
 func socketHolders(path string) ([]int, error) {
-	f, err := os.Open("/proc/net/unix")
+	f, err := os.Open("/proc/thread-self/net/unix")
 	if err != nil {
 		return nil, err
 	}
