@@ -46,6 +46,13 @@ func handler(rt harness.Runtime) string {
 // nothing the test started (shim, VM, container process, mount, socket) survives.
 func daemon(t *testing.T, rt harness.Runtime, cri harness.CRIConfig) *harness.Containerd {
 	t.Helper()
+	return daemonWith(t, rt, harness.Options{CRIConfig: cri})
+}
+
+// daemonWith is daemon with more of the harness's options (e.g. WarmStart); CRI, the paths and the
+// logging are set here.
+func daemonWith(t *testing.T, rt harness.Runtime, opts harness.Options) *harness.Containerd {
+	t.Helper()
 	for _, b := range []string{rt.Shim, "crictl", "cni/bridge", "cni/host-local", "cni/loopback"} {
 		if fi, err := os.Stat(filepath.Join(suite.Paths.BinDir, b)); err != nil || fi.Mode()&0o111 == 0 {
 			t.Fatalf("%s missing from %s (run `make shim containerd cri-tools cni`)", b, suite.Built.BinDir)
@@ -53,8 +60,9 @@ func daemon(t *testing.T, rt harness.Runtime, cri harness.CRIConfig) *harness.Co
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	d, err := harness.Start(ctx, harness.Options{Paths: suite.Paths, CRI: true, CRIConfig: cri,
-		Debug: os.Getenv("MACVM_E2E_DEBUG") != "", Logf: t.Logf})
+	opts.Paths, opts.CRI = suite.Paths, true
+	opts.Debug, opts.Logf = os.Getenv("MACVM_E2E_DEBUG") != "", t.Logf
+	d, err := harness.Start(ctx, opts)
 	if err != nil {
 		t.Fatal(err)
 	}
