@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"google.golang.org/protobuf/types/known/emptypb"
+
+	agent "github.com/macvm/macvm/pkg/guest/api/v1"
 )
 
 // TemplateReady is vm.TemplateCache's Ready for VMs running this agent:
@@ -16,6 +18,36 @@ import (
 // returned release closes the connection (after the save: closing first
 // would leave the guest's session winding down inside the template).
 func TemplateReady(ctx context.Context, conn net.Conn) (func(), error) {
+	c, err := settled(ctx, conn)
+	if err != nil {
+		return nil, err
+	}
+	return func() { c.Close() }, nil
+}
+
+// PoolWarm is the warm-start pool daemon's warm-up of a pooled VM running
+// this agent (vm.PoolDaemon.Warm): as TemplateReady, then the shares of
+// shareTags (the pod share) are mounted in the guest. A template cannot
+// hold a mounted 9p share (QEMU refuses to migrate it), but a pooled VM is
+// never migrated again and its share directory is fixed: the first
+// container's create then skips the mount.
+func PoolWarm(ctx context.Context, conn net.Conn, shareTags []string) (func(), error) {
+	c, err := settled(ctx, conn)
+	if err != nil {
+		return nil, err
+	}
+	if len(shareTags) > 0 {
+		if _, err := c.PrepareShares(ctx, &agent.PrepareSharesRequest{Tags: shareTags}); err != nil {
+			c.Close()
+			return nil, fmt.Errorf("pooled VM: mount its shares: %w", err)
+		}
+	}
+	return func() { c.Close() }, nil
+}
+
+// settled connects to the agent on conn and waits until it has loaded its
+// modules and its spare helper is idle (Info.modules_loaded).
+func settled(ctx context.Context, conn net.Conn) (*Client, error) {
 	c, err := NewClient(ctx, conn)
 	if err != nil {
 		return nil, fmt.Errorf("connect to the template's agent: %w", err)
@@ -27,7 +59,7 @@ func TemplateReady(ctx context.Context, conn net.Conn) (func(), error) {
 			return nil, fmt.Errorf("template agent Info: %w", err)
 		}
 		if info.GetModulesLoaded() {
-			return func() { c.Close() }, nil
+			return c, nil
 		}
 		select {
 		case <-ctx.Done():

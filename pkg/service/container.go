@@ -192,9 +192,11 @@ func (c *container) ensureKilled() {
 	c.sb.stopVM()
 }
 
-// awaitGuestExit asks the agent for p's exit status. When the VM or the
-// agent is gone, the answer is 137: everything in the VM died with it.
-func (c *container) awaitGuestExit(p *process) (uint32, time.Time) {
+// awaitGuestExit asks the agent for p's exit status, and for an init the
+// cgroup's stats as the exit left them (nil if the agent sent none). When
+// the VM or the agent is gone, the answer is 137: everything in the VM
+// died with it.
+func (c *container) awaitGuestExit(p *process) (uint32, time.Time, *stats.Metrics) {
 	for attempt := 0; ; attempt++ {
 		resp, err := c.sb.client.WaitProcess(c.sb.vmCtx, &agent.WaitProcessRequest{ContainerId: c.id, ExecId: p.execID})
 		if err == nil {
@@ -203,14 +205,14 @@ func (c *container) awaitGuestExit(p *process) (uint32, time.Time) {
 			// exit times with their own clock (exited before started).
 			// The waiter is parked in WaitProcess all along, so the host
 			// learns of the exit within a round trip.
-			return resp.GetExitStatus(), time.Now()
+			return resp.GetExitStatus(), time.Now(), resp.GetMetrics()
 		}
 		if c.sb.vmCtx.Err() != nil || attempt >= 4 {
 			if c.sb.vmCtx.Err() == nil {
 				log.G(c.sb.vmCtx).WithError(err).WithField("container_id", c.id).WithField("exec_id", p.execID).
 					Error("cannot learn the exit status from the guest: reporting the process killed")
 			}
-			return exitKilled, time.Now()
+			return exitKilled, time.Now(), nil
 		}
 		select {
 		case <-c.sb.vmCtx.Done():
@@ -223,13 +225,13 @@ func (c *container) awaitGuestExit(p *process) (uint32, time.Time) {
 // TaskExit: output first (bounded), then, for the init, every exec's exit
 // and a last stats snapshot, then the event.
 func (c *container) waitExit(p *process) {
-	status, at := c.awaitGuestExit(p)
+	status, at, metrics := c.awaitGuestExit(p)
 	if p.pio != nil && !p.pio.wait(ioDrainTimeout) {
 		log.G(c.sb.vmCtx).WithField("container_id", c.id).WithField("exec_id", p.execID).
 			Warn("output still open after the process exited (a child holds it?): cut")
 	}
 	if p.execID == "" {
-		c.afterInitExit()
+		c.afterInitExit(metrics)
 	}
 	p.setExited(status, at)
 }
@@ -237,8 +239,9 @@ func (c *container) waitExit(p *process) {
 // afterInitExit runs between the init's exit and its TaskExit: it kills
 // what is left in the container (as runc does when the PID namespace is not
 // shared), waits for the execs' exits to be published (bounded, then forces
-// them) and snapshots the stats.
-func (c *container) afterInitExit() {
+// them) and keeps the stats: exitStats, which the agent sent with the exit,
+// or else a snapshot asked for now (one more round trip to the guest).
+func (c *container) afterInitExit(exitStats *stats.Metrics) {
 	if c.sb.vmCtx.Err() == nil && !c.ownPIDNamespace() {
 		ctx, cancel := context.WithTimeout(c.sb.vmCtx, rpcTimeout)
 		if _, err := c.sb.client.SignalProcess(ctx, &agent.SignalProcessRequest{ContainerId: c.id, Signal: uint32(syscall.SIGKILL), All: true}); err != nil &&
@@ -260,14 +263,17 @@ func (c *container) afterInitExit() {
 			e.setExited(exitKilled, time.Now())
 		}
 	}
-	if c.sb.vmCtx.Err() == nil {
+	if exitStats == nil && c.sb.vmCtx.Err() == nil {
 		ctx, cancel := context.WithTimeout(c.sb.vmCtx, rpcTimeout)
-		if resp, err := c.sb.client.Stats(ctx, &agent.StatsRequest{ContainerId: c.id}); err == nil && resp.GetMetrics() != nil {
-			c.mu.Lock()
-			c.stats = resp.GetMetrics()
-			c.mu.Unlock()
+		if resp, err := c.sb.client.Stats(ctx, &agent.StatsRequest{ContainerId: c.id}); err == nil {
+			exitStats = resp.GetMetrics()
 		}
 		cancel()
+	}
+	if exitStats != nil {
+		c.mu.Lock()
+		c.stats = exitStats
+		c.mu.Unlock()
 	}
 }
 

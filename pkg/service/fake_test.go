@@ -90,6 +90,9 @@ type fakeAgent struct {
 	hangCreate bool
 	// reseedErr is what Reseed fails with (nil: it succeeds).
 	reseedErr error
+	// exitStats are sent with an init's exit (WaitProcess), as the agent
+	// does; nil sends none, as an older agent.
+	exitStats *stats.Metrics
 
 	// mu guards everything below.
 	mu      sync.Mutex
@@ -277,7 +280,11 @@ func (a *fakeAgent) WaitProcess(ctx context.Context, r *agent.WaitProcessRequest
 	}
 	select {
 	case <-p.exit:
-		return &agent.WaitProcessResponse{ExitStatus: p.status, ExitedAt: timestamppb.Now()}, nil
+		resp := &agent.WaitProcessResponse{ExitStatus: p.status, ExitedAt: timestamppb.Now()}
+		if r.GetExecId() == "" {
+			resp.Metrics = a.exitStats
+		}
+		return resp, nil
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	case <-a.done:
@@ -336,6 +343,7 @@ func (a *fakeAgent) Pids(_ context.Context, r *agent.PidsRequest) (*agent.PidsRe
 }
 
 func (a *fakeAgent) Stats(context.Context, *agent.StatsRequest) (*agent.StatsResponse, error) {
+	a.record("Stats")
 	return &agent.StatsResponse{Metrics: &stats.Metrics{
 		Pids:         &stats.PidsStat{Current: 1},
 		MemoryEvents: &stats.MemoryEvents{OomKill: 1},
@@ -366,6 +374,11 @@ func (a *fakeAgent) WaitEvents(ctx context.Context, _ *agent.WaitEventsRequest) 
 	case <-a.done:
 		return nil, errdefs.ErrUnavailable
 	}
+}
+
+func (a *fakeAgent) PrepareShares(_ context.Context, r *agent.PrepareSharesRequest) (*emptypb.Empty, error) {
+	a.record("PrepareShares " + strings.Join(r.GetTags(), ","))
+	return &emptypb.Empty{}, nil
 }
 
 func (a *fakeAgent) Shutdown(context.Context, *emptypb.Empty) (*emptypb.Empty, error) {

@@ -121,7 +121,7 @@ func RunPoolDaemon(dir string, stdin io.Reader) int {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	tc := &vm.TemplateCache{Dir: filepath.Dir(dir), Ready: guest.TemplateReady, Logf: logf}
-	err := vm.RunPoolDaemon(ctx, dir, tc, job, logf)
+	err := vm.RunPoolDaemon(ctx, dir, tc, guest.PoolWarm, job, logf)
 	if errdefs.IsAlreadyExists(err) {
 		return 0
 	}

@@ -641,3 +641,28 @@ func TestInitExitKillsTheRestOnlyWithoutOwnPIDNamespace(t *testing.T) {
 		})
 	}
 }
+
+// TestExitStatsWithoutRoundTrip: stats the agent sends with an init's exit
+// are the snapshot the shim keeps for Stats once the VM is gone, and no
+// Stats call went to the guest between the exit and TaskExit; without them
+// the shim asks (an older agent), as TestTaskLifecycle checks.
+func TestExitStatsWithoutRoundTrip(t *testing.T) {
+	h := newHarness(t, func(p *fakeProc) { p.exitWith(0) })
+	h.agent.exitStats = &stats.Metrics{Pids: &stats.PidsStat{Current: 7}}
+	h.create("c", nil)
+	h.start("c", "")
+	h.wait("c", "")
+	if h.agent.called("Stats") {
+		t.Error("the shim asked the guest for stats after an exit that carried them")
+	}
+	c, err := h.svc.get("c")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.mu.Lock()
+	kept := c.stats
+	c.mu.Unlock()
+	if kept.GetPids().GetCurrent() != 7 {
+		t.Errorf("stats kept after the exit: %v, want the exit's (7 pids)", kept)
+	}
+}

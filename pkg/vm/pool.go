@@ -1,6 +1,8 @@
 package vm
 
 import (
+	"context"
+	"net"
 	"path/filepath"
 	"time"
 )
@@ -68,3 +70,8 @@ type PoolJob struct {
 	Size        int           `json:"size"`
 	IdleTimeout time.Duration `json:"idle_timeout"`
 }
+
+// PoolWarmFunc warms a pooled VM up after its restore (see
+// PoolDaemon.Warm): conn is a connection to its agent, shareTags the tags
+// of its shares; release ends the session (after the VM is paused again).
+type PoolWarmFunc func(ctx context.Context, conn net.Conn, shareTags []string) (release func(), err error)

@@ -45,12 +45,14 @@ type PoolDaemon struct {
 	// Logf reports what the daemon does; nil is silent.
 	Logf func(format string, args ...any)
 	// Warm, when set, runs each pooled VM briefly after its restore and
-	// is called with a connection to its agent (guest.TemplateReady: a
-	// session and an Info call), then the VM is paused again. A new QEMU
-	// process starts with an empty TCG translation cache, so without it
-	// the shim's first RPCs pay for translating the agent's code; the
+	// is called with a connection to its agent and the tags of its shares
+	// (guest.PoolWarm: a session, an Info call, the shares mounted), then
+	// the VM is paused again. A new QEMU process starts with an empty TCG
+	// translation cache, so without it the shim's first RPCs pay for
+	// translating the agent's code; and what is per VM rather than per
+	// container (the pod share's mount) is done while nobody waits. The
 	// shim's handshake later replaces this session (transport resync).
-	Warm func(ctx context.Context, conn net.Conn) (release func(), err error)
+	Warm PoolWarmFunc
 
 	mu sync.Mutex // guards everything below
 	// keys are the pools, by template key.
@@ -587,7 +589,11 @@ func (d *PoolDaemon) start(ctx context.Context, key string, cfg Config) (_ *pool
 		err = restoreState(sctx, mon)
 	}
 	if err == nil && d.Warm != nil {
-		err = d.warm(sctx, mon, v)
+		tags := make([]string, len(pcfg.Shares))
+		for i, sh := range pcfg.Shares {
+			tags[i] = sh.Tag
+		}
+		err = d.warm(sctx, mon, v, tags)
 	}
 	// Handed over, it is a container's VM like any other.
 	renice(cmd.Process.Pid, 0)
@@ -600,7 +606,7 @@ func (d *PoolDaemon) start(ctx context.Context, key string, cfg Config) (_ *pool
 }
 
 // warm runs the restored VM v until Warm returns, then pauses it again.
-func (d *PoolDaemon) warm(ctx context.Context, mon *qmpClient, v *pooledVM) error {
+func (d *PoolDaemon) warm(ctx context.Context, mon *qmpClient, v *pooledVM, shareTags []string) error {
 	conn, err := net.FileConn(v.agent) // a dup: v.agent stays for the shim
 	if err != nil {
 		return err
@@ -609,7 +615,7 @@ func (d *PoolDaemon) warm(ctx context.Context, mon *qmpClient, v *pooledVM) erro
 	if _, err := mon.execute(ctx, "cont", nil); err != nil {
 		return err
 	}
-	release, err := d.Warm(ctx, conn)
+	release, err := d.Warm(ctx, conn, shareTags)
 	if err != nil {
 		return fmt.Errorf("warming up: %w", err)
 	}
@@ -729,11 +735,11 @@ func PoolStatus(ctx context.Context, dir string) (map[string]PoolKeyStatus, erro
 }
 
 // RunPoolDaemon is the daemon's main: it serves dir for the templates of
-// tc until it is idle or ctx ends; tc.Ready warms each pooled VM up (see
+// tc until it is idle or ctx ends; warm warms each pooled VM up (see
 // PoolDaemon.Warm). first is the starting shim's request
 // (nil: none).
-func RunPoolDaemon(ctx context.Context, dir string, tc *TemplateCache, first *PoolJob, logf func(string, ...any)) error {
-	d := &PoolDaemon{Dir: dir, Templates: tc, Logf: logf, Warm: tc.Ready}
+func RunPoolDaemon(ctx context.Context, dir string, tc *TemplateCache, warm PoolWarmFunc, first *PoolJob, logf func(string, ...any)) error {
+	d := &PoolDaemon{Dir: dir, Templates: tc, Logf: logf, Warm: warm}
 	var req *poolRequest
 	if first != nil {
 		req = &poolRequest{Op: poolOpTake, Config: first.Config, Size: first.Size, IdleMs: first.IdleTimeout.Milliseconds()}

@@ -11,7 +11,7 @@ import (
 )
 
 // RunPoolDaemon: the pool is QEMU-only.
-func RunPoolDaemon(context.Context, string, *TemplateCache, *PoolJob, func(string, ...any)) error {
+func RunPoolDaemon(context.Context, string, *TemplateCache, PoolWarmFunc, *PoolJob, func(string, ...any)) error {
 	return fmt.Errorf("the VM pool runs on Linux (QEMU) only: %w", errdefs.ErrNotImplemented)
 }
 

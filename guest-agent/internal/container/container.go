@@ -18,6 +18,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/containerd/cgroups/v3/cgroup2"
@@ -54,6 +55,10 @@ type Config struct {
 	// MountsReady, if set, is closed once the kernel can mount what
 	// containers use (the filesystem modules are loaded); Create waits.
 	MountsReady <-chan struct{}
+	// Trace, if set, gets how long each step of a container's create took
+	// (the agent sets it with macvm.debug=1): under emulation a create is
+	// most of a warm start, and the host sees only its total.
+	Trace func(format string, args ...any)
 }
 
 // DefaultConfig is where the agent keeps containers in the guest.
@@ -77,12 +82,20 @@ type Manager struct {
 	spare         *spareHelper
 	spareStarting bool
 
+	// cgroupsReady is set once PrepareCgroups made the containers'
+	// parent cgroup.
+	cgroupsReady atomic.Bool
+
 	// sharesMu guards shares.
 	sharesMu sync.Mutex
 	// shares counts the users of each mounted share tag: a virtio-9p
 	// device serves a single mount at a time, so each tag is mounted once
 	// under RunDir/../shares and bind-mounted into every container using it.
 	shares map[string]int
+	// prepareMu serialises PrepareShares and guards pinned: the shares it
+	// mounted, each holding one reference for the VM's life.
+	prepareMu sync.Mutex
+	pinned    map[string]bool
 }
 
 // NewManager returns a Manager; onOOM may be nil.
@@ -90,7 +103,7 @@ func NewManager(cfg Config, r *reaper.Reaper, streams Streams, onOOM func(string
 	if onOOM == nil {
 		onOOM = func(string) {}
 	}
-	return &Manager{cfg: cfg, reaper: r, streams: streams, onOOM: onOOM, containers: map[string]*Container{}, shares: map[string]int{}}
+	return &Manager{cfg: cfg, reaper: r, streams: streams, onOOM: onOOM, containers: map[string]*Container{}, shares: map[string]int{}, pinned: map[string]bool{}}
 }
 
 // Container is one container: its root, cgroup, init and exec processes.
@@ -188,30 +201,37 @@ func (m *Manager) Create(ctx context.Context, id string, specJSON []byte, device
 			m.mu.Unlock()
 		}
 	}()
-	if m.cfg.MountsReady != nil {
-		select {
-		case <-m.cfg.MountsReady:
-		case <-ctx.Done():
-			return nil, fmt.Errorf("waiting for the guest's filesystem modules: %w", ctx.Err())
-		}
+	done := m.step(id, "wait for modules")
+	if err := m.waitMounts(ctx); err != nil {
+		return nil, err
 	}
+	done()
 	if err := c.mountDevices(ctx, devices); err != nil {
 		return nil, err
 	}
+	done = m.step(id, "rootfs")
 	if err := c.mountRootfs(rootfs); err != nil {
 		return nil, err
 	}
+	done()
+	done = m.step(id, "shares")
 	if err := c.prepareShares(spec); err != nil {
 		return nil, err
 	}
+	done()
 	if err := c.prepareShm(spec, cloneflags, join); err != nil {
 		return nil, err
 	}
+	done = m.step(id, "cgroup")
 	if err := c.createCgroup(spec); err != nil {
 		return nil, err
 	}
+	done()
 	withTerminal(spec.Process, &stdio)
+	done = m.step(id, "take spare")
 	spare := m.takeSpare(ctx, cloneflags, join)
+	done()
+	done = m.step(id, "helper ready")
 	if spare != nil && spec.Hostname == "" {
 		// A fresh UTS namespace starts with the VM's hostname as it is
 		// now; the spare's was copied when it started.
@@ -231,11 +251,63 @@ func (m *Manager) Create(ctx context.Context, id string, specJSON []byte, device
 	if err != nil {
 		return nil, fmt.Errorf("create container %s: %w", id, err)
 	}
+	done()
 	c.stopOOM = watchOOM(c.cgPath, func() { m.onOOM(id) })
 	m.mu.Lock()
 	m.containers[id] = c
 	m.mu.Unlock()
 	return c, nil
+}
+
+// waitMounts waits until the kernel can mount what containers use (the
+// filesystem modules are loaded), or ctx ends.
+func (m *Manager) waitMounts(ctx context.Context) error {
+	if m.cfg.MountsReady == nil {
+		return nil
+	}
+	select {
+	case <-m.cfg.MountsReady:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("waiting for the guest's filesystem modules: %w", ctx.Err())
+	}
+}
+
+// PrepareShares mounts the shares of tags (9p, else virtiofs) ahead of the
+// containers that will use them and keeps them mounted for the VM's life:
+// a VM of the warm-start pool waits with its pod share mounted, so the
+// first container's create skips the mount. A share already prepared is
+// left alone.
+func (m *Manager) PrepareShares(ctx context.Context, tags []string) error {
+	if err := m.waitMounts(ctx); err != nil {
+		return err
+	}
+	m.prepareMu.Lock()
+	defer m.prepareMu.Unlock()
+	for _, tag := range tags {
+		if m.pinned[tag] {
+			continue
+		}
+		if _, err := m.acquireShare(Mount{Type: "9p", Source: tag, Options: defaultShareOptions}); err != nil {
+			if _, verr := m.acquireShare(Mount{Type: "virtiofs", Source: tag}); verr != nil {
+				return fmt.Errorf("prepare share %q: %w", tag, err)
+			}
+		}
+		m.pinned[tag] = true
+	}
+	return nil
+}
+
+// step starts timing one step of container id's create for Config.Trace
+// and returns the function that ends and reports it.
+func (m *Manager) step(id, name string) func() {
+	if m.cfg.Trace == nil {
+		return func() {}
+	}
+	start := time.Now()
+	return func() {
+		m.cfg.Trace("trace: container %s: %s %.1fms", id, name, float64(time.Since(start).Microseconds())/1000)
+	}
 }
 
 // mountRootfs mounts the rootfs mounts in order under the container's dir.
@@ -445,27 +517,78 @@ func (m *Manager) releaseShare(tag string) {
 	os.Remove(p)
 }
 
+// delegatedControllers are the controllers of avail (the root's) that
+// containers' cgroups get: stats need them even without limits.
+func delegatedControllers(avail []string) []string {
+	var want []string
+	for _, ctl := range avail {
+		switch ctl {
+		case "cpu", "cpuset", "io", "memory", "pids", "hugetlb":
+			want = append(want, ctl)
+		}
+	}
+	return want
+}
+
+// PrepareCgroups creates the parent of the containers' cgroups
+// (/sys/fs/cgroup/macvm) with their controllers enabled, once per VM: the
+// agent does it at boot, so a warm-start template holds it and the first
+// container's create only makes its own group (under emulation each cgroup
+// file write is slow). Until it succeeds, each create does it itself.
+func (m *Manager) PrepareCgroups() error {
+	group := "/" + m.cfg.CgroupParent
+	parent, err := cgroup2.NewManager(m.cfg.CgroupRoot, group, &cgroup2.Resources{})
+	if err != nil {
+		return fmt.Errorf("create cgroup %s: %w", group, err)
+	}
+	avail, err := parent.RootControllers()
+	if err != nil {
+		return fmt.Errorf("cgroup controllers: %w", err)
+	}
+	want := delegatedControllers(avail)
+	// The ancestors' subtree_control (the root's), then the parent's own.
+	if err := parent.ToggleControllers(want, cgroup2.Enable); err != nil {
+		return fmt.Errorf("enable controllers %v: %w", want, err)
+	}
+	if len(want) > 0 {
+		ctl := "+" + strings.Join(want, " +")
+		if err := os.WriteFile(filepath.Join(m.cfg.CgroupRoot, group, "cgroup.subtree_control"), []byte(ctl), 0); err != nil {
+			return fmt.Errorf("enable controllers %v in %s: %w", want, group, err)
+		}
+	}
+	m.cgroupsReady.Store(true)
+	return nil
+}
+
 // createCgroup makes /sys/fs/cgroup/macvm/<id> with every controller the
 // guest offers enabled (stats need them even without limits), then applies
 // the spec's resources.
 func (c *Container) createCgroup(spec *specs.Spec) error {
 	group := "/" + c.m.cfg.CgroupParent + "/" + c.ID
-	cg, err := cgroup2.NewManager(c.m.cfg.CgroupRoot, group, &cgroup2.Resources{})
-	if err != nil {
-		return fmt.Errorf("create cgroup %s: %w", group, err)
-	}
-	c.cg = cg
 	c.cgPath = filepath.Join(c.m.cfg.CgroupRoot, group)
-	if avail, err := cg.RootControllers(); err == nil {
-		var want []string
-		for _, ctl := range avail {
-			switch ctl {
-			case "cpu", "cpuset", "io", "memory", "pids", "hugetlb":
-				want = append(want, ctl)
-			}
+	if c.m.cgroupsReady.Load() {
+		// The parent delegates the controllers already (PrepareCgroups):
+		// the group gets them when it is made.
+		if err := os.Mkdir(c.cgPath, 0o755); err != nil && !errors.Is(err, os.ErrExist) {
+			return fmt.Errorf("create cgroup %s: %w", group, err)
 		}
-		if err := cg.ToggleControllers(want, cgroup2.Enable); err != nil {
-			return fmt.Errorf("enable controllers %v: %w", want, err)
+		cg, err := cgroup2.Load(group, cgroup2.WithMountpoint(c.m.cfg.CgroupRoot))
+		if err != nil {
+			os.Remove(c.cgPath)
+			return fmt.Errorf("cgroup %s: %w", group, err)
+		}
+		c.cg = cg
+	} else {
+		cg, err := cgroup2.NewManager(c.m.cfg.CgroupRoot, group, &cgroup2.Resources{})
+		if err != nil {
+			return fmt.Errorf("create cgroup %s: %w", group, err)
+		}
+		c.cg = cg
+		if avail, err := cg.RootControllers(); err == nil {
+			want := delegatedControllers(avail)
+			if err := cg.ToggleControllers(want, cgroup2.Enable); err != nil {
+				return fmt.Errorf("enable controllers %v: %w", want, err)
+			}
 		}
 	}
 	if spec.Linux != nil && spec.Linux.Resources != nil {

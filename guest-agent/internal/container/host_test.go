@@ -283,3 +283,54 @@ func checkTTYOutput(t *testing.T, out, size string, n int) {
 		}
 	}
 }
+
+// TestHostPreparedCgroups: PrepareCgroups makes the containers' parent with
+// the controllers delegated, after which a container's cgroup is only
+// made (no subtree_control writes) and still gets every controller, and
+// goes with the container.
+func TestHostPreparedCgroups(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("creating cgroups needs root; the VM tests cover this as PID 1")
+	}
+	cgRoot := hostCgroupRoot(t)
+	parent := fmt.Sprintf("macvm-test-prep-%d", os.Getpid())
+	m := NewManager(Config{RunDir: t.TempDir(), CgroupRoot: cgRoot, CgroupParent: parent}, nil, nil, nil)
+	defer os.Remove(filepath.Join(cgRoot, parent))
+	if err := m.PrepareCgroups(); err != nil {
+		t.Fatalf("PrepareCgroups: %v", err)
+	}
+	read := func(p string) []string {
+		t.Helper()
+		b, err := os.ReadFile(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return strings.Fields(string(b))
+	}
+	avail := read(filepath.Join(cgRoot, "cgroup.controllers"))
+	want := strings.Join(delegatedControllers(avail), " ")
+	if got := strings.Join(read(filepath.Join(cgRoot, parent, "cgroup.subtree_control")), " "); got != want {
+		t.Errorf("parent's subtree_control %q, want %q", got, want)
+	}
+	c := &Container{ID: "prepared", m: m, cgFD: -1}
+	spec := &specs.Spec{}
+	if strings.Contains(want, "pids") { // not on a hybrid build machine
+		limit := int64(42)
+		spec.Linux = &specs.Linux{Resources: &specs.LinuxResources{Pids: &specs.LinuxPids{Limit: &limit}}}
+	}
+	if err := c.createCgroup(spec); err != nil {
+		t.Fatalf("createCgroup: %v", err)
+	}
+	if got := strings.Join(read(filepath.Join(c.cgPath, "cgroup.controllers")), " "); got != want {
+		t.Errorf("container cgroup's controllers %q, want %q", got, want)
+	}
+	if strings.Contains(want, "pids") {
+		if got := strings.Join(read(filepath.Join(c.cgPath, "pids.max")), ""); got != "42" {
+			t.Errorf("pids.max %q, want 42", got)
+		}
+	}
+	c.teardown()
+	if _, err := os.Stat(c.cgPath); !os.IsNotExist(err) {
+		t.Errorf("cgroup left behind: %v", err)
+	}
+}

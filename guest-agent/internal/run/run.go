@@ -72,6 +72,9 @@ func run(start time.Time, pid1 bool, logf func(string, ...any)) error {
 	streams := service.NewStreams()
 	cfg := container.DefaultConfig()
 	cfg.MountsReady = modules
+	if opts.Debug {
+		cfg.Trace = logf
+	}
 	mgr := container.NewManager(cfg, r, streams, events.OOM)
 	powerOff := func() {
 		if pid1 {
@@ -81,8 +84,12 @@ func run(start time.Time, pid1 bool, logf func(string, ...any)) error {
 		}
 	}
 	if pid1 {
-		// A helper started ahead for the first container (in a warm-start
-		// template it is saved with the guest).
+		// The containers' parent cgroup and a helper started ahead for the
+		// first container (in a warm-start template both are saved with
+		// the guest).
+		if err := mgr.PrepareCgroups(); err != nil {
+			logf("%v", err)
+		}
 		mgr.StartSpareAsync(logf)
 	}
 	svc := service.New(mgr, events, boot.CgroupRoot, powerOff)

@@ -166,7 +166,7 @@ func (s *Service) SignalProcess(ctx context.Context, req *agent.SignalProcessReq
 }
 
 func (s *Service) WaitProcess(ctx context.Context, req *agent.WaitProcessRequest) (*agent.WaitProcessResponse, error) {
-	_, p, err := s.process(req.ContainerId, req.ExecId)
+	c, p, err := s.process(req.ContainerId, req.ExecId)
 	if err != nil {
 		return nil, toGRPC(err)
 	}
@@ -174,7 +174,16 @@ func (s *Service) WaitProcess(ctx context.Context, req *agent.WaitProcessRequest
 	if err != nil {
 		return nil, toGRPC(err)
 	}
-	return &agent.WaitProcessResponse{ExitStatus: status, ExitedAt: timestamppb.New(at)}, nil
+	resp := &agent.WaitProcessResponse{ExitStatus: status, ExitedAt: timestamppb.New(at)}
+	if req.ExecId == "" {
+		// The host keeps the last stats of an exited container; sent with
+		// the exit, they cost it no round trip before TaskExit. Best
+		// effort: without them the host asks Stats.
+		if m, err := c.Stats(); err == nil {
+			resp.Metrics = m
+		}
+	}
+	return resp, nil
 }
 
 func (s *Service) DeleteProcess(ctx context.Context, req *agent.DeleteProcessRequest) (*emptypb.Empty, error) {
@@ -278,6 +287,10 @@ const shutdownTimeout = 5 * time.Second
 
 // powerOffDelay lets the Shutdown reply reach the host before the power goes.
 const powerOffDelay = 100 * time.Millisecond
+
+func (s *Service) PrepareShares(ctx context.Context, req *agent.PrepareSharesRequest) (*emptypb.Empty, error) {
+	return empty(s.containers.PrepareShares(ctx, req.Tags))
+}
 
 func (s *Service) Shutdown(ctx context.Context, _ *emptypb.Empty) (*emptypb.Empty, error) {
 	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), shutdownTimeout)

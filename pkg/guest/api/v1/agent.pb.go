@@ -889,8 +889,12 @@ func (x *WaitProcessRequest) GetExecId() string {
 type WaitProcessResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// exit_status is the exit code, or 128+signal for a killed process.
-	ExitStatus    uint32                 `protobuf:"varint,1,opt,name=exit_status,json=exitStatus,proto3" json:"exit_status,omitempty"`
-	ExitedAt      *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=exited_at,json=exitedAt,proto3" json:"exited_at,omitempty"`
+	ExitStatus uint32                 `protobuf:"varint,1,opt,name=exit_status,json=exitStatus,proto3" json:"exit_status,omitempty"`
+	ExitedAt   *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=exited_at,json=exitedAt,proto3" json:"exited_at,omitempty"`
+	// metrics, for a container's init, are its cgroup's stats as the exit
+	// left them: the host keeps them for Stats after the exit without one
+	// more round trip before it reports the exit.
+	Metrics       *stats.Metrics `protobuf:"bytes,3,opt,name=metrics,proto3" json:"metrics,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -935,6 +939,13 @@ func (x *WaitProcessResponse) GetExitStatus() uint32 {
 func (x *WaitProcessResponse) GetExitedAt() *timestamppb.Timestamp {
 	if x != nil {
 		return x.ExitedAt
+	}
+	return nil
+}
+
+func (x *WaitProcessResponse) GetMetrics() *stats.Metrics {
+	if x != nil {
+		return x.Metrics
 	}
 	return nil
 }
@@ -2020,6 +2031,51 @@ func (x *ConfigureNetworkRequest) GetNeighbours() []*Neighbour {
 	return nil
 }
 
+type PrepareSharesRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// tags are the shares to mount (the pod share: "shared").
+	Tags          []string `protobuf:"bytes,1,rep,name=tags,proto3" json:"tags,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PrepareSharesRequest) Reset() {
+	*x = PrepareSharesRequest{}
+	mi := &file_agent_proto_msgTypes[34]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PrepareSharesRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PrepareSharesRequest) ProtoMessage() {}
+
+func (x *PrepareSharesRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[34]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PrepareSharesRequest.ProtoReflect.Descriptor instead.
+func (*PrepareSharesRequest) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{34}
+}
+
+func (x *PrepareSharesRequest) GetTags() []string {
+	if x != nil {
+		return x.Tags
+	}
+	return nil
+}
+
 var File_agent_proto protoreflect.FileDescriptor
 
 const file_agent_proto_rawDesc = "" +
@@ -2080,11 +2136,12 @@ const file_agent_proto_rawDesc = "" +
 	"\x03all\x18\x04 \x01(\bR\x03all\"P\n" +
 	"\x12WaitProcessRequest\x12!\n" +
 	"\fcontainer_id\x18\x01 \x01(\tR\vcontainerId\x12\x17\n" +
-	"\aexec_id\x18\x02 \x01(\tR\x06execId\"o\n" +
+	"\aexec_id\x18\x02 \x01(\tR\x06execId\"\xac\x01\n" +
 	"\x13WaitProcessResponse\x12\x1f\n" +
 	"\vexit_status\x18\x01 \x01(\rR\n" +
 	"exitStatus\x127\n" +
-	"\texited_at\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\bexitedAt\"R\n" +
+	"\texited_at\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\bexitedAt\x12;\n" +
+	"\ametrics\x18\x03 \x01(\v2!.io.containerd.cgroups.v2.MetricsR\ametrics\"R\n" +
 	"\x14DeleteProcessRequest\x12!\n" +
 	"\fcontainer_id\x18\x01 \x01(\tR\vcontainerId\x12\x17\n" +
 	"\aexec_id\x18\x02 \x01(\tR\x06execId\";\n" +
@@ -2150,7 +2207,9 @@ const file_agent_proto_rawDesc = "" +
 	"\x06routes\x18\x02 \x03(\v2\x15.macvm.guest.v1.RouteR\x06routes\x129\n" +
 	"\n" +
 	"neighbours\x18\x03 \x03(\v2\x19.macvm.guest.v1.NeighbourR\n" +
-	"neighbours2\xee\v\n" +
+	"neighbours\"*\n" +
+	"\x14PrepareSharesRequest\x12\x12\n" +
+	"\x04tags\x18\x01 \x03(\tR\x04tags2\xbd\f\n" +
 	"\x05Agent\x12<\n" +
 	"\x04Info\x12\x16.google.protobuf.Empty\x1a\x1c.macvm.guest.v1.InfoResponse\x12A\n" +
 	"\aSetTime\x12\x1e.macvm.guest.v1.SetTimeRequest\x1a\x16.google.protobuf.Empty\x12?\n" +
@@ -2173,7 +2232,8 @@ const file_agent_proto_rawDesc = "" +
 	"\x06Resume\x12\x1d.macvm.guest.v1.ResumeRequest\x1a\x16.google.protobuf.Empty\x12S\n" +
 	"\n" +
 	"WaitEvents\x12!.macvm.guest.v1.WaitEventsRequest\x1a\".macvm.guest.v1.WaitEventsResponse\x12:\n" +
-	"\bShutdown\x12\x16.google.protobuf.Empty\x1a\x16.google.protobuf.EmptyB/Z-github.com/macvm/macvm/pkg/guest/api/v1;agentb\x06proto3"
+	"\bShutdown\x12\x16.google.protobuf.Empty\x1a\x16.google.protobuf.Empty\x12M\n" +
+	"\rPrepareShares\x12$.macvm.guest.v1.PrepareSharesRequest\x1a\x16.google.protobuf.EmptyB/Z-github.com/macvm/macvm/pkg/guest/api/v1;agentb\x06proto3"
 
 var (
 	file_agent_proto_rawDescOnce sync.Once
@@ -2187,7 +2247,7 @@ func file_agent_proto_rawDescGZIP() []byte {
 	return file_agent_proto_rawDescData
 }
 
-var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 34)
+var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 35)
 var file_agent_proto_goTypes = []any{
 	(*InfoResponse)(nil),            // 0: macvm.guest.v1.InfoResponse
 	(*ReseedRequest)(nil),           // 1: macvm.guest.v1.ReseedRequest
@@ -2223,71 +2283,75 @@ var file_agent_proto_goTypes = []any{
 	(*Route)(nil),                   // 31: macvm.guest.v1.Route
 	(*Neighbour)(nil),               // 32: macvm.guest.v1.Neighbour
 	(*ConfigureNetworkRequest)(nil), // 33: macvm.guest.v1.ConfigureNetworkRequest
-	(*timestamppb.Timestamp)(nil),   // 34: google.protobuf.Timestamp
-	(*stats.Metrics)(nil),           // 35: io.containerd.cgroups.v2.Metrics
-	(*emptypb.Empty)(nil),           // 36: google.protobuf.Empty
+	(*PrepareSharesRequest)(nil),    // 34: macvm.guest.v1.PrepareSharesRequest
+	(*timestamppb.Timestamp)(nil),   // 35: google.protobuf.Timestamp
+	(*stats.Metrics)(nil),           // 36: io.containerd.cgroups.v2.Metrics
+	(*emptypb.Empty)(nil),           // 37: google.protobuf.Empty
 }
 var file_agent_proto_depIdxs = []int32{
-	34, // 0: macvm.guest.v1.InfoResponse.boot_time:type_name -> google.protobuf.Timestamp
-	34, // 1: macvm.guest.v1.SetTimeRequest.time:type_name -> google.protobuf.Timestamp
+	35, // 0: macvm.guest.v1.InfoResponse.boot_time:type_name -> google.protobuf.Timestamp
+	35, // 1: macvm.guest.v1.SetTimeRequest.time:type_name -> google.protobuf.Timestamp
 	3,  // 2: macvm.guest.v1.CreateContainerRequest.rootfs:type_name -> macvm.guest.v1.Mount
 	4,  // 3: macvm.guest.v1.CreateContainerRequest.stdio:type_name -> macvm.guest.v1.Stdio
 	6,  // 4: macvm.guest.v1.CreateContainerRequest.block_devices:type_name -> macvm.guest.v1.BlockDevice
 	4,  // 5: macvm.guest.v1.ExecProcessRequest.stdio:type_name -> macvm.guest.v1.Stdio
-	34, // 6: macvm.guest.v1.WaitProcessResponse.exited_at:type_name -> google.protobuf.Timestamp
-	19, // 7: macvm.guest.v1.PidsResponse.processes:type_name -> macvm.guest.v1.ProcessInfo
-	35, // 8: macvm.guest.v1.StatsResponse.metrics:type_name -> io.containerd.cgroups.v2.Metrics
-	34, // 9: macvm.guest.v1.Event.timestamp:type_name -> google.protobuf.Timestamp
-	27, // 10: macvm.guest.v1.Event.oom:type_name -> macvm.guest.v1.OOMEvent
-	28, // 11: macvm.guest.v1.WaitEventsResponse.events:type_name -> macvm.guest.v1.Event
-	30, // 12: macvm.guest.v1.ConfigureNetworkRequest.interfaces:type_name -> macvm.guest.v1.NetworkInterface
-	31, // 13: macvm.guest.v1.ConfigureNetworkRequest.routes:type_name -> macvm.guest.v1.Route
-	32, // 14: macvm.guest.v1.ConfigureNetworkRequest.neighbours:type_name -> macvm.guest.v1.Neighbour
-	36, // 15: macvm.guest.v1.Agent.Info:input_type -> google.protobuf.Empty
-	2,  // 16: macvm.guest.v1.Agent.SetTime:input_type -> macvm.guest.v1.SetTimeRequest
-	1,  // 17: macvm.guest.v1.Agent.Reseed:input_type -> macvm.guest.v1.ReseedRequest
-	33, // 18: macvm.guest.v1.Agent.ConfigureNetwork:input_type -> macvm.guest.v1.ConfigureNetworkRequest
-	5,  // 19: macvm.guest.v1.Agent.CreateContainer:input_type -> macvm.guest.v1.CreateContainerRequest
-	8,  // 20: macvm.guest.v1.Agent.StartProcess:input_type -> macvm.guest.v1.StartProcessRequest
-	10, // 21: macvm.guest.v1.Agent.ExecProcess:input_type -> macvm.guest.v1.ExecProcessRequest
-	11, // 22: macvm.guest.v1.Agent.SignalProcess:input_type -> macvm.guest.v1.SignalProcessRequest
-	12, // 23: macvm.guest.v1.Agent.WaitProcess:input_type -> macvm.guest.v1.WaitProcessRequest
-	14, // 24: macvm.guest.v1.Agent.DeleteProcess:input_type -> macvm.guest.v1.DeleteProcessRequest
-	15, // 25: macvm.guest.v1.Agent.DeleteContainer:input_type -> macvm.guest.v1.DeleteContainerRequest
-	16, // 26: macvm.guest.v1.Agent.ResizePty:input_type -> macvm.guest.v1.ResizePtyRequest
-	17, // 27: macvm.guest.v1.Agent.CloseStdin:input_type -> macvm.guest.v1.CloseStdinRequest
-	18, // 28: macvm.guest.v1.Agent.Pids:input_type -> macvm.guest.v1.PidsRequest
-	21, // 29: macvm.guest.v1.Agent.Stats:input_type -> macvm.guest.v1.StatsRequest
-	23, // 30: macvm.guest.v1.Agent.UpdateResources:input_type -> macvm.guest.v1.UpdateResourcesRequest
-	24, // 31: macvm.guest.v1.Agent.Pause:input_type -> macvm.guest.v1.PauseRequest
-	25, // 32: macvm.guest.v1.Agent.Resume:input_type -> macvm.guest.v1.ResumeRequest
-	26, // 33: macvm.guest.v1.Agent.WaitEvents:input_type -> macvm.guest.v1.WaitEventsRequest
-	36, // 34: macvm.guest.v1.Agent.Shutdown:input_type -> google.protobuf.Empty
-	0,  // 35: macvm.guest.v1.Agent.Info:output_type -> macvm.guest.v1.InfoResponse
-	36, // 36: macvm.guest.v1.Agent.SetTime:output_type -> google.protobuf.Empty
-	36, // 37: macvm.guest.v1.Agent.Reseed:output_type -> google.protobuf.Empty
-	36, // 38: macvm.guest.v1.Agent.ConfigureNetwork:output_type -> google.protobuf.Empty
-	7,  // 39: macvm.guest.v1.Agent.CreateContainer:output_type -> macvm.guest.v1.CreateContainerResponse
-	9,  // 40: macvm.guest.v1.Agent.StartProcess:output_type -> macvm.guest.v1.StartProcessResponse
-	36, // 41: macvm.guest.v1.Agent.ExecProcess:output_type -> google.protobuf.Empty
-	36, // 42: macvm.guest.v1.Agent.SignalProcess:output_type -> google.protobuf.Empty
-	13, // 43: macvm.guest.v1.Agent.WaitProcess:output_type -> macvm.guest.v1.WaitProcessResponse
-	36, // 44: macvm.guest.v1.Agent.DeleteProcess:output_type -> google.protobuf.Empty
-	36, // 45: macvm.guest.v1.Agent.DeleteContainer:output_type -> google.protobuf.Empty
-	36, // 46: macvm.guest.v1.Agent.ResizePty:output_type -> google.protobuf.Empty
-	36, // 47: macvm.guest.v1.Agent.CloseStdin:output_type -> google.protobuf.Empty
-	20, // 48: macvm.guest.v1.Agent.Pids:output_type -> macvm.guest.v1.PidsResponse
-	22, // 49: macvm.guest.v1.Agent.Stats:output_type -> macvm.guest.v1.StatsResponse
-	36, // 50: macvm.guest.v1.Agent.UpdateResources:output_type -> google.protobuf.Empty
-	36, // 51: macvm.guest.v1.Agent.Pause:output_type -> google.protobuf.Empty
-	36, // 52: macvm.guest.v1.Agent.Resume:output_type -> google.protobuf.Empty
-	29, // 53: macvm.guest.v1.Agent.WaitEvents:output_type -> macvm.guest.v1.WaitEventsResponse
-	36, // 54: macvm.guest.v1.Agent.Shutdown:output_type -> google.protobuf.Empty
-	35, // [35:55] is the sub-list for method output_type
-	15, // [15:35] is the sub-list for method input_type
-	15, // [15:15] is the sub-list for extension type_name
-	15, // [15:15] is the sub-list for extension extendee
-	0,  // [0:15] is the sub-list for field type_name
+	35, // 6: macvm.guest.v1.WaitProcessResponse.exited_at:type_name -> google.protobuf.Timestamp
+	36, // 7: macvm.guest.v1.WaitProcessResponse.metrics:type_name -> io.containerd.cgroups.v2.Metrics
+	19, // 8: macvm.guest.v1.PidsResponse.processes:type_name -> macvm.guest.v1.ProcessInfo
+	36, // 9: macvm.guest.v1.StatsResponse.metrics:type_name -> io.containerd.cgroups.v2.Metrics
+	35, // 10: macvm.guest.v1.Event.timestamp:type_name -> google.protobuf.Timestamp
+	27, // 11: macvm.guest.v1.Event.oom:type_name -> macvm.guest.v1.OOMEvent
+	28, // 12: macvm.guest.v1.WaitEventsResponse.events:type_name -> macvm.guest.v1.Event
+	30, // 13: macvm.guest.v1.ConfigureNetworkRequest.interfaces:type_name -> macvm.guest.v1.NetworkInterface
+	31, // 14: macvm.guest.v1.ConfigureNetworkRequest.routes:type_name -> macvm.guest.v1.Route
+	32, // 15: macvm.guest.v1.ConfigureNetworkRequest.neighbours:type_name -> macvm.guest.v1.Neighbour
+	37, // 16: macvm.guest.v1.Agent.Info:input_type -> google.protobuf.Empty
+	2,  // 17: macvm.guest.v1.Agent.SetTime:input_type -> macvm.guest.v1.SetTimeRequest
+	1,  // 18: macvm.guest.v1.Agent.Reseed:input_type -> macvm.guest.v1.ReseedRequest
+	33, // 19: macvm.guest.v1.Agent.ConfigureNetwork:input_type -> macvm.guest.v1.ConfigureNetworkRequest
+	5,  // 20: macvm.guest.v1.Agent.CreateContainer:input_type -> macvm.guest.v1.CreateContainerRequest
+	8,  // 21: macvm.guest.v1.Agent.StartProcess:input_type -> macvm.guest.v1.StartProcessRequest
+	10, // 22: macvm.guest.v1.Agent.ExecProcess:input_type -> macvm.guest.v1.ExecProcessRequest
+	11, // 23: macvm.guest.v1.Agent.SignalProcess:input_type -> macvm.guest.v1.SignalProcessRequest
+	12, // 24: macvm.guest.v1.Agent.WaitProcess:input_type -> macvm.guest.v1.WaitProcessRequest
+	14, // 25: macvm.guest.v1.Agent.DeleteProcess:input_type -> macvm.guest.v1.DeleteProcessRequest
+	15, // 26: macvm.guest.v1.Agent.DeleteContainer:input_type -> macvm.guest.v1.DeleteContainerRequest
+	16, // 27: macvm.guest.v1.Agent.ResizePty:input_type -> macvm.guest.v1.ResizePtyRequest
+	17, // 28: macvm.guest.v1.Agent.CloseStdin:input_type -> macvm.guest.v1.CloseStdinRequest
+	18, // 29: macvm.guest.v1.Agent.Pids:input_type -> macvm.guest.v1.PidsRequest
+	21, // 30: macvm.guest.v1.Agent.Stats:input_type -> macvm.guest.v1.StatsRequest
+	23, // 31: macvm.guest.v1.Agent.UpdateResources:input_type -> macvm.guest.v1.UpdateResourcesRequest
+	24, // 32: macvm.guest.v1.Agent.Pause:input_type -> macvm.guest.v1.PauseRequest
+	25, // 33: macvm.guest.v1.Agent.Resume:input_type -> macvm.guest.v1.ResumeRequest
+	26, // 34: macvm.guest.v1.Agent.WaitEvents:input_type -> macvm.guest.v1.WaitEventsRequest
+	37, // 35: macvm.guest.v1.Agent.Shutdown:input_type -> google.protobuf.Empty
+	34, // 36: macvm.guest.v1.Agent.PrepareShares:input_type -> macvm.guest.v1.PrepareSharesRequest
+	0,  // 37: macvm.guest.v1.Agent.Info:output_type -> macvm.guest.v1.InfoResponse
+	37, // 38: macvm.guest.v1.Agent.SetTime:output_type -> google.protobuf.Empty
+	37, // 39: macvm.guest.v1.Agent.Reseed:output_type -> google.protobuf.Empty
+	37, // 40: macvm.guest.v1.Agent.ConfigureNetwork:output_type -> google.protobuf.Empty
+	7,  // 41: macvm.guest.v1.Agent.CreateContainer:output_type -> macvm.guest.v1.CreateContainerResponse
+	9,  // 42: macvm.guest.v1.Agent.StartProcess:output_type -> macvm.guest.v1.StartProcessResponse
+	37, // 43: macvm.guest.v1.Agent.ExecProcess:output_type -> google.protobuf.Empty
+	37, // 44: macvm.guest.v1.Agent.SignalProcess:output_type -> google.protobuf.Empty
+	13, // 45: macvm.guest.v1.Agent.WaitProcess:output_type -> macvm.guest.v1.WaitProcessResponse
+	37, // 46: macvm.guest.v1.Agent.DeleteProcess:output_type -> google.protobuf.Empty
+	37, // 47: macvm.guest.v1.Agent.DeleteContainer:output_type -> google.protobuf.Empty
+	37, // 48: macvm.guest.v1.Agent.ResizePty:output_type -> google.protobuf.Empty
+	37, // 49: macvm.guest.v1.Agent.CloseStdin:output_type -> google.protobuf.Empty
+	20, // 50: macvm.guest.v1.Agent.Pids:output_type -> macvm.guest.v1.PidsResponse
+	22, // 51: macvm.guest.v1.Agent.Stats:output_type -> macvm.guest.v1.StatsResponse
+	37, // 52: macvm.guest.v1.Agent.UpdateResources:output_type -> google.protobuf.Empty
+	37, // 53: macvm.guest.v1.Agent.Pause:output_type -> google.protobuf.Empty
+	37, // 54: macvm.guest.v1.Agent.Resume:output_type -> google.protobuf.Empty
+	29, // 55: macvm.guest.v1.Agent.WaitEvents:output_type -> macvm.guest.v1.WaitEventsResponse
+	37, // 56: macvm.guest.v1.Agent.Shutdown:output_type -> google.protobuf.Empty
+	37, // 57: macvm.guest.v1.Agent.PrepareShares:output_type -> google.protobuf.Empty
+	37, // [37:58] is the sub-list for method output_type
+	16, // [16:37] is the sub-list for method input_type
+	16, // [16:16] is the sub-list for extension type_name
+	16, // [16:16] is the sub-list for extension extendee
+	0,  // [0:16] is the sub-list for field type_name
 }
 
 func init() { file_agent_proto_init() }
@@ -2304,7 +2368,7 @@ func file_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_agent_proto_rawDesc), len(file_agent_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   34,
+			NumMessages:   35,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

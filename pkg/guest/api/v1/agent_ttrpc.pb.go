@@ -29,6 +29,7 @@ type AgentService interface {
 	Resume(context.Context, *ResumeRequest) (*emptypb.Empty, error)
 	WaitEvents(context.Context, *WaitEventsRequest) (*WaitEventsResponse, error)
 	Shutdown(context.Context, *emptypb.Empty) (*emptypb.Empty, error)
+	PrepareShares(context.Context, *PrepareSharesRequest) (*emptypb.Empty, error)
 }
 
 func RegisterAgentService(srv *ttrpc.Server, svc AgentService) {
@@ -173,6 +174,13 @@ func RegisterAgentService(srv *ttrpc.Server, svc AgentService) {
 					return nil, err
 				}
 				return svc.Shutdown(ctx, &req)
+			},
+			"PrepareShares": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+				var req PrepareSharesRequest
+				if err := unmarshal(&req); err != nil {
+					return nil, err
+				}
+				return svc.PrepareShares(ctx, &req)
 			},
 		},
 	})
@@ -343,6 +351,14 @@ func (c *agentClient) WaitEvents(ctx context.Context, req *WaitEventsRequest) (*
 func (c *agentClient) Shutdown(ctx context.Context, req *emptypb.Empty) (*emptypb.Empty, error) {
 	var resp emptypb.Empty
 	if err := c.client.Call(ctx, "macvm.guest.v1.Agent", "Shutdown", req, &resp); err != nil {
+		return nil, err
+	}
+	return &resp, nil
+}
+
+func (c *agentClient) PrepareShares(ctx context.Context, req *PrepareSharesRequest) (*emptypb.Empty, error) {
+	var resp emptypb.Empty
+	if err := c.client.Call(ctx, "macvm.guest.v1.Agent", "PrepareShares", req, &resp); err != nil {
 		return nil, err
 	}
 	return &resp, nil
