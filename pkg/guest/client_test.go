@@ -42,6 +42,12 @@ func (fakeAgent) WaitProcess(ctx context.Context, _ *agent.WaitProcessRequest) (
 // ttrpc on the control stream, other streams echoed.
 func startGuest(t testing.TB, rw io.ReadWriter) (stop func()) {
 	t.Helper()
+	return startGuestWith(t, rw, fakeAgent{})
+}
+
+// startGuestWith is startGuest serving svc.
+func startGuestWith(t testing.TB, rw io.ReadWriter, svc agent.AgentService) (stop func()) {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() {
@@ -58,7 +64,7 @@ func startGuest(t testing.TB, rw io.ReadWriter) (stop func()) {
 			t.Error(err)
 			return
 		}
-		agent.RegisterAgentService(srv, fakeAgent{})
+		agent.RegisterAgentService(srv, svc)
 		go srv.Serve(ctx, transport.NewListener(sess, table))
 		go func() {
 			for {

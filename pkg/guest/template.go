@@ -27,10 +27,12 @@ func TemplateReady(ctx context.Context, conn net.Conn) (func(), error) {
 
 // PoolWarm is the warm-start pool daemon's warm-up of a pooled VM running
 // this agent (vm.PoolDaemon.Warm): as TemplateReady, then the shares of
-// shareTags (the pod share) are mounted in the guest. A template cannot
+// shareTags (the pod share) are mounted in the guest, and a throw-away
+// container goes through a create and a delete (warmUp). A template cannot
 // hold a mounted 9p share (QEMU refuses to migrate it), but a pooled VM is
 // never migrated again and its share directory is fixed: the first
-// container's create then skips the mount.
+// container's create then skips the mount. A failure discards the VM (the
+// daemon retries, then leaves the key: shims start template clones).
 func PoolWarm(ctx context.Context, conn net.Conn, shareTags []string) (func(), error) {
 	c, err := settled(ctx, conn)
 	if err != nil {
@@ -41,6 +43,10 @@ func PoolWarm(ctx context.Context, conn net.Conn, shareTags []string) (func(), e
 			c.Close()
 			return nil, fmt.Errorf("pooled VM: mount its shares: %w", err)
 		}
+	}
+	if err := warmUp(ctx, c); err != nil {
+		c.Close()
+		return nil, fmt.Errorf("pooled VM: %w", err)
 	}
 	return func() { c.Close() }, nil
 }

@@ -169,8 +169,10 @@ func (m *Manager) List() []*Container {
 
 // Create mounts the root filesystem (the disks in devices first, then the
 // rootfs mounts), creates the cgroup and starts the init helper, which
-// stops before execve until StartProcess.
-func (m *Manager) Create(ctx context.Context, id string, specJSON []byte, devices []BlockDevice, rootfs []Mount, stdio Stdio) (_ *Container, retErr error) {
+// stops before execve until StartProcess. noSpare starts the helper afresh
+// even when the spare helper would do, leaving the spare to the next
+// container.
+func (m *Manager) Create(ctx context.Context, id string, specJSON []byte, devices []BlockDevice, rootfs []Mount, stdio Stdio, noSpare bool) (_ *Container, retErr error) {
 	if !validID.MatchString(id) {
 		return nil, fmt.Errorf("container id %q: %w", id, errdefs.ErrInvalidArgument)
 	}
@@ -229,7 +231,10 @@ func (m *Manager) Create(ctx context.Context, id string, specJSON []byte, device
 	done()
 	withTerminal(spec.Process, &stdio)
 	done = m.step(id, "take spare")
-	spare := m.takeSpare(ctx, cloneflags, join)
+	var spare *spareHelper
+	if !noSpare {
+		spare = m.takeSpare(ctx, cloneflags, join)
+	}
 	done()
 	done = m.step(id, "helper ready")
 	if spare != nil && spec.Hostname == "" {

@@ -143,7 +143,7 @@ func TestHostContainerLifecycle(t *testing.T) {
 		_, out, outDone := streams.open(id + "-out")
 		_, errb, errDone := streams.open(id + "-err")
 		b, _ := json.Marshal(spec)
-		c, err := m.Create(ctx, id, b, nil, []Mount{{Type: "bind", Source: rootfs, Options: []string{"rbind"}}}, Stdio{Stdout: id + "-out", Stderr: id + "-err"})
+		c, err := m.Create(ctx, id, b, nil, []Mount{{Type: "bind", Source: rootfs, Options: []string{"rbind"}}}, Stdio{Stdout: id + "-out", Stderr: id + "-err"}, false)
 		if err != nil {
 			t.Fatalf("Create %s: %v", id, err)
 		}

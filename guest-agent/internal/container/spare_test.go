@@ -61,12 +61,12 @@ func TestHostSpareHelper(t *testing.T) {
 	sparePid := m.spare.pid
 	m.mu.Unlock()
 
-	run := func(id string) (pid int) {
+	run := func(id string, noSpare bool) (pid int) {
 		t.Helper()
 		_, out, outDone := streams.open(id + "-out")
 		_, errb, errDone := streams.open(id + "-err")
 		b, _ := json.Marshal(hostSpec("sh", "-c", "echo out $$ $(hostname) $(cat /proc/self/cgroup); echo err >&2; exit 3"))
-		c, err := m.Create(ctx, id, b, nil, []Mount{{Type: "bind", Source: rootfs, Options: []string{"rbind"}}}, Stdio{Stdout: id + "-out", Stderr: id + "-err"})
+		c, err := m.Create(ctx, id, b, nil, []Mount{{Type: "bind", Source: rootfs, Options: []string{"rbind"}}}, Stdio{Stdout: id + "-out", Stderr: id + "-err"}, noSpare)
 		if err != nil {
 			t.Fatalf("Create %s: %v", id, err)
 		}
@@ -88,13 +88,24 @@ func TestHostSpareHelper(t *testing.T) {
 		}
 		return pid
 	}
-	if pid := run("spare"); pid != sparePid {
+	// A create that asks for no spare (the pool's warm-up container)
+	// leaves it to the next one.
+	if pid := run("no-spare", true); pid == sparePid {
+		t.Error("a create with noSpare took the spare")
+	}
+	m.mu.Lock()
+	kept := m.spare
+	m.mu.Unlock()
+	if kept == nil || kept.pid != sparePid {
+		t.Fatal("the spare is gone after a create with noSpare")
+	}
+	if pid := run("spare", false); pid != sparePid {
 		t.Errorf("the first container's init is pid %d, not the spare's %d", pid, sparePid)
 	}
 	if !m.SpareSettled() || m.takeSpare(ctx, spareCloneflags, nil) != nil {
 		t.Error("the spare is still there after a container took it")
 	}
-	if pid := run("fresh"); pid == sparePid {
+	if pid := run("fresh", false); pid == sparePid {
 		t.Error("the second container reused the spare's pid")
 	}
 
@@ -118,7 +129,7 @@ func TestHostSpareHelper(t *testing.T) {
 	case <-ctx.Done():
 		t.Fatal("the killed spare was never reaped")
 	}
-	if pid := run("after-dead-spare"); pid == dead.pid {
+	if pid := run("after-dead-spare", false); pid == dead.pid {
 		t.Error("a container ran from a dead spare's pid")
 	}
 

@@ -111,7 +111,7 @@ func (s *Service) CreateContainer(ctx context.Context, req *agent.CreateContaine
 	for i, d := range req.BlockDevices {
 		devices[i] = container.BlockDevice{Serial: d.Serial, Index: int(d.Index), FSType: d.Fstype, Options: d.Options, Path: d.Path, Mkdirs: d.Mkdirs}
 	}
-	c, err := s.containers.Create(ctx, req.ContainerId, req.Spec, devices, mounts, stdio(req.Stdio))
+	c, err := s.containers.Create(ctx, req.ContainerId, req.Spec, devices, mounts, stdio(req.Stdio), req.NoSpare)
 	if err != nil {
 		return nil, toGRPC(err)
 	}

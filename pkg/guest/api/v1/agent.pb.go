@@ -388,7 +388,12 @@ type CreateContainerRequest struct {
 	// erofs image per layer and an ext4 image for the writable layer, and
 	// rootfs then assembles them (an overlay whose directories name the
 	// devices' mount points).
-	BlockDevices  []*BlockDevice `protobuf:"bytes,5,rep,name=block_devices,json=blockDevices,proto3" json:"block_devices,omitempty"`
+	BlockDevices []*BlockDevice `protobuf:"bytes,5,rep,name=block_devices,json=blockDevices,proto3" json:"block_devices,omitempty"`
+	// no_spare leaves the VM's spare helper to the next container and
+	// starts this one's helper afresh: the warm-start pool's throw-away
+	// warm-up container, which must not use up the spare its VM's first
+	// real container gets.
+	NoSpare       bool `protobuf:"varint,6,opt,name=no_spare,json=noSpare,proto3" json:"no_spare,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -456,6 +461,13 @@ func (x *CreateContainerRequest) GetBlockDevices() []*BlockDevice {
 		return x.BlockDevices
 	}
 	return nil
+}
+
+func (x *CreateContainerRequest) GetNoSpare() bool {
+	if x != nil {
+		return x.NoSpare
+	}
+	return false
 }
 
 // BlockDevice is a disk of the VM that the agent mounts for a container.
@@ -2103,13 +2115,14 @@ const file_agent_proto_rawDesc = "" +
 	"\x05stdin\x18\x01 \x01(\tR\x05stdin\x12\x16\n" +
 	"\x06stdout\x18\x02 \x01(\tR\x06stdout\x12\x16\n" +
 	"\x06stderr\x18\x03 \x01(\tR\x06stderr\x12\x1a\n" +
-	"\bterminal\x18\x04 \x01(\bR\bterminal\"\xed\x01\n" +
+	"\bterminal\x18\x04 \x01(\bR\bterminal\"\x88\x02\n" +
 	"\x16CreateContainerRequest\x12!\n" +
 	"\fcontainer_id\x18\x01 \x01(\tR\vcontainerId\x12\x12\n" +
 	"\x04spec\x18\x02 \x01(\fR\x04spec\x12-\n" +
 	"\x06rootfs\x18\x03 \x03(\v2\x15.macvm.guest.v1.MountR\x06rootfs\x12+\n" +
 	"\x05stdio\x18\x04 \x01(\v2\x15.macvm.guest.v1.StdioR\x05stdio\x12@\n" +
-	"\rblock_devices\x18\x05 \x03(\v2\x1b.macvm.guest.v1.BlockDeviceR\fblockDevices\"\x99\x01\n" +
+	"\rblock_devices\x18\x05 \x03(\v2\x1b.macvm.guest.v1.BlockDeviceR\fblockDevices\x12\x19\n" +
+	"\bno_spare\x18\x06 \x01(\bR\anoSpare\"\x99\x01\n" +
 	"\vBlockDevice\x12\x16\n" +
 	"\x06serial\x18\x01 \x01(\tR\x06serial\x12\x14\n" +
 	"\x05index\x18\x02 \x01(\rR\x05index\x12\x16\n" +
