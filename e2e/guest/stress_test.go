@@ -318,8 +318,9 @@ func testExecIntoPausedContainer(t *testing.T, v *testVM) {
 	st, _, err := other.run(ctx, []string{"sleep", "30"}, true)
 	cancel()
 	if err != nil || st != 137 {
+		ev := v.evidence(t, "other")
 		thaw()
-		t.Fatalf("kill of an exec while another container is paused: status %d, %v", st, err)
+		t.Fatalf("kill of an exec while another container is paused: status %d, %v\n%s", st, err, ev)
 	}
 
 	thaw()

@@ -713,7 +713,9 @@ func (c *Container) Exec(ctx context.Context, execID string, processJSON []byte,
 		stdio:    stdio,
 		join:     execJoins(c.init.Pid()),
 		cgroupFD: c.cgFD,
-		helperNS: nsFiles,
+		// The container may be paused (see spawnSpec.joinCgroupLate).
+		joinCgroupLate: true,
+		helperNS:       nsFiles,
 	})
 	if err != nil {
 		release()

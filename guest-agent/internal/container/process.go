@@ -80,6 +80,15 @@ type spawnSpec struct {
 	cloneflags uintptr
 	join       []nsJoin
 	cgroupFD   int
+	// joinCgroupLate forks the helper in the agent's cgroup and moves it
+	// into cgroupFD's before it reads its config, instead of forking it
+	// into that cgroup (CLONE_INTO_CGROUP). An exec's cgroup may be
+	// frozen (a paused container): a fork into it does not return until
+	// the thaw (Go forks with CLONE_VFORK), and a Go garbage collection
+	// that starts meanwhile waits for the forking thread, which stops the
+	// whole agent (the thaw never comes: it is an RPC). A helper moved in
+	// later just freezes, and only its exec waits for the thaw.
+	joinCgroupLate bool
 	// helperNS are namespaces the helper joins itself (cfg.Join).
 	helperNS []*os.File
 	// spare, if set, is the helper to use instead of starting one: it
@@ -170,7 +179,7 @@ func spawn(ctx context.Context, r *reaper.Reaper, streams Streams, ss spawnSpec)
 			ExtraFiles: []*os.File{childSync, cfgR},
 			SysProcAttr: &unix.SysProcAttr{
 				Cloneflags:  ss.cloneflags,
-				UseCgroupFD: ss.cgroupFD >= 0,
+				UseCgroupFD: ss.cgroupFD >= 0 && !ss.joinCgroupLate,
 				CgroupFD:    ss.cgroupFD,
 			},
 		}
@@ -248,6 +257,13 @@ func spawn(ctx context.Context, r *reaper.Reaper, streams Streams, ss spawnSpec)
 			p.proc.Signal(unix.SIGKILL)
 			<-ch
 		})
+		if ss.cgroupFD >= 0 && ss.joinCgroupLate {
+			// Before the config is written: the helper enters the
+			// container's cgroup namespace once it is in the cgroup.
+			if err := moveToCgroup(ss.cgroupFD, pid); err != nil {
+				return nil, fmt.Errorf("helper: %w", err)
+			}
+		}
 	}
 	for _, f := range append(childEnds, childEndsOfHelper...) {
 		f.Close()

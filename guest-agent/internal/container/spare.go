@@ -185,13 +185,22 @@ func (sp *spareHelper) discard() {
 // cgroupFD), before it reads its config: the helper unshares its cgroup
 // namespace once there.
 func (sp *spareHelper) joinCgroup(cgroupFD int) error {
+	if err := moveToCgroup(cgroupFD, sp.pid); err != nil {
+		return fmt.Errorf("spare helper: %w", err)
+	}
+	return nil
+}
+
+// moveToCgroup writes pid to the cgroup.procs of the cgroup open as
+// cgroupFD.
+func moveToCgroup(cgroupFD, pid int) error {
 	fd, err := unix.Openat(cgroupFD, "cgroup.procs", unix.O_WRONLY|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return fmt.Errorf("spare helper: open cgroup.procs: %w", err)
+		return fmt.Errorf("open cgroup.procs: %w", err)
 	}
 	defer unix.Close(fd)
-	if _, err := unix.Write(fd, []byte(strconv.Itoa(sp.pid))); err != nil {
-		return fmt.Errorf("spare helper: join cgroup: %w", err)
+	if _, err := unix.Write(fd, []byte(strconv.Itoa(pid))); err != nil {
+		return fmt.Errorf("join cgroup: %w", err)
 	}
 	return nil
 }
