@@ -41,19 +41,26 @@ func TestPodNetwork(t *testing.T) {
 		addrs := crictl(t, d, "exec", id, "ip", "-o", "-4", "addr", "show")
 		mustContain(t, "addresses inside the pod", addrs, " "+ip+"/")
 
-		client := &http.Client{Timeout: 10 * time.Second}
-		deadline := time.Now().Add(2 * time.Minute)
-		for {
-			body, err := get(client, "http://"+ip+":8080/")
-			if err == nil && body == "hello-from-pod" {
-				break
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("GET http://%s:8080/ from the host: %q, %v; want hello-from-pod", ip, body, err)
-			}
-			time.Sleep(time.Second)
-		}
+		getUntil(t, "http://"+ip+":8080/", "hello-from-pod")
 	})
+}
+
+// getUntil GETs url from the host until it answers want (the pod's server may still be starting), for
+// up to two minutes.
+func getUntil(t *testing.T, url, want string) {
+	t.Helper()
+	client := &http.Client{Timeout: 10 * time.Second}
+	deadline := time.Now().Add(2 * time.Minute)
+	for {
+		body, err := get(client, url)
+		if err == nil && body == want {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("GET %s from the host: %q, %v; want %s", url, body, err, want)
+		}
+		time.Sleep(time.Second)
+	}
 }
 
 func get(c *http.Client, url string) (string, error) {

@@ -3,7 +3,6 @@ package cri_test
 import (
 	"encoding/json"
 	"fmt"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -87,18 +86,7 @@ func TestWarmStartPod(t *testing.T) {
 		t.Errorf("eth0 in the clone has MAC %s; want the pod interface's %s (not the template's %s)", got, mac, vm.TemplateMAC(0))
 	}
 	execUntil(t, d, client, "hello-from-clone", "wget", "-q", "-O", "-", "http://127.0.0.1:8080/")
-	hc := &http.Client{Timeout: 10 * time.Second}
-	deadline := time.Now().Add(2 * time.Minute)
-	for {
-		body, err := get(hc, "http://"+ip+":8080/")
-		if err == nil && body == "hello-from-clone" {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("GET http://%s:8080/ from the host: %q, %v; want hello-from-clone", ip, body, err)
-		}
-		time.Sleep(time.Second)
-	}
+	getUntil(t, "http://"+ip+":8080/", "hello-from-clone")
 
 	crictl(t, d, "stopp", podID)
 	crictl(t, d, "rmp", podID)
