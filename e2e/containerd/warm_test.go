@@ -131,21 +131,13 @@ func startMode(t *testing.T, d *harness.Containerd, id string) string {
 // than not, and returns its key.
 func waitTemplate(t *testing.T, d *harness.Containerd, not string) string {
 	t.Helper()
-	deadline := time.Now().Add(templateWait)
-	for {
-		ents, _ := os.ReadDir(d.TemplateDir)
-		for _, e := range ents {
-			if !e.IsDir() || strings.HasPrefix(e.Name(), ".") || e.Name() == not {
-				continue
-			}
-			if _, err := os.Stat(filepath.Join(d.TemplateDir, e.Name(), "manifest.json")); err == nil {
-				return e.Name()
+	other := func(keys []string) string {
+		for _, k := range keys {
+			if k != not {
+				return k
 			}
 		}
-		if time.Now().After(deadline) {
-			log, _ := os.ReadFile(filepath.Join(d.TemplateDir, "build.log"))
-			t.Fatalf("no template after %v; build log:\n%s", templateWait, log)
-		}
-		time.Sleep(200 * time.Millisecond)
+		return ""
 	}
+	return other(d.WaitTemplates(t, templateWait, func(keys []string) bool { return other(keys) != "" }))
 }

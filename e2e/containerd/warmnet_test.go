@@ -65,27 +65,7 @@ func cniAttach(t *testing.T, conf string) cniAttachment {
 // waitTemplates waits until the cache holds n complete templates.
 func waitTemplates(t *testing.T, d *harness.Containerd, n int) []string {
 	t.Helper()
-	deadline := time.Now().Add(2 * templateWait)
-	for {
-		var keys []string
-		ents, _ := os.ReadDir(d.TemplateDir)
-		for _, e := range ents {
-			if !e.IsDir() || strings.HasPrefix(e.Name(), ".") || e.Name() == "pool" {
-				continue
-			}
-			if _, err := os.Stat(filepath.Join(d.TemplateDir, e.Name(), "manifest.json")); err == nil {
-				keys = append(keys, e.Name())
-			}
-		}
-		if len(keys) >= n {
-			return keys
-		}
-		if time.Now().After(deadline) {
-			log, _ := os.ReadFile(filepath.Join(d.TemplateDir, "build.log"))
-			t.Fatalf("%d templates after %v, want %d; build log:\n%s", len(keys), 2*templateWait, n, log)
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
+	return d.WaitTemplates(t, 2*templateWait, func(keys []string) bool { return len(keys) >= n })
 }
 
 // TestWarmStartNetwork: VMs with NICs start from templates built with

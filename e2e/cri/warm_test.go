@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
@@ -124,27 +123,7 @@ func startMode(t *testing.T, d *harness.Containerd, id string) string {
 // manifest) and returns their keys.
 func waitTemplates(t *testing.T, d *harness.Containerd) []string {
 	t.Helper()
-	deadline := time.Now().Add(templateWait)
-	for {
-		var keys []string
-		ents, _ := os.ReadDir(d.TemplateDir)
-		for _, e := range ents {
-			if !e.IsDir() || strings.HasPrefix(e.Name(), ".") || e.Name() == "pool" {
-				continue
-			}
-			if _, err := os.Stat(filepath.Join(d.TemplateDir, e.Name(), "manifest.json")); err == nil {
-				keys = append(keys, e.Name())
-			}
-		}
-		if len(keys) > 0 {
-			return keys
-		}
-		if time.Now().After(deadline) {
-			log, _ := os.ReadFile(filepath.Join(d.TemplateDir, "build.log"))
-			t.Fatalf("no template after %v; build log:\n%s", templateWait, log)
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
+	return d.WaitTemplates(t, templateWait, func(keys []string) bool { return len(keys) > 0 })
 }
 
 // podNetwork is the pod's IP and the path of its network namespace, from `crictl inspectp`.
