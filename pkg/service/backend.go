@@ -33,8 +33,9 @@ type backend struct {
 	// missing, fix tells the operator how to get it.
 	lookupHypervisor func(configured string) (path, fix string, err error)
 	// dialAgent performs the handshake on a VM's agent channel and returns
-	// the RPC client.
-	dialAgent func(ctx context.Context, conn net.Conn) (agentClient, error)
+	// the RPC client; resumed says the VM was restored from a warm-start
+	// template (a clone, pooled or not), not booted.
+	dialAgent func(ctx context.Context, conn net.Conn, resumed bool) (agentClient, error)
 	// mounter performs the pod share's host mounts (nil: the real ones).
 	mounter hostMounter
 }

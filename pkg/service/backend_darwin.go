@@ -16,7 +16,9 @@ func platformBackend() backend {
 	return backend{
 		newMachine:       vm.NewVZ,
 		lookupHypervisor: func(string) (string, string, error) { return "", "", nil },
-		dialAgent: func(ctx context.Context, conn net.Conn) (agentClient, error) {
+		dialAgent: func(ctx context.Context, conn net.Conn, _ bool) (agentClient, error) {
+			// vsock: every connection starts a session of its own, a
+			// resumed guest's included.
 			return guest.NewClient(ctx, conn)
 		},
 	}

@@ -8,6 +8,7 @@ import (
 	"runtime"
 
 	"github.com/macvm/macvm/pkg/guest"
+	"github.com/macvm/macvm/pkg/guest/transport"
 	"github.com/macvm/macvm/pkg/vm"
 )
 
@@ -24,8 +25,15 @@ func platformBackend() backend {
 			return m, nil
 		},
 		lookupHypervisor: lookupQEMU,
-		dialAgent: func(ctx context.Context, conn net.Conn) (agentClient, error) {
-			return guest.NewClient(ctx, conn)
+		dialAgent: func(ctx context.Context, conn net.Conn, resumed bool) (agentClient, error) {
+			// A resumed guest's agent is inside the session of the
+			// template build or the pool's warm-up (virtio-serial: it
+			// never saw that host go).
+			var opts []transport.Option
+			if resumed {
+				opts = append(opts, transport.WithStaleSession())
+			}
+			return guest.NewClient(ctx, conn, opts...)
 		},
 	}
 }

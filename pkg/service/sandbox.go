@@ -369,7 +369,7 @@ func (sb *sandbox) connect(ctx context.Context, b backend) (agentClient, error) 
 	conn, err := sb.machine.AgentConn(hctx)
 	if err == nil {
 		var client agentClient
-		client, err = b.dialAgent(hctx, conn)
+		client, err = b.dialAgent(hctx, conn, vm.StartModeOf(sb.machine) != vm.StartCold)
 		if err == nil {
 			ok = true
 			return client, nil

@@ -75,7 +75,7 @@ func newHarness(t *testing.T, run func(p *fakeProc)) *harness {
 			return m, nil
 		},
 		lookupHypervisor: func(string) (string, string, error) { return "/fake/qemu", "", nil },
-		dialAgent:        func(context.Context, net.Conn) (agentClient, error) { return h.agent, nil },
+		dialAgent:        func(context.Context, net.Conn, bool) (agentClient, error) { return h.agent, nil },
 		mounter:          h.mnt,
 	}
 	h.svc, err = newService(ctx, h.rec, h.sd, b)

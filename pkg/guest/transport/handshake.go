@@ -166,8 +166,12 @@ func Connect(ctx context.Context, conn net.Conn, opts ...Option) (*Session, erro
 
 	stopSync := make(chan struct{})
 	syncDone := make(chan error, 1)
+	var o options
+	for _, opt := range opts {
+		opt(&o)
+	}
 	go func() {
-		syncDone <- resendSync(conn, formatToken(kindSync, nonce), stopSync)
+		syncDone <- resendSync(conn, formatToken(kindSync, nonce), o.staleSession, stopSync)
 	}()
 
 	br := bufio.NewReaderSize(conn, 64<<10)
@@ -203,11 +207,12 @@ func Connect(ctx context.Context, conn net.Conn, opts ...Option) (*Session, erro
 }
 
 // resendSync writes token at once and then again at growing intervals
-// until stop is closed. The first copy goes bare: a fresh guest, or one
-// that saw the previous host hang up, answers it at once. The second is
-// padded (see syncPadding); later ones go bare again so that a slow boot
-// does not queue much for the guest to scan.
-func resendSync(w io.Writer, token []byte, stop <-chan struct{}) error {
+// until stop is closed. The first copy goes bare unless padFirst: a fresh
+// guest, or one that saw the previous host hang up, answers it at once. The
+// second is padded (see syncPadding); later ones go bare again so that a
+// slow boot does not queue much for the guest to scan. padFirst pads the
+// first copy too (WithStaleSession).
+func resendSync(w io.Writer, token []byte, padFirst bool, stop <-chan struct{}) error {
 	interval := syncResendFirst
 	timer := time.NewTimer(0)
 	defer timer.Stop()
@@ -219,7 +224,7 @@ func resendSync(w io.Writer, token []byte, stop <-chan struct{}) error {
 		case <-timer.C:
 		}
 		msg := token
-		if copies == 1 {
+		if copies == 1 || (copies == 0 && padFirst) {
 			msg = padded
 		}
 		if _, err := w.Write(msg); err != nil {

@@ -14,7 +14,7 @@
 //
 //	host  -> guest  "\x00MACVM-SYNC1:<nonce>\n"   nonce: 16 lowercase hex digits, new per Connect;
 //	                 resent at 50 ms, 100 ms, ... 1 s intervals until answered; the second copy
-//	                 is preceded by 256 KiB of 0xff (see syncPadding)
+//	                 (and the first, with WithStaleSession) is preceded by 256 KiB of 0xff (see syncPadding)
 //	guest -> host   "\x00MACVM-READY1:<nonce>\n"  once per SYNC it scans
 //	both            yamux from the next byte on; each side first skips repeats of the token
 //	                 that started its session, and 0xff padding
@@ -75,6 +75,8 @@ type options struct {
 	logger       Logger
 	window       uint32
 	writeTimeout time.Duration
+	// staleSession makes Connect pad its first SYNC (WithStaleSession).
+	staleSession bool
 }
 
 // Option tunes a session.
@@ -92,6 +94,18 @@ func WithStreamWindow(bytes uint32) Option { return func(o *options) { o.window 
 // WithWriteTimeout sets how long a write may wait for the channel before it
 // fails. A TCG guest under load, or a paused VM, can stall for long.
 func WithWriteTimeout(d time.Duration) Option { return func(o *options) { o.writeTimeout = d } }
+
+// WithStaleSession tells Connect that the guest is most likely still
+// serving an earlier host's session that ended without its knowing: a VM
+// restored from a warm-start template, or handed over by the pool daemon,
+// resumes with the agent inside the session of the template build or of
+// the pool's warm-up. Connect then pads its first SYNC as it does the
+// second (syncPadding): the stale session reads the padding as a bad yamux
+// header and ends, and the guest's next Accept finds the token behind it,
+// instead of the first copy being lost to that session and the handshake
+// waiting syncResendFirst for the second. The padding costs a guest that
+// had no session only the scan of it. Only Connect looks at it.
+func WithStaleSession() Option { return func(o *options) { o.staleSession = true } }
 
 // DefaultStreamWindow is the per-stream receive window used unless
 // WithStreamWindow says otherwise: large enough that a single stdout

@@ -513,3 +513,93 @@ func TestHostSkipsRepeatedReady(t *testing.T) {
 	s := mustConnect(t, host)
 	roundTrip(t, s, "once", []byte("twice"))
 }
+
+// firstWrite records the first Write on a conn.
+type firstWrite struct {
+	net.Conn
+	once  sync.Once
+	first chan []byte
+}
+
+func (f *firstWrite) Write(p []byte) (int, error) {
+	f.once.Do(func() { f.first <- append([]byte(nil), p...) })
+	return f.Conn.Write(p)
+}
+
+// A VM restored from a template (or handed over by the pool) resumes with
+// its agent inside the session of a host it never saw go: with
+// WithStaleSession the first SYNC already carries the padding that ends
+// that session, and the new host's session works.
+func TestStaleSessionPaddedFirstSync(t *testing.T) {
+	port := newFakePort(t)
+	sessions, stop := guestLoop(t, port.guest, echo)
+	defer stop()
+
+	s1 := mustConnect(t, port.connect(t))
+	roundTrip(t, s1, "warm-up", []byte("one"))
+	// The guest does not notice this host leave (virtio-serial).
+	s1.Close()
+
+	h := &firstWrite{Conn: port.connect(t), first: make(chan []byte, 1)}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	s2, err := Connect(ctx, h, WithStaleSession())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close()
+	roundTrip(t, s2, "after-stale", []byte("two"))
+	first := <-h.first
+	if !bytes.HasPrefix(first, syncPadding) {
+		t.Errorf("first SYNC copy starts %q, want the %d-byte padding", first[:min(len(first), 16)], len(syncPadding))
+	}
+	if tok := first[len(syncPadding):]; !bytes.HasPrefix(tok, []byte(tokenPrefix+kindSync+":")) || tok[len(tok)-1] != '\n' {
+		t.Errorf("first SYNC copy ends %q, want one SYNC token after the padding", tok)
+	}
+	if n := len(sessions); n != 2 {
+		t.Errorf("guest accepted %d sessions, want 2", n)
+	}
+}
+
+// Without WithStaleSession the first copy is the bare token (a booting
+// guest has nothing to end), the second padded.
+func TestResendSyncCopies(t *testing.T) {
+	token := formatToken(kindSync, "0123456789abcdef")
+	for _, padFirst := range []bool{false, true} {
+		r, w := net.Pipe()
+		stop := make(chan struct{})
+		done := make(chan error, 1)
+		go func() { done <- resendSync(w, token, padFirst, stop) }()
+		var copies [][]byte
+		buf := make([]byte, 2*len(syncPadding))
+		for len(copies) < 3 {
+			// net.Pipe delivers each Write whole to reads large enough
+			// (in pieces of at most len(buf)); a copy ends with '\n'.
+			var c []byte
+			for len(c) == 0 || c[len(c)-1] != '\n' {
+				n, err := r.Read(buf)
+				if err != nil {
+					t.Fatal(err)
+				}
+				c = append(c, buf[:n]...)
+			}
+			copies = append(copies, c)
+		}
+		close(stop)
+		go io.Copy(io.Discard, r)
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+		r.Close()
+		padded := append(append([]byte(nil), syncPadding...), token...)
+		want := [][]byte{token, padded, token}
+		if padFirst {
+			want[0] = padded
+		}
+		for i := range want {
+			if !bytes.Equal(copies[i], want[i]) {
+				t.Errorf("padFirst=%v: copy %d is %d bytes, want %d (padded: %v)", padFirst, i, len(copies[i]), len(want[i]), len(want[i]) > len(token))
+			}
+		}
+	}
+}
