@@ -2,6 +2,7 @@ package containerd_test
 
 import (
 	"context"
+	"encoding/json"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -24,10 +25,14 @@ const poolWait = 3 * time.Minute
 // second is a template clone and starts the pool daemon, which fills its
 // pool; two containers run at once then both get pooled VMs, each with
 // its own root filesystem (one with a bind mount) and its own random
-// stream; the pool refills. A killed daemon (SIGKILL) takes its ready VMs
-// along, the next run falls back to a template clone and works (and
-// starts a new daemon); stopped by its pidfile, the daemon and every qemu
-// of it are gone and its VM directories removed.
+// stream; the pool refills. Two containers from the pool outlive a
+// SIGKILL of the daemon: both answer execs; one exits normally later,
+// the other's shim is killed and containerd's cleanup kills its VM. The
+// next run falls back to a template clone and starts a new daemon, which
+// kills the VMs the killed one had not handed out and adopts the lease
+// still in use (its VM goes with its container); stopped by its pidfile,
+// the daemon and every qemu of it are gone and its VM directories
+// removed.
 func TestWarmStartPool(t *testing.T) {
 	rt := harness.Macvm()
 	d := daemonWith(t, rt, harness.Options{Paths: suite.Paths, WarmStart: "pool",
@@ -111,20 +116,114 @@ func TestWarmStartPool(t *testing.T) {
 	waitPool(t, poolDir, key, 2)
 	waitVMDirs(t, poolDir, 2)
 
-	// A daemon killed outright takes its ready VMs along; the next run
-	// is a template clone (and starts a new daemon).
+	// Two containers from the pool outlive the daemon: SIGKILL it while
+	// they run. One still answers execs and exits normally; the other's
+	// shim is killed too, and containerd's cleanup of the dead shim kills
+	// its VM (no daemon is left to end the lease).
+	lids := []string{"lease1", "lease2"}
+	for _, id := range lids {
+		runDetached(t, d, rt, nil, id, "sh", "-c", `trap "exit 0" TERM; while true; do sleep 0.2; done`)
+	}
+	leased := map[string]harness.Proc{}
+	for _, id := range lids {
+		waitStatus(t, d, id, "RUNNING", 2*time.Minute)
+		if mode := startMode(t, d, id); mode != "pool" {
+			t.Fatalf("%s: start_mode=%s, want pool", id, mode)
+		}
+	}
+	// Refilled: the daemon holds ready VMs of its own when it dies.
+	waitPool(t, poolDir, key, 2)
 	pid := poolPid(t, poolDir)
+	below, err := harness.Descendants(pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var daemonQemus []harness.Proc // the ready (or filling) VMs
+	for _, p := range below {
+		if !strings.Contains(p.Cmdline, poolDir+"/vm-") {
+			continue
+		}
+		isLeased := false
+		for _, id := range lids {
+			if vmPid, vmDir := bundleVM(t, d, id); vmPid == p.Pid {
+				if !strings.HasPrefix(vmDir, poolDir+"/vm-") {
+					t.Errorf("%s: recorded pool directory %q, want one below %s", id, vmDir, poolDir)
+				}
+				leased[id] = p
+				isLeased = true
+			}
+		}
+		if !isLeased {
+			daemonQemus = append(daemonQemus, p)
+		}
+	}
+	if len(leased) != len(lids) || len(daemonQemus) < 2 {
+		t.Fatalf("among the daemon's children: qemus of the pooled containers %v, ready ones %v, want 2 each (children %v)", leased, daemonQemus, below)
+	}
+	daemon := mustProc(t, pid)
+	t.Logf("killing pool daemon %d; leased VMs %v, its own %v", pid, leased, daemonQemus)
 	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
-	waitNoQemu(t, poolDir)
+	waitGone(t, "pool daemon", daemon)
+	for _, id := range lids {
+		res := ctrOK(t, d, "task", "exec", "--exec-id", "after-kill", id, "echo", "alive-"+id)
+		if string(res.Stdout) != "alive-"+id+"\n" {
+			t.Fatalf("%s: exec after the pool daemon was killed: %v", id, res)
+		}
+	}
+	shim, err := d.ShimPid("lease2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Kill(shim, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	waitGone(t, "the VM of a killed shim (containerd's cleanup)", leased["lease2"])
+	for deadline := time.Now().Add(2 * time.Minute); ; {
+		if st := taskStatus(t, d, "lease2"); st == "STOPPED" || st == "" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("lease2 not stopped after its shim was killed")
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if res := ctr(t, d, nil, "task", "delete", "lease2"); res.ExitCode != 0 && !strings.Contains(string(res.Stderr), "not found") {
+		t.Errorf("task delete after shim death: %v", res)
+	}
+	ctrOK(t, d, "container", "delete", "lease2")
+
+	// The next run is a template clone and starts a new daemon, which
+	// kills the VMs the old one held and adopts lease1's lease.
 	if mode := echo("pool5"); mode != "template" {
 		t.Fatalf("container after killing the pool daemon: start_mode=%s, want template", mode)
+	}
+	for _, p := range daemonQemus {
+		waitGone(t, "a ready VM of the killed daemon", p)
 	}
 	waitPool(t, poolDir, key, 2)
 	if newPid := poolPid(t, poolDir); newPid == pid {
 		t.Fatalf("pool daemon pid %d unchanged after SIGKILL", pid)
 	}
+	if st, err := vm.PoolStatus(ctx(t, step), poolDir); err != nil || st[key].Leased != 1 {
+		t.Errorf("new daemon's status %s %v: want lease1's VM counted as leased", statusString(st), err)
+	}
+	if !harness.Alive(leased["lease1"]) {
+		t.Fatal("lease1's VM died after the new daemon started")
+	}
+	res := ctrOK(t, d, "task", "exec", "--exec-id", "adopted", "lease1", "echo", "still-alive")
+	if string(res.Stdout) != "still-alive\n" {
+		t.Fatalf("exec after the new daemon started: %v", res)
+	}
+	ctrOK(t, d, "task", "kill", "lease1")
+	if code := exitStatus(t, d, "lease1", 2*time.Minute); code != 0 {
+		t.Errorf("lease1 exit status %d, want 0 (its TERM trap)", code)
+	}
+	ctrOK(t, d, "task", "delete", "lease1")
+	ctrOK(t, d, "container", "delete", "lease1")
+	waitGone(t, "lease1's VM after its container was deleted", leased["lease1"])
+
 	if mode := echo("pool6"); mode != "pool" {
 		t.Fatalf("container from the new daemon's pool: start_mode=%s, want pool", mode)
 	}
@@ -140,6 +239,52 @@ func TestWarmStartPool(t *testing.T) {
 	}
 	if l, err := d.WaitClean(time.Minute, true); err != nil || len(l.Procs) > 0 {
 		t.Errorf("processes left after stopping the pool: %v %s", err, l)
+	}
+}
+
+// bundleVM reads the VM's pid and pool directory the shim recorded in
+// container id's bundle (for containerd's cleanup of a dead shim).
+func bundleVM(t *testing.T, d *harness.Containerd, id string) (int, string) {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(d.BundleDir(id), "macvm-state.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var st struct {
+		VMPid     int    `json:"vm_pid"`
+		VMPoolDir string `json:"vm_pool_dir"`
+	}
+	if err := json.Unmarshal(b, &st); err != nil {
+		t.Fatal(err)
+	}
+	return st.VMPid, st.VMPoolDir
+}
+
+// mustProc is the harness's view of pid (with its start time).
+func mustProc(t *testing.T, pid int) harness.Proc {
+	t.Helper()
+	ps, err := harness.Descendants(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range ps {
+		if p.Pid == pid {
+			return p
+		}
+	}
+	t.Fatalf("process %d is not among the test's descendants", pid)
+	return harness.Proc{}
+}
+
+// waitGone waits until process p (pid and start time) has exited.
+func waitGone(t *testing.T, what string, p harness.Proc) {
+	t.Helper()
+	deadline := time.Now().Add(2 * time.Minute)
+	for harness.Alive(p) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s (%v) still runs", what, p)
+		}
+		time.Sleep(200 * time.Millisecond)
 	}
 }
 

@@ -22,6 +22,11 @@ type bundleState struct {
 	// VMPid is the hypervisor process; VMStateDir its sockets and console.
 	VMPid      int    `json:"vm_pid,omitempty"`
 	VMStateDir string `json:"vm_state_dir,omitempty"`
+	// VMPoolDir is set when the VM came from the warm-start pool: its
+	// hypervisor runs in that directory (its command line names it, not
+	// VMStateDir) and is not the shim's child, so it does not die with
+	// the shim; the delete action kills it like a cold VM's.
+	VMPoolDir string `json:"vm_pool_dir,omitempty"`
 	// Rootfs is the host mount point the shim mounted, if any.
 	Rootfs string `json:"rootfs,omitempty"`
 	// Share is the container's directory in the pod share on the host:
@@ -67,14 +72,19 @@ func writeBundleState(bundle string, st *bundleState) error {
 }
 
 // killLeftoverVM kills the hypervisor a crashed shim left behind. The pid
-// is only trusted if the process still names the VM's state directory on
-// its command line: after a reboot or pid reuse it may be anything.
+// is only trusted if the process still names the VM's directory (its
+// state directory, or a pooled VM's own) on its command line: after a
+// reboot or pid reuse it may be anything.
 func killLeftoverVM(st *bundleState) (bool, error) {
-	if st.VMPid <= 0 || st.VMStateDir == "" {
+	dir := st.VMStateDir
+	if st.VMPoolDir != "" {
+		dir = st.VMPoolDir
+	}
+	if st.VMPid <= 0 || dir == "" {
 		return false, nil
 	}
 	cmdline, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(st.VMPid), "cmdline"))
-	if err != nil || !strings.Contains(string(cmdline), st.VMStateDir) {
+	if err != nil || !strings.Contains(string(cmdline), dir) {
 		return false, nil
 	}
 	if err := syscall.Kill(st.VMPid, syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {

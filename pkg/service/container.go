@@ -17,6 +17,7 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	agent "github.com/macvm/macvm/pkg/guest/api/v1"
+	"github.com/macvm/macvm/pkg/vm"
 )
 
 // Bounds on waits that involve the guest. Every wait on the guest is
@@ -99,6 +100,7 @@ func (c *container) recordVM() error {
 	c.mu.Lock()
 	if c.sb.machine != nil {
 		c.state.VMPid = c.sb.machine.Pid()
+		c.state.VMPoolDir = vm.PoolDirOf(c.sb.machine)
 	}
 	c.state.VMStateDir = c.sb.stateDir
 	c.state.Share = c.files.hostDir
@@ -437,7 +439,7 @@ func (c *container) deleteInit(ctx context.Context) (*taskAPI.DeleteResponse, er
 // the pod's VM, which its siblings still use.
 func (c *container) forgetVM() {
 	c.mu.Lock()
-	c.state.VMPid, c.state.VMStateDir, c.state.Share, c.state.Rootfs = 0, "", "", ""
+	c.state.VMPid, c.state.VMStateDir, c.state.VMPoolDir, c.state.Share, c.state.Rootfs = 0, "", "", "", ""
 	st := c.state
 	c.mu.Unlock()
 	if err := writeBundleState(c.bundle, &st); err != nil {

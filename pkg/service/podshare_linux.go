@@ -258,8 +258,15 @@ func undoHostMounts(st *bundleState) error {
 	if err := undoContainerMounts(st); err != nil {
 		return err
 	}
+	var m sysMounter
+	if st.VMPoolDir != "" {
+		// A pooled VM's pod share is its own directory's (relocate); the
+		// pool daemon removes the directory once nothing is mounted there.
+		if err := m.unmountAll(st.VMPoolDir); err != nil {
+			return err
+		}
+	}
 	if st.VMStateDir != "" {
-		var m sysMounter
 		return m.unmountAll(filepath.Join(st.VMStateDir, "shared"))
 	}
 	return nil

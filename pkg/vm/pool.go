@@ -63,6 +63,22 @@ func ShareDirsOf(m Machine) []string {
 	return nil
 }
 
+// PoolDirer is implemented by machines whose hypervisor the pool daemon
+// started: it runs in a directory of the pool's (its command line names
+// that one, not the Config's StateDir), and it is not the caller's child.
+type PoolDirer interface {
+	PoolDir() string
+}
+
+// PoolDirOf is the pool directory m's hypervisor runs in, or "" when m
+// was not handed over by the pool daemon.
+func PoolDirOf(m Machine) string {
+	if p, ok := m.(PoolDirer); ok {
+		return p.PoolDir()
+	}
+	return ""
+}
+
 // PoolJob is what a shim hands the daemon it starts: its VM's
 // configuration and pool settings, so the pool fills at once.
 type PoolJob struct {

@@ -183,6 +183,15 @@ func (q *QEMU) ShareDirs() []string {
 	return dirs
 }
 
+// PoolDir is the pooled VM's own directory below the pool's, which
+// qemu's command line names; "" for a VM this process started.
+func (q *QEMU) PoolDir() string {
+	if !q.pooled {
+		return ""
+	}
+	return q.cfg.StateDir
+}
+
 // pidfdProcess is a qemu started by the pool daemon: not our child, so it
 // is watched through a pidfd (readable once it exited) and signalled
 // through it (no pid reuse race); the daemon reaps it.

@@ -33,10 +33,12 @@ import (
 // pool when nobody asked for it for its idle time, and exits when it has
 // neither pools nor leases.
 //
-// Pooled qemus die with the daemon (parent-death signal): a daemon killed
-// outright must not leave VMs nobody accounts for, so it takes the VMs it
-// handed out with it; a daemon stopped with SIGTERM (Run's ctx) waits for
-// their leases to end instead.
+// Pooled qemus do not die with the daemon: a VM handed out runs a shim's
+// containers, which a crashed or killed daemon must not take along. Each
+// VM's directory records its qemu and owner instead (pool_owner_linux.go),
+// and the next daemon (or StopPool) kills what nobody holds and adopts the
+// leases whose shims still run. A daemon stopped with SIGTERM (Run's ctx)
+// kills its ready VMs and waits for its leases to end.
 type PoolDaemon struct {
 	// Dir is the daemon's directory (socket, pidfile, lock, VM dirs).
 	Dir string
@@ -57,8 +59,17 @@ type PoolDaemon struct {
 	mu sync.Mutex // guards everything below
 	// keys are the pools, by template key.
 	keys map[string]*poolKey
-	// leases counts VMs handed out whose shim still holds them.
+	// leases counts VMs handed out whose shim still holds them, its own
+	// and those it adopted from a previous daemon.
 	leases int
+	// adopted counts, by template key, the leases adopted from a
+	// previous daemon (for PoolStatus).
+	adopted map[string]int
+	// known is the VM directories this daemon starts, holds or has
+	// handed out; the sweep (sweepOrphans) leaves them alone.
+	known map[string]bool
+	// boot is the kernel's boot id, written into the VMs' records.
+	boot string
 	// wake wakes the janitor early (a pool set to size 0, a lease ended).
 	wake chan struct{}
 	// fill wakes the filler.
@@ -111,6 +122,8 @@ type pooledVM struct {
 	qmp, agent, pidfd *os.File
 	done              chan struct{} // closed once reaped
 	readyAt           time.Time
+	// rec is its record (the daemon as owner), written into dir.
+	rec poolRecord
 }
 
 func (d *PoolDaemon) logf(format string, args ...any) {
@@ -139,9 +152,16 @@ func (d *PoolDaemon) Run(ctx context.Context, first *poolRequest) error {
 		return fmt.Errorf("pool lock: %w", err)
 	}
 	d.keys = map[string]*poolKey{}
+	d.adopted = map[string]int{}
+	d.known = map[string]bool{}
 	d.wake = make(chan struct{}, 1)
 	d.fill = make(chan struct{}, 1)
-	d.removeStale()
+	if d.boot, err = bootID(); err != nil {
+		return fmt.Errorf("pool: %w", err)
+	}
+	// What a previous daemon left: kill the VMs nobody holds, adopt the
+	// ones handed out, before this one starts VMs of its own.
+	d.sweep()
 	os.Remove(PoolSocket(d.Dir))
 	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: PoolSocket(d.Dir), Net: "unix"})
 	if err != nil {
@@ -276,6 +296,14 @@ func (d *PoolDaemon) serve(c *net.UnixConn) {
 		writePoolMessage(c, &poolReply{Error: fmt.Sprintf("unknown request %q", req.Op)})
 		return
 	}
+	// The VM's owner is written down before it is handed over, so a
+	// daemon that dies at any point never leaves a VM in use recorded
+	// as nobody's.
+	owner, ownerStart, err := peerOwner(c)
+	if err != nil {
+		writePoolMessage(c, &poolReply{Error: err.Error()})
+		return
+	}
 	k, err := d.register(&req)
 	if err != nil {
 		writePoolMessage(c, &poolReply{Error: err.Error()})
@@ -292,7 +320,14 @@ func (d *PoolDaemon) serve(c *net.UnixConn) {
 	}
 	rep := poolReply{Key: k.key, Pid: v.cmd.Process.Pid, Dir: v.dir, Shares: v.shares,
 		ReadyMs: time.Since(v.readyAt).Milliseconds()}
-	err = writePoolMessage(c, &rep, v.qmp, v.agent, v.pidfd)
+	rec := v.rec
+	rec.Owner, rec.OwnerStart = owner, ownerStart
+	err = writePoolRecord(v.dir, rec)
+	if err == nil {
+		err = writePoolMessage(c, &rep, v.qmp, v.agent, v.pidfd)
+	} else {
+		writePoolMessage(c, &poolReply{Error: err.Error()})
+	}
 	// The shim has its own copies now (or none, and the VM goes).
 	v.qmp.Close()
 	v.agent.Close()
@@ -340,6 +375,11 @@ func (d *PoolDaemon) status() map[string]PoolKeyStatus {
 	st := map[string]PoolKeyStatus{}
 	for key, k := range d.keys {
 		st[key] = PoolKeyStatus{Ready: len(k.ready), Leased: k.leased, Size: k.size}
+	}
+	for key, n := range d.adopted {
+		s := st[key]
+		s.Leased += n
+		st[key] = s
 	}
 	return st
 }
@@ -408,12 +448,17 @@ func (d *PoolDaemon) next() *poolKey {
 func (d *PoolDaemon) janitor(ctx context.Context, stop func()) {
 	t := time.NewTicker(time.Second)
 	defer t.Stop()
+	lastSweep := time.Now()
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
 		case <-d.wake:
+		}
+		if time.Since(lastSweep) >= poolSweepInterval {
+			d.sweep()
+			lastSweep = time.Now()
 		}
 		// A pool whose template is gone or changed (damaged, rebuilt,
 		// pruned) serves nobody: its VMs would be clones of a template
@@ -469,7 +514,9 @@ func (d *PoolDaemon) start(ctx context.Context, key string, cfg Config) (_ *pool
 	}
 	v := &pooledVM{id: hex.EncodeToString(rnd[:]), done: make(chan struct{})}
 	v.dir = filepath.Join(d.Dir, "vm-"+v.id)
+	d.setKnown(v.dir, true)
 	if err := os.Mkdir(v.dir, 0o711); err != nil {
+		d.setKnown(v.dir, false)
 		return nil, fmt.Errorf("pool: %w", err)
 	}
 	var cleanup []io.Closer
@@ -488,6 +535,7 @@ func (d *PoolDaemon) start(ctx context.Context, key string, cfg Config) (_ *pool
 				}
 			}
 			os.RemoveAll(v.dir)
+			d.setKnown(v.dir, false)
 		}
 	}()
 	pcfg := cfg
@@ -551,16 +599,12 @@ func (d *PoolDaemon) start(ctx context.Context, key string, cfg Config) (_ *pool
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.ExtraFiles = []*os.File{qmpChild, agentChild, state, monChild} // fds 3-6
 	cmd.SysProcAttr = &syscall.SysProcAttr{
-		// A daemon killed outright takes its VMs along (see PoolDaemon).
-		Pdeathsig: syscall.SIGKILL,
-		Setpgid:   true,
+		// No parent-death signal: a VM handed out outlives the daemon
+		// (see PoolDaemon); its record says who must end it.
+		Setpgid: true,
 	}
-	// Pdeathsig fires when the forking thread exits: fork from a fresh
-	// goroutine, whose thread the runtime keeps (see QEMU.Start).
-	startErr := make(chan error, 1)
 	noHugePages()
-	go func() { startErr <- cmd.Start() }()
-	if err := <-startErr; err != nil {
+	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("pool: starting %s: %w", q.binary, err)
 	}
 	pidfd, err := unix.PidfdOpen(cmd.Process.Pid, 0)
@@ -570,11 +614,20 @@ func (d *PoolDaemon) start(ctx context.Context, key string, cfg Config) (_ *pool
 		return nil, fmt.Errorf("pool: pidfd: %w", err)
 	}
 	v.pidfd = os.NewFile(uintptr(pidfd), "qemu-pidfd")
+	// Not reaped yet (nobody waited), so the pid is still this qemu's.
+	qstart, err := procStart(cmd.Process.Pid)
+	if err == nil {
+		v.rec = poolRecord{Key: key, BootID: d.boot, Pid: cmd.Process.Pid, Start: qstart}
+		err = writePoolRecord(v.dir, v.rec)
+	}
 	v.cmd = cmd
 	go func() {
 		cmd.Wait()
 		close(v.done)
 	}()
+	if err != nil {
+		return nil, fmt.Errorf("pool: vm %s: %w", v.id, err)
+	}
 
 	// Filling the pool is background work: the restore and warm-up run
 	// at the lowest CPU priority, so they yield to the VMs in use (on a
@@ -674,7 +727,77 @@ func (d *PoolDaemon) discard(v *pooledVM) {
 	for _, f := range []*os.File{v.qmp, v.agent, v.pidfd} {
 		f.Close() // no-op when already closed
 	}
+	// A directory still mounted after the wait is the sweep's to remove.
 	removeUnmounted(v.dir, time.Minute, d.logf)
+	d.setKnown(v.dir, false)
+}
+
+// setKnown adds dir to the directories the sweep leaves alone, or
+// removes it.
+func (d *PoolDaemon) setKnown(dir string, on bool) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if on {
+		d.known[dir] = true
+	} else {
+		delete(d.known, dir)
+	}
+}
+
+// sweep deals with the VM directories this daemon does not know
+// (sweepOrphans): a previous daemon's VMs that nobody holds are killed,
+// its leases whose shims still run adopted.
+func (d *PoolDaemon) sweep() {
+	known := func(dir string) bool {
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		return d.known[dir]
+	}
+	sweepOrphans(d.Dir, known, d.adopt, d.logf)
+}
+
+// adopt takes over the lease of a VM a previous daemon handed out and
+// whose shim still runs: the shim keeps using it; when the shim exits
+// (without containerd's cleanup, which kills it too) the qemu is killed,
+// and once it has exited its directory is removed. Until then it counts
+// as a lease (the daemon does not exit idle, and PoolStatus shows it).
+func (d *PoolDaemon) adopt(o orphan) {
+	d.mu.Lock()
+	d.known[o.dir] = true
+	d.leases++
+	d.adopted[o.rec.Key]++
+	d.mu.Unlock()
+	d.logf("pool: %s: its qemu (pid %d) runs for shim %d, handed out by a previous daemon: lease adopted", o.dir, o.rec.Pid, o.rec.Owner)
+	go func() {
+		defer o.close()
+		fds := []unix.PollFd{{Fd: int32(o.qemu.Fd()), Events: unix.POLLIN}, {Fd: int32(o.owner.Fd()), Events: unix.POLLIN}}
+		for {
+			fds[0].Revents, fds[1].Revents = 0, 0
+			n, err := unix.Poll(fds, -1)
+			if err != nil && !errors.Is(err, unix.EINTR) {
+				d.logf("pool: %s: watching the adopted VM: %v", o.dir, err)
+				break
+			}
+			if n > 0 {
+				break
+			}
+		}
+		if fds[0].Revents == 0 {
+			d.logf("pool: %s: shim %d exited: killing its qemu (pid %d)", o.dir, o.rec.Owner, o.rec.Pid)
+			killPidfd(o.qemu, 10*time.Second)
+		}
+		for !pidfdExited(o.qemu, time.Minute) {
+		}
+		removeUnmounted(o.dir, time.Minute, d.logf)
+		d.mu.Lock()
+		delete(d.known, o.dir)
+		d.leases--
+		if d.adopted[o.rec.Key]--; d.adopted[o.rec.Key] <= 0 {
+			delete(d.adopted, o.rec.Key)
+		}
+		d.mu.Unlock()
+		d.kick(d.wake)
+	}()
 }
 
 // removeUnmounted removes dir once no mount is below it, waiting up to
@@ -682,33 +805,32 @@ func (d *PoolDaemon) discard(v *pooledVM) {
 func removeUnmounted(dir string, wait time.Duration, logf func(string, ...any)) {
 	deadline := time.Now().Add(wait)
 	for {
-		mounts, err := mountinfo.GetMounts(mountinfo.PrefixFilter(dir))
-		if err == nil && len(mounts) == 0 {
-			if err := os.RemoveAll(dir); err != nil {
-				logf("pool: removing %s: %v", dir, err)
-			}
+		removed, err := removeIfUnmounted(dir)
+		if err != nil {
+			logf("pool: removing %s: %v", dir, err)
+			return
+		}
+		if removed {
 			return
 		}
 		if time.Now().After(deadline) {
-			logf("pool: leaving %s: still mounted below it (%v)", dir, err)
+			logf("pool: leaving %s for now: still mounted below it", dir)
 			return
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
 }
 
-// removeStale removes VM directories a previous daemon left (its VMs died
-// with it), unless something is still mounted below them.
-func (d *PoolDaemon) removeStale() {
-	ents, err := os.ReadDir(d.Dir)
+// removeIfUnmounted removes dir if nothing is mounted below it.
+func removeIfUnmounted(dir string) (bool, error) {
+	mounts, err := mountinfo.GetMounts(mountinfo.PrefixFilter(dir))
 	if err != nil {
-		return
+		return false, err
 	}
-	for _, e := range ents {
-		if e.IsDir() && strings.HasPrefix(e.Name(), "vm-") {
-			removeUnmounted(filepath.Join(d.Dir, e.Name()), 0, d.logf)
-		}
+	if len(mounts) > 0 {
+		return false, nil
 	}
+	return true, os.RemoveAll(dir)
 }
 
 // PoolStatus asks the daemon of dir how many VMs each template key has
@@ -750,8 +872,17 @@ func RunPoolDaemon(ctx context.Context, dir string, tc *TemplateCache, warm Pool
 // StopPool stops the pool daemon of dir by the pid in its pidfile
 // (SIGTERM: the ready VMs go at once, the daemon exits when the VMs it
 // handed out are gone) and waits until it has exited, up to timeout, then
-// kills it (its VMs die with it). No daemon is no error.
+// kills it. Whatever daemon ran, what it left is then reclaimed
+// (ReclaimPool): the VMs no shim holds are killed, VMs in use are left to
+// their shims. No daemon is no error.
 func StopPool(dir string, timeout time.Duration) error {
+	if err := stopPoolDaemon(dir, timeout); err != nil {
+		return errors.Join(err, ReclaimPool(dir, nil))
+	}
+	return ReclaimPool(dir, nil)
+}
+
+func stopPoolDaemon(dir string, timeout time.Duration) error {
 	b, err := os.ReadFile(PoolPidFile(dir))
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil
@@ -763,16 +894,17 @@ func StopPool(dir string, timeout time.Duration) error {
 	if err != nil || pid <= 0 {
 		return fmt.Errorf("pool pidfile %s: %q: %w", PoolPidFile(dir), b, errdefs.ErrDataLoss)
 	}
-	// The pid must still be a pool daemon of dir (not a recycled pid).
-	cmdline, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
-	if err != nil || !strings.Contains(string(cmdline), dir) {
-		return nil
-	}
 	fd, err := unix.PidfdOpen(pid, 0)
 	if err != nil {
 		return nil // gone
 	}
 	defer unix.Close(fd)
+	// The pid must still be a pool daemon of dir (not a recycled pid):
+	// checked after the pidfd is open, so the pidfd is the one checked.
+	cmdline, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
+	if err != nil || !strings.Contains(string(cmdline), dir) {
+		return nil
+	}
 	unix.PidfdSendSignal(fd, unix.SIGTERM, nil, 0)
 	if pidfdWait(fd, timeout) {
 		return nil

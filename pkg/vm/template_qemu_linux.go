@@ -340,5 +340,6 @@ func (w *warmQEMU) ConsoleTail(n int) string                        { return w.m
 func (w *warmQEMU) Pid() int                                        { return w.m().Pid() }
 func (w *warmQEMU) BootStarted() time.Time                          { return w.m().BootStarted() }
 func (w *warmQEMU) ShareDirs() []string                             { return w.m().ShareDirs() }
+func (w *warmQEMU) PoolDir() string                                 { return w.m().PoolDir() }
 
 var _ Machine = (*warmQEMU)(nil)
