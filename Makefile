@@ -198,12 +198,13 @@ bench-minimal-initrd: agent
 install: build
 	hack/install.sh
 
-# Stops the warm-start pool daemon (warm_start = "pool") of TEMPLATE_DIR and the VMs it keeps ready, by the pid in
-# its pidfile (SIGTERM; it exits once the VMs it handed out are gone). It also exits by itself when idle.
+# Stops the warm-start pool daemon (warm_start = "pool") of TEMPLATE_DIR by the pid in its pidfile (SIGTERM, SIGKILL
+# after 10 s: the VMs it handed out stay with their containers) and kills the VMs it kept ready, also those a killed
+# daemon left. The daemon also exits by itself when idle. POOL_SHIM is the shim binary that does it.
 TEMPLATE_DIR ?= /var/lib/macvm/templates
+POOL_SHIM ?= $(BIN)/containerd-shim-macvm-v1
 pool-stop:
-	@pid=$$(cat $(TEMPLATE_DIR)/pool/pool.pid 2>/dev/null) && grep -qa macvm-pool /proc/$$pid/cmdline 2>/dev/null \
-		&& kill -TERM $$pid && echo "pool daemon $$pid stopping" || echo "no pool daemon in $(TEMPLATE_DIR)/pool"
+	$(POOL_SHIM) macvm-pool-stop $(TEMPLATE_DIR)
 
 clean:
 	rm -rf $(OUT)

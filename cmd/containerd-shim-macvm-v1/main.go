@@ -22,6 +22,10 @@ func main() {
 	if len(os.Args) == 3 && os.Args[1] == service.PoolDaemonArg {
 		os.Exit(service.RunPoolDaemon(os.Args[2], os.Stdin))
 	}
+	// ... and the tool that stops it (`make pool-stop`).
+	if len(os.Args) == 3 && os.Args[1] == service.PoolStopArg {
+		os.Exit(service.RunPoolStop(os.Args[2]))
+	}
 	// The shim reaps only its own children (the hypervisors, logging
 	// drivers and hooks it starts and waits for): containerd's implicit
 	// reaper would steal their exit statuses, and as a subreaper it would

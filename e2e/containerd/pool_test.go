@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -228,9 +229,13 @@ func TestWarmStartPool(t *testing.T) {
 		t.Fatalf("container from the new daemon's pool: start_mode=%s, want pool", mode)
 	}
 
-	// Stopped by its pidfile: the daemon and all its qemu go.
-	if err := vm.StopPool(poolDir, time.Minute); err != nil {
-		t.Fatal(err)
+	// Stopped by its pidfile, as `make pool-stop` does: the daemon and
+	// all its qemu go.
+	stop := exec.Command(filepath.Join(suite.Paths.BinDir, "containerd-shim-macvm-v1"), "macvm-pool-stop", d.TemplateDir)
+	var out strings.Builder
+	stop.Stdout, stop.Stderr = &out, &out
+	if err := harness.RunCmd(stop); err != nil {
+		t.Fatalf("macvm-pool-stop: %v: %s", err, out.String())
 	}
 	waitNoQemu(t, poolDir)
 	waitVMDirs(t, poolDir, 0)

@@ -133,8 +133,34 @@ func RunPoolDaemon(dir string, stdin io.Reader) int {
 }
 
 // StopPoolDaemon stops the pool daemon of templateDir by the pid in its
-// pidfile (SIGTERM) and waits until it is gone, up to timeout. No daemon
-// is no error.
+// pidfile (SIGTERM, SIGKILL after timeout: VMs handed out outlive it) and
+// reclaims what it left (vm.StopPool): VMs no shim holds are killed. No
+// daemon is no error.
 func StopPoolDaemon(templateDir string, timeout time.Duration) error {
 	return vm.StopPool(poolDir(templateDir), timeout)
+}
+
+// PoolStopArg as the shim's first argument, followed by a template
+// directory, stops that cache's pool daemon (RunPoolStop): `make
+// pool-stop`.
+const PoolStopArg = "macvm-pool-stop"
+
+// poolStopTimeout is how long `macvm-pool-stop` lets the daemon wait for
+// the VMs it handed out before it kills it: they outlive it, so there is
+// no reason to wait for the containers.
+const poolStopTimeout = 10 * time.Second
+
+// RunPoolStop is PoolStopArg's main: it stops the pool daemon of
+// templateDir and reclaims its VMs that no shim holds (StopPoolDaemon),
+// reporting on stderr. It returns the exit code.
+func RunPoolStop(templateDir string) int {
+	if !filepath.IsAbs(templateDir) {
+		fmt.Fprintf(os.Stderr, "template directory %q is not absolute\n", templateDir)
+		return 2
+	}
+	if err := StopPoolDaemon(templateDir, poolStopTimeout); err != nil {
+		fmt.Fprintf(os.Stderr, "stopping the pool daemon of %s: %v\n", templateDir, err)
+		return 1
+	}
+	return 0
 }
