@@ -775,8 +775,10 @@ func (d *PoolDaemon) adopt(o orphan) {
 			fds[0].Revents, fds[1].Revents = 0, 0
 			n, err := unix.Poll(fds, -1)
 			if err != nil && !errors.Is(err, unix.EINTR) {
+				// Never a reason to kill a VM in use: look again.
 				d.logf("pool: %s: watching the adopted VM: %v", o.dir, err)
-				break
+				time.Sleep(time.Second)
+				continue
 			}
 			if n > 0 {
 				break

@@ -31,7 +31,8 @@ import (
 //   - the qemu no longer runs: the directory goes once nothing is mounted
 //     below it;
 //   - it runs and nobody took it, or its owner is gone: it is killed;
-//   - it runs and its owner still does: the next daemon adopts the lease
+//   - it runs and its owner still does (and holds a pidfd of it, as a
+//     shim does while it uses the VM): the next daemon adopts the lease
 //     (it kills the qemu once the owner exits), StopPool leaves it alone.
 //
 // A process is only trusted to be the one recorded if its pid, its start
@@ -240,7 +241,11 @@ func inspectOrphan(dir, boot string) orphan {
 	o.qemu = q
 	if rec.Owner != 0 {
 		if ow, err := openRecorded(rec.Owner, rec.OwnerStart, ""); err == nil {
-			if pidfdExited(ow, 0) {
+			// A daemon that died after recording the owner but before the
+			// hand-over reached it left a VM the shim never got (its take
+			// failed and it started a clone): the owner holds no pidfd of
+			// it, so nobody holds it.
+			if pidfdExited(ow, 0) || !holdsPidfd(rec.Owner, rec.Pid) {
 				ow.Close()
 			} else {
 				o.owner = ow
@@ -248,6 +253,28 @@ func inspectOrphan(dir, boot string) orphan {
 		}
 	}
 	return o
+}
+
+// holdsPidfd says whether process pid holds a pidfd of process target (a
+// shim holds its pooled VM's qemu's until that exits). When pid's
+// descriptors cannot be read it says yes: a VM is never killed because
+// its owner could not be checked.
+func holdsPidfd(pid, target int) bool {
+	dir := "/proc/" + strconv.Itoa(pid)
+	ents, err := os.ReadDir(dir + "/fd")
+	if err != nil {
+		return true
+	}
+	want := "Pid:\t" + strconv.Itoa(target) + "\n"
+	for _, e := range ents {
+		if l, err := os.Readlink(dir + "/fd/" + e.Name()); err != nil || !strings.Contains(l, "pidfd") {
+			continue
+		}
+		if info, err := os.ReadFile(dir + "/fdinfo/" + e.Name()); err == nil && strings.Contains(string(info), want) {
+			return true
+		}
+	}
+	return false
 }
 
 // openNaming returns a pidfd of a live process whose command line

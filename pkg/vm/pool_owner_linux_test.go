@@ -26,12 +26,31 @@ type standIn struct {
 
 func startStandIn(t *testing.T, arg string) *standIn {
 	t.Helper()
+	return startStandInWith(t, arg, nil)
+}
+
+// startShim starts a stand-in shim that holds a pidfd of the stand-in
+// qemu, as a shim holds its pooled VM's.
+func startShim(t *testing.T, qemu *standIn) *standIn {
+	t.Helper()
+	fd, err := unix.PidfdOpen(qemu.pid(), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := os.NewFile(uintptr(fd), "pidfd")
+	defer f.Close()
+	return startStandInWith(t, "shim", []*os.File{f})
+}
+
+func startStandInWith(t *testing.T, arg string, extra []*os.File) *standIn {
+	t.Helper()
 	r, w, err := os.Pipe()
 	if err != nil {
 		t.Fatal(err)
 	}
 	cmd := exec.Command("/bin/sh", "-c", "read line", arg)
 	cmd.Stdin = r
+	cmd.ExtraFiles = extra
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -123,8 +142,9 @@ func exists(p string) bool {
 
 // TestSweepOrphans: what a killed daemon left, as the next one (or
 // StopPool) finds it. A ready VM, a VM without a record (the daemon died
-// before writing it) and a VM whose shim is gone are killed and their
-// directories removed; a VM whose shim runs is handed to adopt with
+// before writing it), a VM whose shim is gone and one whose recorded shim
+// runs but never got it (holds no pidfd of it) are killed and their
+// directories removed; a VM whose shim runs and holds it is handed to adopt with
 // pidfds of both; a record whose pid now belongs to another process (pid
 // reuse) kills nothing; a directory the daemon knows is not touched.
 func TestSweepOrphans(t *testing.T) {
@@ -146,8 +166,15 @@ func TestSweepOrphans(t *testing.T) {
 
 	ownedDir := vmDir(t, pool, "owned")
 	ownedQemu := startStandIn(t, ownedDir+"/console.log")
-	owner := startStandIn(t, "shim")
+	owner := startShim(t, ownedQemu)
 	ownedRec := record(t, ownedDir, "k2", ownedQemu.pid(), owner.pid())
+
+	// The owner runs but never got the VM (the daemon died between
+	// recording it and the hand-over): it holds no pidfd of the qemu.
+	notHandedDir := vmDir(t, pool, "nothanded")
+	notHandedQemu := startStandIn(t, notHandedDir+"/console.log")
+	notHandedOwner := startStandIn(t, "shim-without-the-vm")
+	record(t, notHandedDir, "k", notHandedQemu.pid(), notHandedOwner.pid())
 
 	// The recorded pid runs, with the recorded start time, but it is not
 	// a qemu of this directory.
@@ -170,7 +197,11 @@ func TestSweepOrphans(t *testing.T) {
 	ready.waitExit(t, "ready VM")
 	noRec.waitExit(t, "VM without a record")
 	goneOwnerQemu.waitExit(t, "VM of a dead shim")
-	for _, d := range []string{readyDir, noRecDir, goneOwnerDir, reusedDir} {
+	notHandedQemu.waitExit(t, "VM its recorded shim never got")
+	if !notHandedOwner.alive() {
+		t.Error("the recorded owner of a VM it never got was killed")
+	}
+	for _, d := range []string{readyDir, noRecDir, goneOwnerDir, reusedDir, notHandedDir} {
 		if exists(d) {
 			t.Errorf("%s left", d)
 		}
@@ -220,7 +251,7 @@ func TestReclaimPool(t *testing.T) {
 	record(t, readyDir, "k", ready.pid(), 0)
 	ownedDir := vmDir(t, pool, "owned")
 	ownedQemu := startStandIn(t, ownedDir+"/console.log")
-	owner := startStandIn(t, "shim")
+	owner := startShim(t, ownedQemu)
 	record(t, ownedDir, "k", ownedQemu.pid(), owner.pid())
 
 	if err := flockNB(lock); err != nil {
@@ -263,7 +294,7 @@ func TestPoolDaemonAdopts(t *testing.T) {
 	dir := filepath.Join(tdir, "pool")
 	ownedDir := vmDir(t, dir, "owned")
 	qemu := startStandIn(t, ownedDir+"/console.log")
-	owner := startStandIn(t, "shim")
+	owner := startShim(t, qemu)
 	record(t, ownedDir, "adopted-key", qemu.pid(), owner.pid())
 	readyDir := vmDir(t, dir, "ready")
 	ready := startStandIn(t, readyDir+"/console.log")
@@ -312,6 +343,23 @@ func TestPoolDaemonAdopts(t *testing.T) {
 	}
 	if exists(ownedDir) || exists(readyDir) {
 		t.Error("VM directories left")
+	}
+}
+
+// TestHoldsPidfd: a process holds a pidfd of another when it has one
+// among its descriptors, of that process.
+func TestHoldsPidfd(t *testing.T) {
+	qemu := startStandIn(t, "/pool/vm-x/console.log")
+	other := startStandIn(t, "/pool/vm-y/console.log")
+	shim := startShim(t, qemu)
+	if !holdsPidfd(shim.pid(), qemu.pid()) {
+		t.Error("the shim holds a pidfd of its qemu: not seen")
+	}
+	if holdsPidfd(shim.pid(), other.pid()) {
+		t.Error("the shim holds no pidfd of another qemu: seen")
+	}
+	if holdsPidfd(other.pid(), qemu.pid()) {
+		t.Error("a process without pidfds: seen holding one")
 	}
 }
 
