@@ -144,3 +144,65 @@ func TestStopLeavesLiveShimsVM(t *testing.T) {
 		t.Errorf("the live shim's socket was removed: %v", err)
 	}
 }
+
+// TestStopKillsPooledVM: a VM from the warm-start pool runs in the pool's
+// directory (its command line names that, not the VM state directory) and
+// is not the shim's child; the delete action after the shim died kills it
+// by the recorded pool directory, and leaves it alone when the pid now
+// names another directory.
+func TestStopKillsPooledVM(t *testing.T) {
+	poolVM := filepath.Join(t.TempDir(), "pool", "vm-0123456789ab")
+	standIn := func(arg string) (*exec.Cmd, chan struct{}) {
+		r, w, err := os.Pipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		cmd := exec.Command("/bin/sh", "-c", "read line", arg)
+		cmd.Stdin = r
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		r.Close()
+		exited := make(chan struct{})
+		go func() { cmd.Wait(); close(exited) }()
+		t.Cleanup(func() { cmd.Process.Kill(); w.Close(); <-exited })
+		for deadline := time.Now().Add(5 * time.Second); ; {
+			if b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", cmd.Process.Pid)); len(b) > 0 {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatal("the stand-in VM process has no command line")
+			}
+			time.Sleep(time.Millisecond)
+		}
+		return cmd, exited
+	}
+	stop := func(st *bundleState) {
+		t.Helper()
+		bundle := t.TempDir()
+		if err := writeBundleState(bundle, st); err != nil {
+			t.Fatal(err)
+		}
+		ctx := namespaces.WithNamespace(context.Background(), "test")
+		ctx = context.WithValue(ctx, shim.OptsKey{}, shim.Opts{BundlePath: bundle})
+		if _, err := NewManager("io.containerd.macvm.v1").Stop(ctx, "c"); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	other, otherExited := standIn(filepath.Join(t.TempDir(), "pool", "vm-ba9876543210") + "/console.log")
+	stop(&bundleState{VMPid: other.Process.Pid, VMStateDir: filepath.Join(t.TempDir(), "state"), VMPoolDir: poolVM})
+	select {
+	case <-otherExited:
+		t.Fatal("a qemu of another pooled VM was killed")
+	case <-time.After(100 * time.Millisecond):
+	}
+
+	vmProc, exited := standIn(poolVM + "/console.log")
+	stop(&bundleState{VMPid: vmProc.Process.Pid, VMStateDir: filepath.Join(t.TempDir(), "state"), VMPoolDir: poolVM})
+	select {
+	case <-exited:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the pooled VM of a dead shim was not killed")
+	}
+}
