@@ -562,7 +562,7 @@ func (d *PoolDaemon) start(ctx context.Context, key string, cfg Config) (_ *pool
 		return nil, err
 	}
 	args = append(args,
-		"-chardev", fmt.Sprintf("socket,id=poolmon,fd=%d", poolMonFD),
+		"-chardev", fmt.Sprintf("socket,%s,fd=%d", poolMonArg, poolMonFD),
 		"-mon", "chardev=poolmon,mode=control")
 
 	qmpHost, qmpChild, err := filePair()
@@ -701,6 +701,11 @@ func renice(pid, nice int) {
 // poolMonFD is the daemon's own monitor in a pooled qemu: after the
 // template state's fd (templated VMs have no NICs).
 const poolMonFD = childStateFD + 1
+
+// poolMonArg names that monitor's chardev on qemu's command line: with
+// the VM's directory, it is how a pooled qemu is recognised there
+// (pool_owner_linux.go).
+const poolMonArg = "id=poolmon"
 
 // filePair is a socketpair as two files (both ends are passed on).
 func filePair() (*os.File, *os.File, error) {

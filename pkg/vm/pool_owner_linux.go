@@ -122,10 +122,9 @@ func procStart(pid int) (uint64, error) {
 
 // openRecorded returns a pidfd of the process pid started at start, if
 // that process still exists (a zombie counts: it has exited, and polling
-// the pidfd says so) and, when cmdlineHas is set, its command line
-// contains it. The pidfd is opened before the checks, so the process it
+// the pidfd says so) and its command line contains each of cmdlineHas. The pidfd is opened before the checks, so the process it
 // refers to is the one checked. ErrNotFound otherwise.
-func openRecorded(pid int, start uint64, cmdlineHas string) (*os.File, error) {
+func openRecorded(pid int, start uint64, cmdlineHas ...string) (*os.File, error) {
 	if pid <= 0 {
 		return nil, fmt.Errorf("pid %d: %w", pid, errdefs.ErrNotFound)
 	}
@@ -139,16 +138,25 @@ func openRecorded(pid int, start uint64, cmdlineHas string) (*os.File, error) {
 		f.Close()
 		return nil, fmt.Errorf("process %d is not the one recorded (started at %d, want %d): %w", pid, got, start, errdefs.ErrNotFound)
 	}
-	if cmdlineHas != "" {
+	if len(cmdlineHas) > 0 {
 		cmd, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
-		if err != nil || !bytes.Contains(cmd, []byte(cmdlineHas)) {
+		if err != nil || !containsAll(cmd, cmdlineHas) {
 			// A zombie's command line reads empty: it has exited, which is
 			// what the caller learns from ErrNotFound too.
 			f.Close()
-			return nil, fmt.Errorf("process %d does not name %s: %w", pid, cmdlineHas, errdefs.ErrNotFound)
+			return nil, fmt.Errorf("process %d does not name %q: %w", pid, cmdlineHas, errdefs.ErrNotFound)
 		}
 	}
 	return f, nil
+}
+
+func containsAll(b []byte, subs []string) bool {
+	for _, s := range subs {
+		if !bytes.Contains(b, []byte(s)) {
+			return false
+		}
+	}
+	return true
 }
 
 // pidfdExited says whether the process of the pidfd has exited, waiting
@@ -223,14 +231,14 @@ func inspectOrphan(dir, boot string) orphan {
 		// before it wrote the record down (never after a hand-over: the
 		// owner is recorded first). A qemu that runs there names the
 		// directory on its command line.
-		o.qemu = openNaming(dir + "/")
+		o.qemu = openNaming(dir+"/", poolMonArg)
 		return o
 	}
 	o.rec = rec
 	if rec.BootID != boot {
 		return o
 	}
-	q, err := openRecorded(rec.Pid, rec.Start, dir+"/")
+	q, err := openRecorded(rec.Pid, rec.Start, dir+"/", poolMonArg)
 	if err != nil {
 		return o
 	}
@@ -240,7 +248,7 @@ func inspectOrphan(dir, boot string) orphan {
 	}
 	o.qemu = q
 	if rec.Owner != 0 {
-		if ow, err := openRecorded(rec.Owner, rec.OwnerStart, ""); err == nil {
+		if ow, err := openRecorded(rec.Owner, rec.OwnerStart); err == nil {
 			// A daemon that died after recording the owner but before the
 			// hand-over reached it left a VM the shim never got (its take
 			// failed and it started a clone): the owner holds no pidfd of
@@ -278,8 +286,8 @@ func holdsPidfd(pid, target int) bool {
 }
 
 // openNaming returns a pidfd of a live process whose command line
-// contains s, or nil.
-func openNaming(s string) *os.File {
+// contains each of subs, or nil.
+func openNaming(subs ...string) *os.File {
 	ents, err := os.ReadDir("/proc")
 	if err != nil {
 		return nil
@@ -290,14 +298,14 @@ func openNaming(s string) *os.File {
 			continue
 		}
 		cmd, err := os.ReadFile("/proc/" + e.Name() + "/cmdline")
-		if err != nil || !bytes.Contains(cmd, []byte(s)) {
+		if err != nil || !containsAll(cmd, subs) {
 			continue
 		}
 		start, err := procStart(pid)
 		if err != nil {
 			continue
 		}
-		if f, err := openRecorded(pid, start, s); err == nil {
+		if f, err := openRecorded(pid, start, subs...); err == nil {
 			if !pidfdExited(f, 0) {
 				return f
 			}

@@ -26,7 +26,14 @@ type standIn struct {
 
 func startStandIn(t *testing.T, arg string) *standIn {
 	t.Helper()
-	return startStandInWith(t, arg, nil)
+	return startStandInWith(t, []string{arg}, nil)
+}
+
+// startQemu starts a stand-in pooled qemu of the VM directory dir: its
+// command line names the directory and the pool's monitor, as qemu's does.
+func startQemu(t *testing.T, dir string) *standIn {
+	t.Helper()
+	return startStandInWith(t, []string{dir + "/console.log", "socket," + poolMonArg + ",fd=6"}, nil)
 }
 
 // startShim starts a stand-in shim that holds a pidfd of the stand-in
@@ -39,16 +46,16 @@ func startShim(t *testing.T, qemu *standIn) *standIn {
 	}
 	f := os.NewFile(uintptr(fd), "pidfd")
 	defer f.Close()
-	return startStandInWith(t, "shim", []*os.File{f})
+	return startStandInWith(t, []string{"shim"}, []*os.File{f})
 }
 
-func startStandInWith(t *testing.T, arg string, extra []*os.File) *standIn {
+func startStandInWith(t *testing.T, args []string, extra []*os.File) *standIn {
 	t.Helper()
 	r, w, err := os.Pipe()
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command("/bin/sh", "-c", "read line", arg)
+	cmd := exec.Command("/bin/sh", append([]string{"-c", "read line"}, args...)...)
 	cmd.Stdin = r
 	cmd.ExtraFiles = extra
 	if err := cmd.Start(); err != nil {
@@ -60,7 +67,7 @@ func startStandInWith(t *testing.T, arg string, extra []*os.File) *standIn {
 	t.Cleanup(func() { cmd.Process.Kill(); w.Close(); <-s.exited })
 	// The kernel fills the new command line in a moment after Start.
 	for deadline := time.Now().Add(10 * time.Second); ; {
-		if b, _ := os.ReadFile("/proc/" + strconv.Itoa(cmd.Process.Pid) + "/cmdline"); containsArg(b, arg) {
+		if b, _ := os.ReadFile("/proc/" + strconv.Itoa(cmd.Process.Pid) + "/cmdline"); containsArg(b, args[0]) {
 			break
 		}
 		if time.Now().After(deadline) {
@@ -151,28 +158,30 @@ func TestSweepOrphans(t *testing.T) {
 	pool := t.TempDir()
 
 	readyDir := vmDir(t, pool, "ready")
-	ready := startStandIn(t, readyDir+"/console.log")
+	ready := startQemu(t, readyDir)
 	record(t, readyDir, "k", ready.pid(), 0)
 
 	noRecDir := vmDir(t, pool, "norecord")
-	noRec := startStandIn(t, noRecDir+"/console.log")
+	noRec := startQemu(t, noRecDir)
+	// Someone reading its log names the directory too, but is no qemu.
+	reader := startStandIn(t, noRecDir+"/qemu.log")
 
 	goneOwnerDir := vmDir(t, pool, "goneowner")
-	goneOwnerQemu := startStandIn(t, goneOwnerDir+"/console.log")
+	goneOwnerQemu := startQemu(t, goneOwnerDir)
 	goneOwner := startStandIn(t, "shim-that-dies")
 	record(t, goneOwnerDir, "k", goneOwnerQemu.pid(), goneOwner.pid())
 	goneOwner.cmd.Process.Kill()
 	goneOwner.waitExit(t, "owner")
 
 	ownedDir := vmDir(t, pool, "owned")
-	ownedQemu := startStandIn(t, ownedDir+"/console.log")
+	ownedQemu := startQemu(t, ownedDir)
 	owner := startShim(t, ownedQemu)
 	ownedRec := record(t, ownedDir, "k2", ownedQemu.pid(), owner.pid())
 
 	// The owner runs but never got the VM (the daemon died between
 	// recording it and the hand-over): it holds no pidfd of the qemu.
 	notHandedDir := vmDir(t, pool, "nothanded")
-	notHandedQemu := startStandIn(t, notHandedDir+"/console.log")
+	notHandedQemu := startQemu(t, notHandedDir)
 	notHandedOwner := startStandIn(t, "shim-without-the-vm")
 	record(t, notHandedDir, "k", notHandedQemu.pid(), notHandedOwner.pid())
 
@@ -183,7 +192,7 @@ func TestSweepOrphans(t *testing.T) {
 	record(t, reusedDir, "k", other.pid(), 0)
 
 	knownDir := vmDir(t, pool, "known")
-	known := startStandIn(t, knownDir+"/console.log")
+	known := startQemu(t, knownDir)
 	record(t, knownDir, "k", known.pid(), 0)
 
 	var mu sync.Mutex
@@ -208,6 +217,9 @@ func TestSweepOrphans(t *testing.T) {
 	}
 	if !other.alive() {
 		t.Error("a process whose pid a record names, but that is not the VM, was killed")
+	}
+	if !reader.alive() {
+		t.Error("a process naming a VM directory that is not its qemu was killed")
 	}
 	if !known.alive() || !exists(knownDir) {
 		t.Error("a directory the daemon knows was touched")
@@ -247,10 +259,10 @@ func TestReclaimPool(t *testing.T) {
 	defer lock.Close()
 
 	readyDir := vmDir(t, pool, "ready")
-	ready := startStandIn(t, readyDir+"/console.log")
+	ready := startQemu(t, readyDir)
 	record(t, readyDir, "k", ready.pid(), 0)
 	ownedDir := vmDir(t, pool, "owned")
-	ownedQemu := startStandIn(t, ownedDir+"/console.log")
+	ownedQemu := startQemu(t, ownedDir)
 	owner := startShim(t, ownedQemu)
 	record(t, ownedDir, "k", ownedQemu.pid(), owner.pid())
 
@@ -293,11 +305,11 @@ func TestPoolDaemonAdopts(t *testing.T) {
 	tdir := t.TempDir()
 	dir := filepath.Join(tdir, "pool")
 	ownedDir := vmDir(t, dir, "owned")
-	qemu := startStandIn(t, ownedDir+"/console.log")
+	qemu := startQemu(t, ownedDir)
 	owner := startShim(t, qemu)
 	record(t, ownedDir, "adopted-key", qemu.pid(), owner.pid())
 	readyDir := vmDir(t, dir, "ready")
-	ready := startStandIn(t, readyDir+"/console.log")
+	ready := startQemu(t, readyDir)
 	record(t, readyDir, "adopted-key", ready.pid(), 0)
 
 	d := &PoolDaemon{Dir: dir, Templates: &TemplateCache{Dir: tdir}, Logf: t.Logf}
