@@ -63,6 +63,16 @@ func TestGuestAgent(t *testing.T) {
 		}
 	})
 
+	t.Run("cgroup2 favors dynamic moves", func(t *testing.T) {
+		// The agent remounts the hierarchy with favordynmods (a container's
+		// create moves its helper between cgroups); the container's own
+		// cgroup2 mount shows the hierarchy's flags.
+		out, errOut, status := v.run(t, "cgflags", defaultSpec("sh", "-c", "grep ' /sys/fs/cgroup ' /proc/self/mountinfo"))
+		if status != 0 || !strings.Contains(out, "nsdelegate") || !strings.Contains(out, "favordynmods") {
+			t.Fatalf("cgroup mount %q (stderr %q, status %d), want nsdelegate and favordynmods", out, errOut, status)
+		}
+	})
+
 	t.Run("user groups umask rlimits", func(t *testing.T) {
 		spec := defaultSpec("sh", "-c", "id; umask; ulimit -n; grep -E '^(CapEff|NoNewPrivs)' /proc/self/status; touch /tmp/f; stat -c %a /tmp/f")
 		umask := uint32(0o077)

@@ -49,6 +49,11 @@ type helperConfig struct {
 	// StdioFds, for a spare helper (spare.go), are the fds its stdio files
 	// go to, in the order they follow on the sync socket.
 	StdioFds []int `json:"stdio_fds,omitempty"`
+	// Trace asks the helper for its steps' durations (helperTrace), the
+	// first from TraceFrom (the agent's wall clock, Unix ns, as it began
+	// to send the config).
+	Trace     bool  `json:"trace,omitempty"`
+	TraceFrom int64 `json:"trace_from,omitempty"`
 }
 
 // helperMsg is one packet on the sync socket.
@@ -59,6 +64,8 @@ type helperMsg struct {
 	Error string `json:"error,omitempty"`
 	// Code classifies an error for the host (an errdefs class name).
 	Code string `json:"code,omitempty"`
+	// Trace is a "ready" helper's step durations, when asked for.
+	Trace string `json:"trace,omitempty"`
 }
 
 // nsFlags maps OCI namespace types to clone flags. The cgroup namespace is

@@ -13,6 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"runtime/debug"
 	"slices"
 	"sort"
 	"strconv"
@@ -55,6 +56,10 @@ type Config struct {
 	// MountsReady, if set, is closed once the kernel can mount what
 	// containers use (the filesystem modules are loaded); Create waits.
 	MountsReady <-chan struct{}
+	// FavorDynmods remounts CgroupRoot with cgroup2's favordynmods in
+	// PrepareCgroups (set in the guest only: the host tests must not
+	// remount the build machine's hierarchy); see favorDynmods.
+	FavorDynmods bool
 	// Trace, if set, gets how long each step of a container's create took
 	// (the agent sets it with macvm.debug=1): under emulation a create is
 	// most of a warm start, and the host sees only its total.
@@ -63,7 +68,7 @@ type Config struct {
 
 // DefaultConfig is where the agent keeps containers in the guest.
 func DefaultConfig() Config {
-	return Config{RunDir: "/run/macvm/c", CgroupRoot: "/sys/fs/cgroup", CgroupParent: "macvm"}
+	return Config{RunDir: "/run/macvm/c", CgroupRoot: "/sys/fs/cgroup", CgroupParent: "macvm", FavorDynmods: true}
 }
 
 // Manager owns every container of the guest.
@@ -244,8 +249,15 @@ func (m *Manager) Create(ctx context.Context, id string, specJSON []byte, device
 			spec.Hostname = h
 		}
 	}
+	var trace func(string, ...any)
+	if m.cfg.Trace != nil {
+		trace = func(format string, args ...any) {
+			m.cfg.Trace("trace: container %s: "+format, append([]any{id}, args...)...)
+		}
+	}
 	c.init, err = spawn(ctx, m.reaper, m.streams, spawnSpec{
-		cfg:        &helperConfig{Init: true, Rootfs: c.rootfs, Spec: spec, Process: spec.Process, NewCgroupNS: newCgroup, NewNetNS: newNet},
+		cfg:        &helperConfig{Init: true, Rootfs: c.rootfs, Spec: spec, Process: spec.Process, NewCgroupNS: newCgroup, NewNetNS: newNet, Trace: trace != nil},
+		trace:      trace,
 		stdio:      stdio,
 		cloneflags: cloneflags,
 		join:       join,
@@ -541,6 +553,11 @@ func delegatedControllers(avail []string) []string {
 // container's create only makes its own group (under emulation each cgroup
 // file write is slow). Until it succeeds, each create does it itself.
 func (m *Manager) PrepareCgroups() error {
+	if m.cfg.FavorDynmods {
+		if err := favorDynmods(m.cfg.CgroupRoot); err != nil {
+			return err
+		}
+	}
 	group := "/" + m.cfg.CgroupParent
 	parent, err := cgroup2.NewManager(m.cfg.CgroupRoot, group, &cgroup2.Resources{})
 	if err != nil {
@@ -562,6 +579,27 @@ func (m *Manager) PrepareCgroups() error {
 		}
 	}
 	m.cgroupsReady.Store(true)
+	return nil
+}
+
+// favorDynmods remounts the cgroup2 hierarchy at root with favordynmods
+// (Linux 6.0+), keeping nsdelegate. Every container's create moves a
+// process between cgroups (the spare helper into the container's, an
+// exec's helper into it too), and a move takes the cgroup threadgroup
+// rwsem for writing: by default a per-CPU rwsem whose writer waits for an
+// RCU grace period, which costs milliseconds on an emulated (TCG) guest.
+// favordynmods makes it a plain rwsem: moves no longer wait, forks and
+// exits take a slightly dearer read lock. A kernel without the option
+// refuses it (EINVAL): the mount stays as it was.
+func favorDynmods(root string) error {
+	const flags = unix.MS_REMOUNT | unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC
+	err := unix.Mount("", root, "", flags, "nsdelegate,favordynmods")
+	if errors.Is(err, unix.EINVAL) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("remount %s with favordynmods: %w", root, err)
+	}
 	return nil
 }
 
@@ -901,7 +939,16 @@ func (m *Manager) Delete(ctx context.Context, id string) error {
 	c.gone = true
 	m.mu.Lock()
 	delete(m.containers, id)
+	waiting := len(m.containers) == 0 && m.spare != nil
 	m.mu.Unlock()
+	if waiting {
+		// The VM is back to waiting for its first container (the pool's
+		// warm-up container is gone; see pkg/guest/warmup.go) and is about
+		// to be paused: the heap the create and delete grew goes back to
+		// the guest now, not once the next GC cycle's scavenger gets to
+		// it. It is the agent's RSS in every pooled VM.
+		debug.FreeOSMemory()
+	}
 	return nil
 }
 

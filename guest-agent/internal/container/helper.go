@@ -9,6 +9,7 @@ import (
 	"runtime"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/containerd/errdefs"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
@@ -61,20 +62,29 @@ func RunHelper() {
 func runHelper() error {
 	if len(os.Args) > 1 && os.Args[1] == helperSpareArg {
 		// A spare (spare.go): started ahead, it waits here for a container.
+		warmConfigDecoder()
 		if err := sendMsg(helperSyncFd, helperMsg{Type: "idle"}, -1); err != nil {
 			return err
 		}
 	}
 	cfgFile := os.NewFile(helperConfigFd, "config")
 	var cfg helperConfig
-	err := json.NewDecoder(cfgFile).Decode(&cfg)
+	b, err := io.ReadAll(cfgFile)
 	cfgFile.Close()
+	read := time.Now()
+	if err == nil {
+		err = json.Unmarshal(b, &cfg)
+	}
 	if err != nil {
 		return fmt.Errorf("helper: read config: %w", err)
 	}
+	tr := &helperTrace{on: cfg.Trace, last: time.Unix(0, cfg.TraceFrom)}
+	tr.markAt("config read", read)
+	tr.mark(fmt.Sprintf("config decode (%d bytes)", len(b)))
 	if err := recvStdio(helperSyncFd, cfg.StdioFds); err != nil {
 		return err
 	}
+	tr.mark("stdio")
 	// The agent learns that execve succeeded from this socket closing.
 	unix.CloseOnExec(helperSyncFd)
 	if cfg.Process == nil {
@@ -96,7 +106,7 @@ func runHelper() error {
 		}
 	}
 	if cfg.Init {
-		if err := setupContainer(&cfg); err != nil {
+		if err := setupContainer(&cfg, tr); err != nil {
 			return err
 		}
 	}
@@ -110,12 +120,15 @@ func runHelper() error {
 	if err := setupProcess(p); err != nil {
 		return err
 	}
-	if err := sendMsg(helperSyncFd, helperMsg{Type: "ready"}, master); err != nil {
+	tr.mark("process")
+	if err := sendMsg(helperSyncFd, helperMsg{Type: "ready", Trace: tr.String()}, master); err != nil {
 		return err
 	}
 	if master >= 0 {
 		unix.Close(master)
 	}
+	// The host answers the create and sends the start meanwhile.
+	target := prepareExec(p)
 	msg, err := recvMsg(helperSyncFd)
 	if err == io.EOF {
 		// The agent gave up on this process (delete before start).
@@ -127,25 +140,72 @@ func runHelper() error {
 	if msg.Type != "start" {
 		return fmt.Errorf("helper: unexpected %q message", msg.Type)
 	}
-	return execProcess(p)
+	return execProcess(p, target)
+}
+
+// execTarget is the program a helper will execve, looked up once the
+// helper is ready, while the agent answers the create and the host
+// (shim, containerd, the client) turns around to send the start: under
+// emulation each step of a lookup in a 9p root is a round trip to QEMU,
+// and $PATH's misses are several. The program stays open, so its dentry
+// and the pages read ahead stay in the guest's caches (the pod share is
+// mounted cache=mmap, which drops both as soon as nothing holds them) and
+// the execve and the program's first page faults no longer go to the
+// host.
+type execTarget struct {
+	args []string
+	path string
+	// err is the lookup's failure, retried at start (an OCI hook may
+	// have made the file since).
+	err error
+	// file is the program, open (O_CLOEXEC: the execve closes it).
+	file *os.File
+}
+
+// execReadahead bounds how much of the program prepareExec reads ahead.
+const execReadahead = 8 << 20
+
+// prepareExec resolves the program of p and reads its start ahead.
+func prepareExec(p *specs.Process) *execTarget {
+	t := &execTarget{args: p.Args}
+	if len(t.args) == 0 {
+		t.args = strings.Fields(p.CommandLine)
+	}
+	if len(t.args) == 0 {
+		t.err = errors.New("exec: no program to run")
+		return t
+	}
+	if t.path, t.err = lookPath(t.args[0], p.Env); t.err != nil {
+		return t
+	}
+	// Best effort: a program its user may not read still runs.
+	if f, err := os.Open(t.path); err == nil {
+		t.file = f
+		if fi, err := f.Stat(); err == nil {
+			_ = unix.Fadvise(int(f.Fd()), 0, min(fi.Size(), execReadahead), unix.FADV_WILLNEED)
+		}
+	}
+	return t
 }
 
 // execProcess replaces the helper with the container's program.
-func execProcess(p *specs.Process) error {
-	args := p.Args
-	if len(args) == 0 {
-		args = strings.Fields(p.CommandLine)
-	}
-	path, err := lookPath(args[0], p.Env)
-	if err != nil {
-		return execError(err, 127)
+func execProcess(p *specs.Process, t *execTarget) error {
+	args, path := t.args, t.path
+	if t.err != nil {
+		if len(args) == 0 {
+			return execError(t.err, 127)
+		}
+		var err error
+		if path, err = lookPath(args[0], p.Env); err != nil {
+			return execError(err, 127)
+		}
 	}
 	if p.NoNewPrivileges {
 		if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
 			return fmt.Errorf("set no_new_privs: %w", err)
 		}
 	}
-	err = unix.Exec(path, args, p.Env)
+	err := unix.Exec(path, args, p.Env)
 	exit := 126
 	if errors.Is(err, unix.ENOENT) {
 		exit = 127
@@ -202,7 +262,7 @@ func isExecutable(path string) error {
 
 // setupContainer builds the container's world: namespaces the helper owns,
 // mounts, devices, the new root, hostname and sysctls.
-func setupContainer(cfg *helperConfig) error {
+func setupContainer(cfg *helperConfig, tr *helperTrace) error {
 	spec := cfg.Spec
 	if spec == nil {
 		return errors.New("helper: init without a spec")
@@ -224,6 +284,7 @@ func setupContainer(cfg *helperConfig) error {
 	if err := unix.Mount(root, root, "", unix.MS_BIND|unix.MS_REC, ""); err != nil {
 		return fmt.Errorf("bind rootfs: %w", err)
 	}
+	tr.mark("namespaces and rootfs bind")
 	devIsTmpfs := false
 	for _, m := range spec.Mounts {
 		if err := mountInRoot(root, m); err != nil {
@@ -233,14 +294,17 @@ func setupContainer(cfg *helperConfig) error {
 			devIsTmpfs = true
 		}
 	}
+	tr.mark("mounts")
 	if devIsTmpfs {
 		if err := setupDev(root, spec); err != nil {
 			return err
 		}
 	}
+	tr.mark("dev")
 	if err := enterRoot(root); err != nil {
 		return err
 	}
+	tr.mark("pivot_root")
 	if spec.Linux != nil {
 		if prop, ok := propagationOptions[spec.Linux.RootfsPropagation]; ok {
 			if err := unix.Mount("", "/", "", prop, ""); err != nil {
@@ -263,6 +327,7 @@ func setupContainer(cfg *helperConfig) error {
 				return err
 			}
 		}
+		tr.mark("sysctl, readonly and masked paths")
 	}
 	if spec.Hostname != "" {
 		if err := unix.Sethostname([]byte(spec.Hostname)); err != nil {

@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"strconv"
 	"sync"
 	"time"
 
@@ -61,6 +62,16 @@ type Process struct {
 	// output has also been drained (or the drain timed out).
 	exited chan struct{}
 	done   chan struct{}
+
+	// trace, if set, reports the exec and the exit (spawnSpec.trace);
+	// startedAt, written by Start before it releases the helper and read
+	// once exited is closed, times the exit.
+	trace     func(format string, args ...any)
+	startedAt time.Time
+	// mountNS holds the mount namespace of a container's init (an nsfs
+	// fd, or -1) from ready until after its exit is reported; see
+	// holdMountNS.
+	mountNS int
 }
 
 // Pid is the process's pid in the guest's (agent's) PID namespace.
@@ -96,6 +107,9 @@ type spawnSpec struct {
 	spare *spareHelper
 	// onExit runs after the exit is recorded and output drained.
 	onExit func(*Process)
+	// trace, if set, gets the helper's step durations (cfg.Trace) and
+	// the process's exec and exit times (Config.Trace).
+	trace func(format string, args ...any)
 }
 
 // streamWaitTimeout bounds the wait for the host to open a process's stdio
@@ -105,7 +119,8 @@ const streamWaitTimeout = 10 * time.Second
 // spawn starts a helper with its stdio wired to the host streams and waits
 // until it is ready (blocked before execve) or has failed.
 func spawn(ctx context.Context, r *reaper.Reaper, streams Streams, ss spawnSpec) (_ *Process, retErr error) {
-	p := &Process{sync: -1, exited: make(chan struct{}), done: make(chan struct{})}
+	spawnStart := time.Now()
+	p := &Process{sync: -1, mountNS: -1, exited: make(chan struct{}), done: make(chan struct{})}
 	var cleanups []func()
 	defer func() {
 		if retErr != nil {
@@ -220,7 +235,11 @@ func spawn(ctx context.Context, r *reaper.Reaper, streams Streams, ss spawnSpec)
 		}
 	}
 
+	if ss.cfg.Trace {
+		ss.trace("helper: agent streams and pipes %.1fms", float64(time.Since(spawnStart).Microseconds())/1000)
+	}
 	if sp := ss.spare; sp != nil {
+		spareStart := time.Now()
 		if ss.cgroupFD >= 0 {
 			if err := sp.joinCgroup(ss.cgroupFD); err != nil {
 				return nil, err
@@ -228,6 +247,9 @@ func spawn(ctx context.Context, r *reaper.Reaper, streams Streams, ss spawnSpec)
 		}
 		if err := sendStdio(p.sync, childEnds); err != nil {
 			return nil, err
+		}
+		if ss.cfg.Trace {
+			ss.trace("helper: spare cgroup and stdio %.1fms", float64(time.Since(spareStart).Microseconds())/1000)
 		}
 		ss.cfg.StdioFds = childFds
 		p.pid, p.proc = sp.pid, sp.proc
@@ -270,6 +292,10 @@ func spawn(ctx context.Context, r *reaper.Reaper, streams Streams, ss spawnSpec)
 	}
 	childEnds = nil
 
+	if ss.cfg.Trace {
+		ss.cfg.TraceFrom = time.Now().UnixNano()
+		ss.trace("helper: agent side %.1fms", float64(time.Since(spawnStart).Microseconds())/1000)
+	}
 	go func() {
 		json.NewEncoder(cfgW).Encode(ss.cfg)
 		cfgW.Close()
@@ -285,6 +311,10 @@ func spawn(ctx context.Context, r *reaper.Reaper, streams Streams, ss spawnSpec)
 	if msg.Type != "ready" {
 		return nil, fmt.Errorf("helper said %q before ready: %w", msg.Type, errdefs.ErrUnknown)
 	}
+	if ss.trace != nil && msg.Trace != "" {
+		ss.trace("helper: %s", msg.Trace)
+	}
+	p.trace = ss.trace
 	if ss.stdio.Terminal {
 		if master < 0 {
 			return nil, fmt.Errorf("helper sent no pty master: %w", errdefs.ErrUnknown)
@@ -299,6 +329,9 @@ func spawn(ctx context.Context, r *reaper.Reaper, streams Streams, ss spawnSpec)
 		}
 	} else if master >= 0 {
 		unix.Close(master)
+	}
+	if ss.cfg.Init && ss.cloneflags&unix.CLONE_NEWNS != 0 {
+		p.holdMountNS()
 	}
 	p.startCopiers(outConn, errConn)
 	go p.waitExit(exitc, ss.onExit)
@@ -441,6 +474,9 @@ func (p *Process) waitExit(exitc <-chan reaper.Exit, onExit func(*Process)) {
 	}
 	p.mu.Unlock()
 	close(p.exited)
+	if p.trace != nil && !p.startedAt.IsZero() {
+		p.trace("exit: reaped %.1fms after start", float64(e.At.Sub(p.startedAt).Microseconds())/1000)
+	}
 
 	drained := make(chan struct{})
 	go func() {
@@ -459,6 +495,13 @@ func (p *Process) waitExit(exitc <-chan reaper.Exit, onExit func(*Process)) {
 	if onExit != nil {
 		onExit(p)
 	}
+	if p.trace != nil && !p.startedAt.IsZero() {
+		p.trace("exit: drained %.1fms after the reap", float64(time.Since(e.At).Microseconds())/1000)
+	}
+	// A process that never ran (deleted before its start, as the pool's
+	// warm-up container is) costs its namespace's teardown here, before
+	// the delete returns, not later in a VM that may be paused by then.
+	p.releaseMountNS(p.startedAt.IsZero())
 	close(p.done)
 }
 
@@ -479,12 +522,16 @@ func (p *Process) Start() error {
 		return fmt.Errorf("process has no helper to start: %w", errdefs.ErrFailedPrecondition)
 	}
 	defer unix.Close(sock)
+	p.startedAt = time.Now()
 	if err := sendMsg(sock, helperMsg{Type: "start"}, -1); err != nil {
 		return fmt.Errorf("start: %w", errdefs.ErrUnknown)
 	}
 	// EOF means execve succeeded and closed the helper's end (CLOEXEC).
 	msg, err := recvMsg(sock)
 	if err == io.EOF {
+		if p.trace != nil {
+			p.trace("start: execve %.1fms", float64(time.Since(p.startedAt).Microseconds())/1000)
+		}
 		return nil
 	}
 	if err != nil {
@@ -597,4 +644,35 @@ func (p *Process) release() {
 			p.console.Close()
 		}
 	}()
+}
+
+// holdMountNS keeps a reference on the mount namespace of the init (made
+// by its helper) so that its exit does not tear the namespace down: the
+// last task of a mount namespace unmounts every mount in it (the root,
+// proc, sysfs, the /dev tmpfs, the masked paths: a dozen or more) and
+// waits for an RCU grace period on its way out, before its parent hears
+// of the exit. On an emulated guest that was a good part of `true`'s
+// run. With the reference, releaseMountNS drops the namespace after the
+// exit is reported, in the background. Best effort: without the fd the
+// exit pays as before.
+func (p *Process) holdMountNS() {
+	fd, err := unix.Open("/proc/"+strconv.Itoa(p.pid)+"/ns/mnt", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err == nil {
+		p.mountNS = fd
+	}
+}
+
+// releaseMountNS drops the reference holdMountNS took, at once when now
+// is set, else in the background.
+func (p *Process) releaseMountNS(now bool) {
+	fd := p.mountNS
+	if fd < 0 {
+		return
+	}
+	p.mountNS = -1
+	if now {
+		unix.Close(fd)
+		return
+	}
+	go unix.Close(fd)
 }
