@@ -88,7 +88,21 @@ func qemuArgs(cfg Config, o qemuOptions) ([]string, error) {
 	} else {
 		// qemu64 lacks RDRAND, without which the guest's entropy pool
 		// never fills and Go's crypto/rand blocks; -cpu max is slower.
-		args = append(args, "-accel", "tcg,tb-size="+strconv.Itoa(tcgCacheMiB(o.Incoming)), "-cpu", "qemu64,+rdrand")
+		// thread=single runs every vCPU on one host thread: with one
+		// thread per vCPU (MTTCG, QEMU's default) a guest that
+		// live-patches its kernel text while another vCPU runs it
+		// (x86 text_poke_bp: int3 first, as every static key flip does,
+		// e.g. the first cpuset or memory cgroup, sched_schedstats)
+		// can loop forever on an int3 already gone from memory but
+		// still in that vCPU's translated code: the kernel's "int3 was
+		// removed, run the instruction again" path re-executes the
+		// stale translation. Seen as boots that never reached the agent
+		// (both vCPUs in exc_int3/poke_int3_handler, soft lockups) and
+		// reproduced in seconds by flipping sched_schedstats under load
+		// (e2e/guest TestKernelTextPatching); with one thread it never
+		// hangs. A VM with one vCPU (the shim's default) runs the same
+		// either way.
+		args = append(args, "-accel", "tcg,thread=single,tb-size="+strconv.Itoa(tcgCacheMiB(o.Incoming)), "-cpu", "qemu64,+rdrand")
 	}
 	machine := "microvm,x-option-roms=off,pit=off,pic=off"
 	if o.MemPath != "" {

@@ -43,7 +43,7 @@ func TestQEMUArgsTCGDefaults(t *testing.T) {
 		}
 	}
 	checks := map[string]string{
-		"-accel":  "tcg,tb-size=128",
+		"-accel":  "tcg,thread=single,tb-size=128",
 		"-cpu":    "qemu64,+rdrand",
 		"-M":      "microvm,x-option-roms=off,pit=off,pic=off",
 		"-smp":    "1",
