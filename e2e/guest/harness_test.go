@@ -357,7 +357,10 @@ func (v *testVM) createOn(t testing.TB, id string, spec *specs.Spec, withStdin b
 		t.Fatalf("CreateContainer %s: %v\nconsole:\n%s", id, err, v.m.ConsoleTail(2048))
 	}
 	t.Cleanup(func() {
-		v.client.DeleteContainer(context.Background(), &agent.DeleteContainerRequest{ContainerId: id})
+		// Bounded: a test that failed on a hung guest must still end.
+		ctx, cancel := context.WithTimeout(context.Background(), rpcTimeout)
+		defer cancel()
+		v.client.DeleteContainer(ctx, &agent.DeleteContainerRequest{ContainerId: id})
 	})
 	return p
 }
