@@ -100,9 +100,13 @@ func qemuArgs(cfg Config, o qemuOptions) ([]string, error) {
 		// (both vCPUs in exc_int3/poke_int3_handler, soft lockups) and
 		// reproduced in seconds by flipping sched_schedstats under load
 		// (e2e/guest TestKernelTextPatching); with one thread it never
-		// hangs. A VM with one vCPU (the shim's default) runs the same
-		// either way.
-		args = append(args, "-accel", "tcg,thread=single,tb-size="+strconv.Itoa(tcgCacheMiB(o.Incoming)), "-cpu", "qemu64,+rdrand")
+		// hangs. A VM with one vCPU (the shim's default) has a single
+		// vCPU thread anyway and keeps QEMU's default.
+		accel := "tcg"
+		if cpus > 1 {
+			accel += ",thread=single"
+		}
+		args = append(args, "-accel", accel+",tb-size="+strconv.Itoa(tcgCacheMiB(o.Incoming)), "-cpu", "qemu64,+rdrand")
 	}
 	machine := "microvm,x-option-roms=off,pit=off,pic=off"
 	if o.MemPath != "" {

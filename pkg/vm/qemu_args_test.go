@@ -43,7 +43,7 @@ func TestQEMUArgsTCGDefaults(t *testing.T) {
 		}
 	}
 	checks := map[string]string{
-		"-accel":  "tcg,thread=single,tb-size=128",
+		"-accel":  "tcg,tb-size=128",
 		"-cpu":    "qemu64,+rdrand",
 		"-M":      "microvm,x-option-roms=off,pit=off,pic=off",
 		"-smp":    "1",
@@ -77,6 +77,21 @@ func TestQEMUArgsTCGDefaults(t *testing.T) {
 	}
 	if !strings.HasSuffix(cmdline, " macvm.debug=1") {
 		t.Errorf("caller's kernel args must come last: %q", cmdline)
+	}
+}
+
+// A VM with more than one vCPU runs TCG on one host thread: with a thread
+// per vCPU a guest patching its kernel text could hang (see qemuArgs and
+// e2e/guest TestKernelTextPatching). One vCPU keeps QEMU's default.
+func TestQEMUArgsTCGThreads(t *testing.T) {
+	for cpus, want := range map[int]string{1: "tcg,tb-size=128", 2: "tcg,thread=single,tb-size=128", 4: "tcg,thread=single,tb-size=128"} {
+		args, err := qemuArgs(Config{ID: "c1", Kernel: "/k/vmlinux", CPUs: cpus}, baseOptions())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := argValues(args, "-accel"); len(got) != 1 || got[0] != want {
+			t.Errorf("%d vCPUs: -accel %q, want [%q]", cpus, got, want)
+		}
 	}
 }
 

@@ -343,8 +343,8 @@ func TestTemplateArgs(t *testing.T) {
 		shared, incoming bool
 		want             []string
 	}{
-		{true, false, []string{"memory-backend-file,id=mem,size=256M,mem-path=/t/mem,,x,share=on", "microvm,x-option-roms=off,pit=off,pic=off,memory-backend=mem", "-accel tcg,thread=single,tb-size=128"}},
-		{false, true, []string{"memory-backend-file,id=mem,size=256M,mem-path=/t/mem,,x,share=off", "-incoming defer", "-accel tcg,thread=single,tb-size=64"}},
+		{true, false, []string{"memory-backend-file,id=mem,size=256M,mem-path=/t/mem,,x,share=on", "microvm,x-option-roms=off,pit=off,pic=off,memory-backend=mem", "-accel tcg,tb-size=128"}},
+		{false, true, []string{"memory-backend-file,id=mem,size=256M,mem-path=/t/mem,,x,share=off", "-incoming defer", "-accel tcg,tb-size=64"}},
 	} {
 		args, err := qemuArgs(cfg, qemuOptions{Arch: "amd64", MemPath: "/t/mem,x", MemShared: tt.shared, Incoming: tt.incoming, QMPFD: 3, AgentFD: 4})
 		if err != nil {
