@@ -151,24 +151,10 @@ func TestHostContainerLifecycle(t *testing.T) {
 	}
 
 	c, out, errb, outDone, errDone := create("one", hostSpec("sh", "-c", "echo out $$ $(hostname); echo err >&2; exit 3"))
-	// The agent holds the init's mount namespace (holdMountNS) until the
-	// exit is reported.
-	initNS, err := os.Readlink(fmt.Sprintf("/proc/%d/ns/mnt", c.Init().Pid()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if fd := c.Init().mountNS; fd < 0 {
-		t.Errorf("the init's mount namespace is not held")
-	} else if held, err := os.Readlink(fmt.Sprintf("/proc/self/fd/%d", fd)); err != nil || held != initNS {
-		t.Errorf("held namespace %q (%v), want the init's %q", held, err, initNS)
-	}
 	if err := c.Init().Start(); err != nil {
 		t.Fatalf("Start: %v", err)
 	}
 	status, _, err := c.Init().Wait(ctx)
-	if fd := c.Init().mountNS; fd >= 0 {
-		t.Errorf("the init's mount namespace is still held (fd %d) after its exit was reported", fd)
-	}
 	<-outDone
 	<-errDone
 	if err != nil || status != 3 || out.String() != "out 1 hosttest\n" || errb.String() != "err\n" {

@@ -9,7 +9,6 @@ import (
 	"net"
 	"os"
 	"os/exec"
-	"strconv"
 	"sync"
 	"time"
 
@@ -68,10 +67,6 @@ type Process struct {
 	// once exited is closed, times the exit.
 	trace     func(format string, args ...any)
 	startedAt time.Time
-	// mountNS holds the mount namespace of a container's init (an nsfs
-	// fd, or -1) from ready until after its exit is reported; see
-	// holdMountNS.
-	mountNS int
 }
 
 // Pid is the process's pid in the guest's (agent's) PID namespace.
@@ -120,7 +115,7 @@ const streamWaitTimeout = 10 * time.Second
 // until it is ready (blocked before execve) or has failed.
 func spawn(ctx context.Context, r *reaper.Reaper, streams Streams, ss spawnSpec) (_ *Process, retErr error) {
 	spawnStart := time.Now()
-	p := &Process{sync: -1, mountNS: -1, exited: make(chan struct{}), done: make(chan struct{})}
+	p := &Process{sync: -1, exited: make(chan struct{}), done: make(chan struct{})}
 	var cleanups []func()
 	defer func() {
 		if retErr != nil {
@@ -330,9 +325,6 @@ func spawn(ctx context.Context, r *reaper.Reaper, streams Streams, ss spawnSpec)
 	} else if master >= 0 {
 		unix.Close(master)
 	}
-	if ss.cfg.Init && ss.cloneflags&unix.CLONE_NEWNS != 0 {
-		p.holdMountNS()
-	}
 	p.startCopiers(outConn, errConn)
 	go p.waitExit(exitc, ss.onExit)
 	return p, nil
@@ -498,10 +490,6 @@ func (p *Process) waitExit(exitc <-chan reaper.Exit, onExit func(*Process)) {
 	if p.trace != nil && !p.startedAt.IsZero() {
 		p.trace("exit: drained %.1fms after the reap", float64(time.Since(e.At).Microseconds())/1000)
 	}
-	// A process that never ran (deleted before its start, as the pool's
-	// warm-up container is) costs its namespace's teardown here, before
-	// the delete returns, not later in a VM that may be paused by then.
-	p.releaseMountNS(p.startedAt.IsZero())
 	close(p.done)
 }
 
@@ -644,35 +632,4 @@ func (p *Process) release() {
 			p.console.Close()
 		}
 	}()
-}
-
-// holdMountNS keeps a reference on the mount namespace of the init (made
-// by its helper) so that its exit does not tear the namespace down: the
-// last task of a mount namespace unmounts every mount in it (the root,
-// proc, sysfs, the /dev tmpfs, the masked paths: a dozen or more) and
-// waits for an RCU grace period on its way out, before its parent hears
-// of the exit. On an emulated guest that was a good part of `true`'s
-// run. With the reference, releaseMountNS drops the namespace after the
-// exit is reported, in the background. Best effort: without the fd the
-// exit pays as before.
-func (p *Process) holdMountNS() {
-	fd, err := unix.Open("/proc/"+strconv.Itoa(p.pid)+"/ns/mnt", unix.O_RDONLY|unix.O_CLOEXEC, 0)
-	if err == nil {
-		p.mountNS = fd
-	}
-}
-
-// releaseMountNS drops the reference holdMountNS took, at once when now
-// is set, else in the background.
-func (p *Process) releaseMountNS(now bool) {
-	fd := p.mountNS
-	if fd < 0 {
-		return
-	}
-	p.mountNS = -1
-	if now {
-		unix.Close(fd)
-		return
-	}
-	go unix.Close(fd)
 }
