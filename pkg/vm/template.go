@@ -143,6 +143,40 @@ type templateInputs struct {
 	files []string
 }
 
+// templateShares, templateDisks and templateNICs are a VM's devices as
+// its template key sees them, shared by every backend: per-VM paths become
+// fixed placeholders and backends and MACs go, so two VMs of one device
+// layout get one key whatever their containers. Shares keep their tags
+// and flags; disks count by number, order and read-only flag (the template
+// is booted with stand-in images, and the agent re-probes a disk it sees
+// with a stand-in's capacity); NICs by number, order and kind (a tap and a
+// datagram socket negotiate different virtio-net features), not by MAC:
+// the template's NICs have TemplateMAC and the agent sets a clone's own.
+func templateShares(shares []Share) []Share {
+	out := make([]Share, len(shares))
+	for i, s := range shares {
+		s.HostPath = "share" + strconv.Itoa(i)
+		out[i] = s
+	}
+	return out
+}
+
+func templateDisks(disks []Disk) []Disk {
+	out := make([]Disk, len(disks))
+	for i, d := range disks {
+		out[i] = Disk{Path: "disk" + strconv.Itoa(i), ReadOnly: d.ReadOnly}
+	}
+	return out
+}
+
+func templateNICs(nics []NIC) []NIC {
+	out := make([]NIC, len(nics))
+	for i, n := range nics {
+		out[i] = NIC{Kind: n.Kind}
+	}
+	return out
+}
+
 // key hashes the inputs and the identity of their files.
 func (in templateInputs) key() (string, []fileID, error) {
 	h := sha256.New()

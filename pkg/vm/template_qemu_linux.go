@@ -29,27 +29,13 @@ func NewQEMUMachine(cfg Config) (Machine, error) {
 // templateInputs is cfg's canonical command line: per-VM paths (state
 // directory, shares' host directories) replaced by fixed placeholders, so
 // two VMs of one boot configuration and device layout get one key whatever
-// their containers. NICs count by number, order and kind (a tap and a
-// datagram socket negotiate different virtio-net features), not by MAC:
-// the template's NICs have TemplateMAC and the agent sets a clone's own.
-// Disks count by number, order and read-only flag: the template is booted
-// with empty stand-ins (build), and the agent re-probes a disk it sees
+// their containers. Shares, disks and NICs count as every backend's do
+// (templateShares, templateDisks, templateNICs): the template is booted
+// with empty stand-in disks (build), and the agent re-probes a disk it sees
 // empty before mounting it.
 func (q *QEMU) templateInputs() (templateInputs, error) {
 	c := q.cfg
-	c.Disks = make([]Disk, len(q.cfg.Disks))
-	for i, d := range q.cfg.Disks {
-		c.Disks[i] = Disk{Path: "disk" + strconv.Itoa(i), ReadOnly: d.ReadOnly}
-	}
-	c.Shares = make([]Share, len(q.cfg.Shares))
-	for i, s := range q.cfg.Shares {
-		s.HostPath = "share" + strconv.Itoa(i)
-		c.Shares[i] = s
-	}
-	c.NICs = make([]NIC, len(q.cfg.NICs))
-	for i, n := range q.cfg.NICs {
-		c.NICs[i] = NIC{Kind: n.Kind}
-	}
+	c.Shares, c.Disks, c.NICs = templateShares(q.cfg.Shares), templateDisks(q.cfg.Disks), templateNICs(q.cfg.NICs)
 	args, err := qemuArgs(c, qemuOptions{
 		Arch: runtime.GOARCH, KVM: q.kvm, TSCKHz: q.tscKHz, ConsolePath: "console",
 		QMPFD: childQMPFD, AgentFD: childAgentFD, NICFDs: nicFDs(len(c.NICs)), Paused: true, MemPath: templateMemory,

@@ -6,7 +6,6 @@ import (
 	"net"
 	"path/filepath"
 	"runtime"
-	"strconv"
 	"sync"
 	"time"
 
@@ -17,25 +16,28 @@ import (
 // framework saves a paused VM whole (RAM included) and restores it into a
 // new VM of the same configuration. There is no copy-on-write RAM file as
 // under QEMU, so a clone saves boot time but not memory. The lifecycle is
-// plain Go over vzInstance, tested with the fake on any host.
+// plain Go over vzInstance, tested with the fake on any host. VMs with
+// NICs and disks are templated as under QEMU: the template is booted with
+// stand-ins of the same kinds (standin_vz.go) and NIC i has TemplateMAC(i)
+// in the template and in every clone until the agent sets the container's.
 
-// templateInputs is the plan with the per-VM paths replaced, the guest
-// architecture, and the boot files. VMs with disks are not templated.
+// templateInputs is the plan with the per-VM paths, backends and MACs
+// replaced as every backend's key does (templateShares, templateDisks,
+// templateNICs), the guest architecture, and the boot files. The disks'
+// virtio-blk serials follow their index and stay.
 func (m *vzMachine) templateInputs() (templateInputs, error) {
-	if len(m.plan.Disks) > 0 {
-		return templateInputs{}, fmt.Errorf("vm %s: templates of VMs with disks: %w", m.cfg.ID, errdefs.ErrNotImplemented)
-	}
-	if len(m.plan.NICs) > 0 {
-		// A NIC's file handle is the VM's own stack socket.
-		return templateInputs{}, fmt.Errorf("vm %s: templates of VMs with NICs: %w", m.cfg.ID, errdefs.ErrNotImplemented)
-	}
 	p := m.plan
 	p.ConsolePath = "console"
-	p.Shares = make([]Share, len(m.plan.Shares))
-	for i, s := range m.plan.Shares {
-		s.HostPath = "share" + strconv.Itoa(i)
-		p.Shares[i] = s
+	p.Shares = templateShares(m.plan.Shares)
+	disks := make([]Disk, len(m.plan.Disks))
+	for i, d := range m.plan.Disks {
+		disks[i] = d.Disk
 	}
+	p.Disks = make([]vzDisk, len(disks))
+	for i, d := range templateDisks(disks) {
+		p.Disks[i] = vzDisk{Disk: d, ID: m.plan.Disks[i].ID}
+	}
+	p.NICs = templateNICs(m.plan.NICs)
 	args := []string{"vz", runtime.GOARCH, fmt.Sprintf("%+v", p)}
 	files := []string{m.plan.Kernel}
 	if m.plan.Initrd != "" {
@@ -45,7 +47,18 @@ func (m *vzMachine) templateInputs() (templateInputs, error) {
 }
 
 // buildVZ is Build for Virtualization.framework.
+// cfg's NICs need only their kinds: the template VM gets stand-ins
+// (vzStandInNICs), and its disks stand-in images (vzStandInDisks).
 func (tc *TemplateCache) buildVZ(ctx context.Context, cfg Config, create func(vzPlan) (vzInstance, error)) error {
+	if len(cfg.NICs) > 0 {
+		nics, release, err := vzStandInNICs(cfg.NICs)
+		if err != nil {
+			return fmt.Errorf("template for vm %s: %w", cfg.ID, err)
+		}
+		// After the template VM's stop (the boot below waits for it).
+		defer release()
+		cfg.NICs = nics
+	}
 	probe, err := newVZMachine(cfg, create)
 	if err != nil {
 		return err
@@ -56,6 +69,9 @@ func (tc *TemplateCache) buildVZ(ctx context.Context, cfg Config, create func(vz
 	}
 	// The saved state holds the RAM: recorded by identity, not hashed.
 	return tc.build(ctx, cfg, in, func(ctx context.Context, tcfg Config, dir string) error {
+		if err := vzStandInDisks(tcfg.Disks); err != nil {
+			return err
+		}
 		m, err := newVZMachine(tcfg, create)
 		if err != nil {
 			return err
@@ -152,7 +168,12 @@ func (w *warmVZ) Start(ctx context.Context) error {
 		tc.miss(key, w.cfg)
 		return cold.Start(ctx)
 	}
-	clone, err := newVZMachine(w.cfg, w.create)
+	// The framework restores into the saved configuration only: the
+	// clone's NICs carry the template's MACs (the agent sets the
+	// container's), its disks and NICs are the container's own.
+	ccfg := w.cfg
+	ccfg.NICs = vzCloneNICs(w.cfg.NICs)
+	clone, err := newVZMachine(ccfg, w.create)
 	if err != nil {
 		return err
 	}

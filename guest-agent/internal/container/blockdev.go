@@ -107,18 +107,32 @@ var (
 	reprobed  = map[string]bool{}
 )
 
+// standInSectors is the largest capacity, in 512-byte sectors, at which
+// a disk may be a warm-start template's stand-in: QEMU's are empty files,
+// Virtualization.framework's are vm.StandInDiskBytes (4 KiB), since
+// whether the framework takes an empty image is unknown. No container
+// image is that small (ext4 and erofs superblocks end past 1 KiB, and
+// mkfs.erofs writes 4 KiB blocks); re-probing one that is would only cost
+// an unbind and a bind, once.
+const standInSectors = 8
+
 // reprobe makes virtio_blk probe the disk name again if the guest sees it
-// with no capacity, and reports whether it did. In a VM cloned from a
-// warm-start template the guest probed, at the template's boot, an empty
-// stand-in file; the clone's QEMU has the container's image there, but
-// virtio_blk reads a disk's capacity when it probes it (or on a
-// config-change interrupt, which QEMU raises only for a resize, and a
-// read-only disk cannot be resized). Unbinding and binding the virtio device
-// re-reads the capacity and the partitions, with nothing cached from the
-// stand-in (it had no blocks to cache).
+// with a stand-in's capacity (standInSectors or less), and reports whether
+// it did. In a VM cloned from a warm-start template the guest probed, at
+// the template's boot, a stand-in image; the clone's hypervisor has the
+// container's image there, but virtio_blk reads a disk's capacity when it
+// probes it (or on a config-change interrupt, which QEMU raises only for a
+// resize, and a read-only disk cannot be resized). Unbinding and binding
+// the virtio device re-reads the capacity and the partitions, with
+// nothing cached from the stand-in (the old disk and its page cache go
+// with the unbind).
 func reprobe(name string) (bool, error) {
 	b, err := os.ReadFile(filepath.Join(sysBlock, name, "size"))
-	if err != nil || strings.TrimSpace(string(b)) != "0" {
+	if err != nil {
+		return false, nil
+	}
+	sectors, err := strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64)
+	if err != nil || sectors > standInSectors {
 		return false, nil
 	}
 	devLink := filepath.Join(sysBlock, name, "device")

@@ -6,10 +6,13 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"strconv"
 	"testing"
 	"time"
 
 	"github.com/containerd/errdefs"
+
+	"github.com/macvm/macvm/pkg/vm"
 )
 
 // fakeSysBlock lays out /sys/block with the given disks (name -> serial;
@@ -157,5 +160,53 @@ func TestLookupDiskReprobesEmptyDisk(t *testing.T) {
 	// Still empty after the re-probe: an empty disk, used as it is.
 	if got, err := lookupDisk("disk0", 0); err != nil || got != "/dev/vda" {
 		t.Errorf("after the re-probe: %q, %v; want /dev/vda", got, err)
+	}
+}
+
+// Both backends' stand-ins are re-probed: QEMU's empty files and
+// Virtualization.framework's vm.StandInDiskBytes images; a disk with any
+// larger capacity is not.
+func TestReprobeStandInCapacities(t *testing.T) {
+	if vm.StandInDiskBytes > standInSectors*512 || vm.StandInDiskBytes%512 != 0 {
+		t.Fatalf("vm.StandInDiskBytes %d is not whole sectors within the agent's %d-sector stand-in bound",
+			vm.StandInDiskBytes, standInSectors)
+	}
+	sizes := map[string]string{
+		"vda": "0",                                     // QEMU's empty stand-in
+		"vdb": strconv.Itoa(vm.StandInDiskBytes / 512), // Virtualization.framework's
+		"vdc": strconv.Itoa(standInSectors + 1),        // too big for a stand-in
+		"vdd": "131072",                                // a 64 MiB image
+	}
+	want := map[string]bool{"vda": true, "vdb": true, "vdc": false, "vdd": false}
+	disks := map[string]string{}
+	for name := range sizes {
+		disks[name] = "serial-" + name
+	}
+	fakeSysBlock(t, disks)
+	root := filepath.Dir(sysBlock)
+	drv := filepath.Join(root, "drivers", "virtio_blk")
+	if err := os.MkdirAll(drv, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for name, size := range sizes {
+		dev := filepath.Join(root, "devices", "virtio-"+name)
+		if err := os.MkdirAll(dev, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		os.Symlink(dev, filepath.Join(sysBlock, name, "device"))
+		os.Symlink(drv, filepath.Join(dev, "driver"))
+		os.WriteFile(filepath.Join(sysBlock, name, "size"), []byte(size+"\n"), 0o644)
+		t.Cleanup(func() { delete(reprobed, "virtio-"+name) })
+	}
+	for _, name := range []string{"vda", "vdb", "vdc", "vdd"} {
+		os.WriteFile(filepath.Join(drv, "bind"), nil, 0o600)
+		got, err := reprobe(name)
+		if err != nil || got != want[name] {
+			t.Errorf("%s with %s sectors: re-probed %v, %v; want %v", name, sizes[name], got, err, want[name])
+		}
+		b, _ := os.ReadFile(filepath.Join(drv, "bind"))
+		if bound := string(b) == "virtio-"+name; bound != want[name] {
+			t.Errorf("%s: bind got %q, want a bind %v", name, b, want[name])
+		}
 	}
 }
