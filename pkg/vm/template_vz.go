@@ -76,6 +76,7 @@ func (tc *TemplateCache) buildVZ(ctx context.Context, cfg Config, create func(vz
 		if err != nil {
 			return err
 		}
+		m.forTemplate = true
 		if err := m.Start(ctx); err != nil {
 			return err
 		}
@@ -160,6 +161,12 @@ func (w *warmVZ) Start(ctx context.Context) error {
 		tc.logf("warm start: vm %s boots cold: %v", w.cfg.ID, err)
 		return cold.Start(ctx)
 	}
+	if r := tc.vzRefusals(key); r.Failures >= vzMaxRestoreFailures {
+		tc.logf("warm start: vm %s boots cold: restoring template %s failed %d times on this system, last: %s (remove %s to try again)",
+			w.cfg.ID, key, r.Failures, r.Error, tc.refusalPath(key))
+		tc.discard(key) // one a racing builder saved meanwhile: never used
+		return cold.Start(ctx)
+	}
 	if _, err := tc.validate(key); err != nil {
 		if !errdefs.IsNotFound(err) {
 			tc.logf("warm start: vm %s boots cold, rebuilding the template: %v", w.cfg.ID, err)
@@ -181,6 +188,7 @@ func (w *warmVZ) Start(ctx context.Context) error {
 	err = clone.Start(ctx)
 	if err == nil {
 		tc.touch(key)
+		tc.clearVZRefusals(key)
 		w.mu.Lock()
 		w.cur = clone
 		w.mu.Unlock()
@@ -189,8 +197,15 @@ func (w *warmVZ) Start(ctx context.Context) error {
 	if ctx.Err() != nil {
 		return err
 	}
-	tc.logf("warm start: vm %s: restoring template %s failed, cold boot and rebuild: %v", w.cfg.ID, key, err)
+	// The template validated, so the framework refused it (see
+	// vz_refusals.go): rebuilt a bounded number of times only.
 	tc.discard(key)
+	if r := tc.recordVZRefusal(key, err); r.Failures >= vzMaxRestoreFailures {
+		tc.logf("warm start: vm %s: restoring template %s failed (%d times on this system), cold boot; VMs of this configuration boot cold from now on: %v",
+			w.cfg.ID, key, r.Failures, err)
+		return cold.Start(ctx)
+	}
+	tc.logf("warm start: vm %s: restoring template %s failed, cold boot and rebuild: %v", w.cfg.ID, key, err)
 	tc.miss(key, w.cfg)
 	return cold.Start(ctx)
 }

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/containerd/errdefs"
 	"golang.org/x/sys/unix"
 )
 
@@ -322,5 +323,139 @@ func TestVZTemplateNICsDisks(t *testing.T) {
 	}
 	if !strings.Contains(strings.Join(logs, "\n"), "restoring template") {
 		t.Errorf("no log line for the refused restore: %q", logs)
+	}
+}
+
+// A configuration the framework cannot save fails the build before the
+// template VM boots.
+func TestVZTemplateUnsavable(t *testing.T) {
+	cfg := vzTestConfig(t)
+	var made []*fakeVZ
+	create := func(vzPlan) (vzInstance, error) {
+		f := newFakeVZ()
+		f.saveErr = fmt.Errorf("save/restore: %w: file handle attachments cannot be saved", errdefs.ErrFailedPrecondition)
+		made = append(made, f)
+		return f, nil
+	}
+	tc := &TemplateCache{Dir: t.TempDir(), Logf: t.Logf}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	err := tc.buildVZ(ctx, cfg, create)
+	if !errors.Is(err, errdefs.ErrFailedPrecondition) || !strings.Contains(err.Error(), "cannot be saved") {
+		t.Fatalf("build: %v, want the framework's refusal", err)
+	}
+	if len(made) != 1 || len(made[0].called()) != 0 {
+		t.Errorf("template VM calls %v, want none (no boot)", made[0].called())
+	}
+	if ents, _ := filepath.Glob(filepath.Join(tc.Dir, "[0-9a-f]*")); len(ents) != 1 || !strings.HasSuffix(ents[0], ".lock") {
+		t.Errorf("cache holds %v after a refused build, want the lock file only", ents)
+	}
+}
+
+// Restores that the framework keeps refusing: each removes the template
+// and asks for a rebuild, up to vzMaxRestoreFailures; then VMs of that
+// configuration boot cold without asking, with a log line, until the
+// system version changes or a restore succeeds.
+func TestVZTemplateRefusedRestore(t *testing.T) {
+	cfg := vzTestConfig(t)
+	var mu sync.Mutex
+	refuse := true // guarded by mu
+	var made []*strictFakeVZ
+	create := func(p vzPlan) (vzInstance, error) {
+		host, guest := net.Pipe()
+		t.Cleanup(func() { guest.Close() })
+		mu.Lock()
+		defer mu.Unlock()
+		f := &strictFakeVZ{fakeVZ: newFakeVZ(), plan: p, refuse: refuse}
+		f.dials <- host
+		made = append(made, f)
+		return f, nil
+	}
+	restores := func() int {
+		mu.Lock()
+		defer mu.Unlock()
+		n := 0
+		for _, f := range made {
+			if slicesContain(f.called(), "restore") {
+				n++
+			}
+		}
+		return n
+	}
+	system := "macOS 15.1 (24B83)"
+	old := vzSystemVersion
+	vzSystemVersion = func() string { return system }
+	t.Cleanup(func() { vzSystemVersion = old })
+
+	var logs []string
+	misses := 0
+	tc := &TemplateCache{
+		Dir:    t.TempDir(),
+		OnMiss: func(Config) { misses++ },
+		Logf:   func(format string, args ...any) { logs = append(logs, fmt.Sprintf(format, args...)) },
+	}
+	cfg.Templates = tc
+	job := cfg
+	job.Templates = nil
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	start := func() StartMode {
+		t.Helper()
+		w, err := newWarmVZ(cfg, create)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := w.Start(ctx); err != nil {
+			t.Fatalf("Start: %v", err)
+		}
+		t.Cleanup(func() {
+			sctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+			defer cancel()
+			w.Stop(sctx)
+		})
+		return w.StartMode()
+	}
+	build := func() {
+		t.Helper()
+		if err := tc.buildVZ(ctx, job, create); err != nil {
+			t.Fatalf("build: %v", err)
+		}
+	}
+
+	build()
+	if m := start(); m != StartCold || misses != 1 || restores() != 1 {
+		t.Fatalf("first refusal: mode %s, %d misses, %d restores; want cold, a rebuild asked", m, misses, restores())
+	}
+	build()
+	if m := start(); m != StartCold || misses != 1 || restores() != 2 {
+		t.Fatalf("second refusal: mode %s, %d misses, %d restores; want cold, no rebuild", m, misses, restores())
+	}
+	build() // a builder started meanwhile (another shim) may still save one
+	logs = nil
+	if m := start(); m != StartCold || misses != 1 || restores() != 2 {
+		t.Fatalf("given up: mode %s, %d misses, %d restores; want cold without a restore or a rebuild", m, misses, restores())
+	}
+	if _, err := os.Stat(tc.dir(vzKey(t, cfg))); !os.IsNotExist(err) {
+		t.Errorf("the template saved after the give-up is still there: %v", err)
+	}
+	if l := strings.Join(logs, "\n"); !strings.Contains(l, "failed 2 times on this system") || !strings.Contains(l, ".refused") {
+		t.Errorf("given-up log %q lacks the count or the record to remove", l)
+	}
+
+	// A new system version tries again (the given-up template is gone,
+	// so a build is asked for); a restore that works clears the record.
+	system = "macOS 15.2 (24C101)"
+	mu.Lock()
+	refuse = false
+	mu.Unlock()
+	if m := start(); m != StartCold || misses != 2 {
+		t.Fatalf("after an update, no template: mode %s, %d misses; want cold and a build asked for", m, misses)
+	}
+	build()
+	if m := start(); m != StartTemplate || restores() != 3 {
+		t.Fatalf("after an update: mode %s, %d restores; want a template clone", m, restores())
+	}
+	if _, err := os.Stat(tc.refusalPath(vzKey(t, cfg))); !os.IsNotExist(err) {
+		t.Errorf("the refusal record outlived a successful restore: %v", err)
 	}
 }

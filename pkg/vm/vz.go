@@ -205,6 +205,12 @@ type vzInstance interface {
 	// RestoreState loads a saved state into the created, never started
 	// VM, which is paused afterwards.
 	RestoreState(path string) error
+	// SaveSupported says whether the framework can save this VM's
+	// configuration (ValidateSaveRestoreSupport): nil if it can, an error
+	// wrapping errdefs.ErrFailedPrecondition (or ErrNotImplemented) naming
+	// why not. A template build asks before booting, so a configuration
+	// the framework will not save costs no boot.
+	SaveSupported() error
 }
 
 // vzListener is a vsock listener whose Accept is not woken by Close (vz's
@@ -233,6 +239,9 @@ type vzMachine struct {
 	// restorePath, when set, is a template's saved state: Start restores
 	// it and resumes instead of booting (template_vz.go).
 	restorePath string
+	// forTemplate makes Start refuse, before booting, a configuration the
+	// framework cannot save (a template VM's).
+	forTemplate bool
 
 	done chan struct{} // closed by finish once the VM has exited
 	// startReturned is closed when Start's framework call has returned, so a
@@ -305,6 +314,13 @@ func (m *vzMachine) Start(ctx context.Context) error {
 		err = fmt.Errorf("vm %s: %w", m.cfg.ID, err)
 		m.finish(err)
 		return err
+	}
+	if m.forTemplate {
+		if err := inst.SaveSupported(); err != nil {
+			err = fmt.Errorf("vm %s: template: %w", m.cfg.ID, err)
+			m.finish(err)
+			return err
+		}
 	}
 	// Listen before Start: the agent may dial as soon as the guest runs.
 	l, err := inst.Listen(m.plan.AgentPort)

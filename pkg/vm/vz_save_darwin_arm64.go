@@ -20,16 +20,33 @@ func vzSaveRestoreAvailable() bool {
 	return err == nil && n >= 14
 }
 
-func (v *vzVM) SaveState(path string) error {
+// Refusal records (vz_refusals.go) hold for one macOS version and build:
+// an update may change what the framework restores.
+func init() {
+	vzSystemVersion = func() string {
+		v, _ := syscall.Sysctl("kern.osproductversion")
+		b, _ := syscall.Sysctl("kern.osversion")
+		return "macOS " + v + " (" + b + ")"
+	}
+}
+
+func (v *vzVM) SaveSupported() error {
 	if ok, err := v.config.ValidateSaveRestoreSupport(); !ok || err != nil {
 		return vzSaveRestoreError(err)
+	}
+	return nil
+}
+
+func (v *vzVM) SaveState(path string) error {
+	if err := v.SaveSupported(); err != nil {
+		return err
 	}
 	return v.vm.SaveMachineStateToPath(path)
 }
 
 func (v *vzVM) RestoreState(path string) error {
-	if ok, err := v.config.ValidateSaveRestoreSupport(); !ok || err != nil {
-		return vzSaveRestoreError(err)
+	if err := v.SaveSupported(); err != nil {
+		return err
 	}
 	return v.vm.RestoreMachineStateFromURL(path)
 }

@@ -93,6 +93,7 @@ type fakeVZ struct {
 	states   chan vzState
 	dials    chan net.Conn // what the fake guest dials
 	startErr error
+	saveErr  error // what SaveSupported says
 	// onRequestStop and onStop run when asked; nil means "guest ignores it".
 	onRequestStop func(f *fakeVZ)
 
@@ -151,6 +152,7 @@ func (f *fakeVZ) Stop() error {
 	return nil
 }
 func (f *fakeVZ) StateChanges() <-chan vzState { return f.states }
+func (f *fakeVZ) SaveSupported() error         { return f.saveErr }
 func (f *fakeVZ) SaveState(path string) error {
 	f.record("save")
 	return os.WriteFile(path, []byte("saved VM"), 0o600)
