@@ -380,6 +380,7 @@ func (tc *TemplateCache) build(ctx context.Context, cfg Config, in templateInput
 		// Same devices, empty files: the guest sees each with no
 		// capacity and reads nothing from it, so nothing of it is cached
 		// when a clone's agent re-probes the container's disk there.
+		// (The vz backend's boot grows them to StandInDiskBytes.)
 		d.Path = filepath.Join(tmp, "disk"+strconv.Itoa(i))
 		if err := os.WriteFile(d.Path, nil, 0o600); err != nil {
 			return err
