@@ -197,17 +197,23 @@ func (w *warmVZ) Start(ctx context.Context) error {
 	if ctx.Err() != nil {
 		return err
 	}
-	// The template validated, so the framework refused it (see
-	// vz_refusals.go): rebuilt a bounded number of times only.
+	tc.logf("warm start: vm %s: restoring template %s failed, cold boot: %v", w.cfg.ID, key, err)
 	tc.discard(key)
-	if r := tc.recordVZRefusal(key, err); r.Failures >= vzMaxRestoreFailures {
-		tc.logf("warm start: vm %s: restoring template %s failed (%d times on this system), cold boot; VMs of this configuration boot cold from now on: %v",
-			w.cfg.ID, key, r.Failures, err)
-		return cold.Start(ctx)
+	if cerr := cold.Start(ctx); cerr != nil {
+		// Not the template's fault (a missing image, say): not counted.
+		return cerr
 	}
-	tc.logf("warm start: vm %s: restoring template %s failed, cold boot and rebuild: %v", w.cfg.ID, key, err)
+	// The template validated and the same configuration boots, so the
+	// framework refused the template (see vz_refusals.go): it is rebuilt
+	// a bounded number of times only.
+	if r := tc.recordVZRefusal(key, err); r.Failures >= vzMaxRestoreFailures {
+		tc.logf("warm start: template %s failed to restore %d times on this system: VMs of this configuration boot cold from now on (remove %s to try again)",
+			key, r.Failures, tc.refusalPath(key))
+		return nil
+	}
+	tc.logf("warm start: rebuilding template %s", key)
 	tc.miss(key, w.cfg)
-	return cold.Start(ctx)
+	return nil
 }
 
 func (w *warmVZ) StartMode() StartMode                            { return w.m().StartMode() }

@@ -366,6 +366,11 @@ func TestVZTemplateRefusedRestore(t *testing.T) {
 		t.Cleanup(func() { guest.Close() })
 		mu.Lock()
 		defer mu.Unlock()
+		for _, d := range p.Disks {
+			if _, err := os.Stat(d.Path); err != nil {
+				return nil, err // as the framework's attachment does
+			}
+		}
 		f := &strictFakeVZ{fakeVZ: newFakeVZ(), plan: p, refuse: refuse}
 		f.dials <- host
 		made = append(made, f)
@@ -420,6 +425,28 @@ func TestVZTemplateRefusedRestore(t *testing.T) {
 		if err := tc.buildVZ(ctx, job, create); err != nil {
 			t.Fatalf("build: %v", err)
 		}
+	}
+
+	// A clone and a cold boot that both fail (the container's image is
+	// gone, say) do not count against the template.
+	build()
+	mu.Lock()
+	created := len(made)
+	mu.Unlock()
+	broken := cfg
+	broken.Disks = []Disk{{Path: "/nonexistent/disk0.img"}, cfg.Disks[1]}
+	if w, err := newWarmVZ(broken, create); err != nil {
+		t.Fatal(err)
+	} else if err := w.Start(ctx); err == nil {
+		t.Fatal("Start with a missing disk image worked")
+	}
+	mu.Lock()
+	if len(made) != created {
+		t.Errorf("a VM was created for a missing disk image")
+	}
+	mu.Unlock()
+	if _, err := os.Stat(tc.refusalPath(vzKey(t, cfg))); !os.IsNotExist(err) || misses != 0 {
+		t.Fatalf("a failed clone whose cold boot failed too was counted as a refusal (%v, %d misses)", err, misses)
 	}
 
 	build()
