@@ -37,7 +37,7 @@ const (
 //	default_memory_mib = 512  # when the container has no memory limit
 //	memory_overhead_mib = 96  # guest kernel + agent, on top of the limit
 //	kernel_args = ["loglevel=4"]
-//	boot_timeout = "60s"      # from hypervisor start to the agent's answer
+//	boot_timeout = "60s"      # from hypervisor start to the agent's answer (a clone: also handshake to first RPC answer)
 //	warm_start = "template"   # "template" (default), "pool" (template clones started ahead) or "off"
 //	pool_size = 0             # VMs per template the pool daemon keeps ready (pool mode; 0: no pool)
 //	pool_idle_timeout = "10m" # the pool daemon drops a pool (and exits) unused this long

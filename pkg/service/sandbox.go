@@ -55,6 +55,9 @@ type sandbox struct {
 	// Set by boot before ready is closed, read-only afterwards.
 	machine vm.Machine
 	client  agentClient
+	// reseeded is set by boot when a clone's Reseed already ran as its
+	// proof of life (cloneAnswers), before the setup steps start.
+	reseeded bool
 	// vmCtx ends when the VM or the agent connection is gone (or the
 	// sandbox is torn down): every call into the guest uses it, so the
 	// loss of the VM fails them all at once.
@@ -186,7 +189,15 @@ func (sb *sandbox) boot(ctx context.Context, b backend, spec *specs.Spec, early 
 	}
 	done()
 	client, err := sb.startMachine(ctx, b, vcfg)
-	if err != nil && vcfg.Templates != nil && vm.StartModeOf(sb.machine) != vm.StartCold && ctx.Err() == nil {
+	clone := vcfg.Templates != nil && vm.StartModeOf(sb.machine) != vm.StartCold
+	if err == nil && clone {
+		// The handshake shows that the guest's transport runs, not that
+		// its agent serves: a clone must also answer its first RPC.
+		if err = sb.cloneAnswers(ctx, client); err != nil {
+			client.Close()
+		}
+	}
+	if err != nil && clone && ctx.Err() == nil {
 		// A clone that came up but never answered: its template passed
 		// the checks and is still wrong. Never a failed container for it.
 		log.G(ctx).WithError(err).WithField("container_id", sb.id).Warn("warm start: the clone's agent did not answer; booting cold")
@@ -288,6 +299,9 @@ type setupStep struct {
 func (sb *sandbox) setupSteps() []setupStep {
 	return []setupStep{
 		{"reseed guest RNG", func(ctx context.Context, sb *sandbox) error {
+			if sb.reseeded {
+				return nil
+			}
 			return sb.reseed(ctx, sb.client, vm.StartModeOf(sb.machine))
 		}},
 		{"set guest clock", func(ctx context.Context, sb *sandbox) error {

@@ -160,6 +160,36 @@ func RunTemplateBuilder(stdin io.Reader) int {
 	return 0
 }
 
+// cloneAnswers is a clone's proof of life, run by boot right after the
+// transport handshake: the clone's Reseed (which it needs before anything
+// else anyway), bounded by boot_timeout. The handshake alone proves little
+// for a clone: its agent resumed inside the session of the template build
+// or of the pool's warm-up, and the handshake shows that the guest's
+// transport read the host's SYNC and answered, not that the new session
+// then serves RPCs. Seen once under TCG: a clone answered the handshake and
+// then never its first RPC; with nothing bounding that wait but the
+// create's own timeout, the container failed instead of booting cold.
+// Any failure here (no answer in time, or an error) makes boot replace the
+// clone by a cold boot. The wait costs the clone one round trip before
+// Create goes on with the host's share mounts, which otherwise overlap it.
+func (sb *sandbox) cloneAnswers(ctx context.Context, client agentClient) error {
+	timeout := sb.cfg.bootTimeout()
+	actx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	mode := vm.StartModeOf(sb.machine)
+	err := sb.reseed(actx, client, mode)
+	switch {
+	case err == nil:
+		sb.reseeded = true
+		return nil
+	case actx.Err() != nil && ctx.Err() == nil:
+		return fmt.Errorf("%s clone: its agent completed the handshake but did not answer its first RPC (Reseed) within %v (boot_timeout): %w",
+			mode, timeout, context.DeadlineExceeded)
+	default:
+		return fmt.Errorf("%s clone: reseed: %w", mode, err)
+	}
+}
+
 // reseedBytes is how much host entropy a VM gets at start.
 const reseedBytes = 64
 

@@ -3,13 +3,32 @@ package service
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
+	"path/filepath"
 	"testing"
+	"time"
 
+	"github.com/containerd/containerd/api/types/runtimeoptions/v1"
 	"github.com/containerd/errdefs"
+	"github.com/containerd/typeurl/v2"
 
+	"github.com/macvm/macvm/pkg/guest"
+	"github.com/macvm/macvm/pkg/guest/transport"
 	"github.com/macvm/macvm/pkg/vm"
 )
+
+// setConfig makes later creates use the harness's kernel and initrd plus
+// the config lines extra.
+func (h *harness) setConfig(extra string) {
+	h.t.Helper()
+	body := fmt.Sprintf("kernel = %q\ninitrd = %q\n%s\n", filepath.Join(h.dir, "vmlinux"), filepath.Join(h.dir, "initrd.img"), extra)
+	opts, err := typeurl.MarshalAnyToProto(&runtimeoptions.Options{ConfigBody: []byte(body)})
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	h.opts = opts
+}
 
 // silentClone is a VM restored from a template whose agent never answers
 // (a template that passed its checks and is still wrong).
@@ -71,5 +90,99 @@ func TestReseedFailureFailsOnlyClones(t *testing.T) {
 		if (err != nil) != tt.wantErr {
 			t.Errorf("reseed failure on a %s VM: %v, want error %v", tt.mode, err, tt.wantErr)
 		}
+	}
+}
+
+// handshakeOnlyClone is a clone whose guest side completes the transport
+// handshake (a real transport.Accept on the other end of its agent
+// channel) and then never answers an RPC: its session reads the host's
+// frames, but nothing serves them.
+type handshakeOnlyClone struct {
+	*fakeMachine
+	t        *testing.T
+	accepted chan struct{} // closed once the guest side has answered the SYNC
+}
+
+func (handshakeOnlyClone) StartMode() vm.StartMode { return vm.StartTemplate }
+
+func (c handshakeOnlyClone) AgentConn(context.Context) (net.Conn, error) {
+	host, guestEnd := net.Pipe()
+	go func() {
+		sess, err := transport.Accept(context.Background(), guestEnd)
+		if err != nil {
+			c.t.Errorf("guest side of the clone: %v", err)
+			return
+		}
+		close(c.accepted)
+		// The session's streams are accepted (so the host's writes do not
+		// block) and never served.
+		for {
+			if _, _, err := sess.Accept(); err != nil {
+				return
+			}
+		}
+	}()
+	go func() {
+		<-c.done
+		guestEnd.Close()
+	}()
+	return host, nil
+}
+
+// A clone whose agent completes the handshake and then never answers its
+// first RPC is not a failed container either: after boot_timeout it is
+// stopped, with a log line, and the VM boots cold.
+func TestWarmStartSilentCloneAfterHandshakeBootsCold(t *testing.T) {
+	h := newHarness(t, nil)
+	h.setConfig(`boot_timeout = "2s"`)
+	var (
+		cfgs  []vm.Config
+		clone handshakeOnlyClone
+	)
+	h.svc.backend.newMachine = func(cfg vm.Config) (vm.Machine, error) {
+		m := &fakeMachine{cfg: cfg, done: make(chan struct{})}
+		h.mu.Lock()
+		defer h.mu.Unlock()
+		h.machines = append(h.machines, m)
+		cfgs = append(cfgs, cfg)
+		if len(h.machines) == 1 {
+			clone = handshakeOnlyClone{fakeMachine: m, t: t, accepted: make(chan struct{})}
+			return clone, nil
+		}
+		return m, nil
+	}
+	h.svc.backend.dialAgent = func(ctx context.Context, conn net.Conn, resumed bool) (agentClient, error) {
+		if !resumed {
+			return h.agent, nil
+		}
+		return guest.NewClient(ctx, conn, transport.WithStaleSession())
+	}
+	start := time.Now()
+	h.create("c1", nil)
+	took := time.Since(start)
+
+	select {
+	case <-clone.accepted:
+	default:
+		t.Fatal("the clone's guest side never completed the handshake: the test did not test what it says")
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if len(cfgs) != 2 {
+		t.Fatalf("%d VMs made, want 2 (the clone, then a cold boot)", len(cfgs))
+	}
+	if cfgs[0].Templates == nil || cfgs[1].Templates != nil {
+		t.Errorf("template caches: clone %v, fallback %v; want set, then none", cfgs[0].Templates, cfgs[1].Templates)
+	}
+	select {
+	case <-h.machines[0].Done():
+	default:
+		t.Error("the silent clone was not stopped")
+	}
+	if !h.agent.called("Reseed") {
+		t.Error("the cold VM was not reseeded")
+	}
+	if took < 2*time.Second {
+		t.Errorf("the create took %v: the clone was given up before boot_timeout (2s)", took)
 	}
 }
