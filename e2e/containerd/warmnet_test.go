@@ -69,19 +69,20 @@ func waitTemplates(t *testing.T, d *harness.Containerd, n int) []string {
 }
 
 // TestWarmStartNetwork: VMs with NICs start from templates built with
-// stand-in backends. With warm_start = "pool" (the pool holds no NIC VMs,
-// so a NIC VM must fall back to a template clone, with a log line): the
-// first container on a CNI bridge and the first on the host-NAT stack
-// boot cold and each makes a template (tap / datagram NIC); then two CNI
-// containers started at once are template clones with the MACs and
-// addresses CNI gave them (not the template's), links up, reachable from
-// the host (so frames to the new MAC get through QEMU's receive filter),
-// pinging their gateway, and leave no tap behind; a host-NAT clone
-// reaches a host server and resolves a name; `nerdctl run -p` from the
-// tap template serves its published port.
+// stand-in backends, then from the pool. With warm_start = "pool" and
+// pool_size = 0 first (no pool: template clones): the first container on
+// a CNI bridge and the first on the host-NAT stack boot cold and each
+// makes a template (tap / datagram NIC); then two CNI containers started
+// at once are template clones with the MACs and addresses CNI gave them
+// (not the template's), links up, reachable from the host (so frames to
+// the new MAC get through QEMU's receive filter), pinging their gateway,
+// and leave no tap behind; a host-NAT clone reaches a host server and
+// resolves a name; `nerdctl run -p` from the tap template serves its
+// published port. Then pool_size = 1 (testPoolNetwork): pooled VMs serve
+// both NIC kinds.
 func TestWarmStartNetwork(t *testing.T) {
 	rt := harness.Macvm()
-	d := daemonWith(t, rt, harness.Options{Paths: suite.Paths, WarmStart: "pool", MacvmConfigExtra: "pool_size = 1"})
+	d := daemonWith(t, rt, harness.Options{Paths: suite.Paths, WarmStart: "pool", MacvmConfigExtra: "pool_size = 0"})
 	dir := t.TempDir()
 	n := os.Getpid()%200 + time.Now().Nanosecond()%50
 	bridge := fmt.Sprintf("mvmwarm%d", n)
@@ -112,7 +113,7 @@ func TestWarmStartNetwork(t *testing.T) {
 	if mode := startMode(t, d, "wnat-cold"); mode != "cold" {
 		t.Fatalf("first host-NAT container: start_mode=%s, want cold", mode)
 	}
-	waitTemplates(t, d, 2)
+	keys := waitTemplates(t, d, 2)
 
 	// Two CNI clones at once, each in a namespace of its own.
 	atts := []cniAttachment{first, cniAttach(t, conf)}
@@ -139,9 +140,6 @@ func TestWarmStartNetwork(t *testing.T) {
 		id := ids[i]
 		if mode := startMode(t, d, id); mode != "template" {
 			t.Errorf("%s: start_mode=%s, want template", id, mode)
-		}
-		if log, _ := os.ReadFile(d.LogPath); !strings.Contains(string(log), "vm "+id+" has 1 NICs and 0 disks, which pooled VMs lack") {
-			t.Errorf("%s: no log line of the pool fallback", id)
 		}
 		res := ctr(t, d, nil, "task", "exec", "--exec-id", "probe", id, "sh", "-c",
 			"cat /sys/class/net/eth0/address /sys/class/net/eth0/operstate /sys/class/net/eth0/carrier; ip -4 addr show eth0; ping -c 1 -W 20 "+a.gw+"; ip neigh")
@@ -203,5 +201,104 @@ func TestWarmStartNetwork(t *testing.T) {
 	}
 	if l, err := d.WaitClean(time.Minute, true); err != nil || len(l.Procs) > 0 {
 		t.Errorf("processes left after the builds: %v %s", err, l)
+	}
+	if t.Failed() {
+		return
+	}
+	testPoolNetwork(t, d, rt, conf, keys, natScript, natOK)
+}
+
+// testPoolNetwork is TestWarmStartNetwork's pool part, on its templates
+// (keys: the tap and the datagram NIC's): with pool_size = 1 a CNI and a
+// host-NAT container are template clones that make the pool daemon fill
+// a pool for each key; then a CNI container gets a pooled VM whose
+// stand-in tap moved into its namespace (macvmp*), with CNI's MAC and
+// address, its gateway answering, reachable from the host, and no tap
+// left in the namespace once it is gone; a host-NAT container gets a
+// pooled VM whose socket the stack adopted (a host server answers, a
+// name resolves). `macvm-pool-stop` leaves no qemu and no VM directory.
+func testPoolNetwork(t *testing.T, d *harness.Containerd, rt harness.Runtime, conf string, keys []string, natScript string, natOK func(harness.Result) bool) {
+	// Each shim reads the configuration when it starts.
+	if err := harness.WriteMacvmConfigExtra(d.MacvmConfig, suite.Paths, "pool", d.TemplateDir, "pool_size = 1"); err != nil {
+		t.Fatal(err)
+	}
+	poolDir := filepath.Join(d.TemplateDir, "pool")
+	t.Cleanup(func() {
+		if t.Failed() {
+			b, _ := os.ReadFile(filepath.Join(poolDir, "pool.log"))
+			t.Logf("pool.log:\n%s", b)
+		}
+	})
+	cniProbe := func(id string, a cniAttachment) {
+		t.Helper()
+		res := ctr(t, d, nil, "task", "exec", "--exec-id", "probe", id, "sh", "-c",
+			"cat /sys/class/net/eth0/address /sys/class/net/eth0/operstate; ip -4 addr show eth0; ping -c 1 -W 20 "+a.gw)
+		out := string(res.Stdout)
+		lines := strings.Split(out, "\n")
+		if res.ExitCode != 0 || len(lines) < 2 || lines[0] != a.mac || lines[1] != "up" ||
+			!strings.Contains(out, "inet "+a.cidr) || !strings.Contains(out, "1 packets received") {
+			t.Errorf("%s: %v; want MAC %s, link up, %s, the gateway %s answering", id, res, a.mac, a.cidr, a.gw)
+		}
+	}
+
+	// Template clones that ask the pool for their keys: the first starts
+	// the daemon, the second adds its key.
+	seed := cniAttach(t, conf)
+	if res := run(t, d, rt, nil, []string{"--with-ns", "network:" + seed.netns}, "pnet-seed", "ip", "addr", "show", "eth0"); res.ExitCode != 0 ||
+		!strings.Contains(string(res.Stdout), "inet "+seed.cidr) {
+		t.Fatalf("CNI container asking the pool: %v; want %s on eth0", res, seed.cidr)
+	}
+	if mode := startMode(t, d, "pnet-seed"); mode != "template" {
+		t.Fatalf("pnet-seed: start_mode=%s, want template (the pool starts now)", mode)
+	}
+	if res := run(t, d, rt, nil, []string{"--net-host"}, "pnat-seed", "sh", "-c", natScript); !natOK(res) {
+		t.Fatalf("host-NAT container asking the pool: %v", res)
+	}
+	for _, key := range keys {
+		waitPool(t, poolDir, key, 1)
+	}
+
+	// A CNI container from the pool.
+	a := cniAttach(t, conf)
+	id := "pnet-pool"
+	runDetached(t, d, rt, []string{"--with-ns", "network:" + a.netns}, id,
+		"sh", "-c", "while true; do echo hi-from-pool | nc -l -p 8080; done")
+	waitStatus(t, d, id, "RUNNING", 2*time.Minute)
+	if mode := startMode(t, d, id); mode != "pool" {
+		t.Errorf("%s: start_mode=%s, want pool", id, mode)
+	}
+	if links := linksIn(t, a.netns); !strings.Contains(links, "macvmp") {
+		t.Errorf("%s: no adopted tap (macvmp*) in the namespace:\n%s", id, links)
+	}
+	cniProbe(id, a)
+	if got := readLine(a.ip, 8080, "hi-from-pool\n"); got != "hi-from-pool\n" {
+		t.Errorf("%s:8080 from the host: read %q, want hi-from-pool", a.ip, got)
+	}
+	ctr(t, d, nil, "task", "kill", "-s", "KILL", id)
+	exitStatus(t, d, id, 2*time.Minute)
+	ctrOK(t, d, "task", "delete", id)
+	ctrOK(t, d, "container", "delete", id)
+	if links := linksIn(t, a.netns); strings.Contains(links, "macvm") {
+		t.Errorf("%s: the namespace keeps macvm's taps after the container is gone:\n%s", id, links)
+	}
+
+	// A host-NAT container from the pool.
+	if res := run(t, d, rt, nil, []string{"--net-host"}, "pnat-pool", "sh", "-c", natScript); !natOK(res) {
+		t.Errorf("pooled host-NAT container: %v; want the host server's reply and host.macvm.internal = %s", res, network.HostIP)
+	}
+	if mode := startMode(t, d, "pnat-pool"); mode != "pool" {
+		t.Errorf("pnat-pool: start_mode=%s, want pool", mode)
+	}
+
+	stop := exec.Command(filepath.Join(suite.Paths.BinDir, "containerd-shim-macvm-v1"), "macvm-pool-stop", d.TemplateDir)
+	var out strings.Builder
+	stop.Stdout, stop.Stderr = &out, &out
+	if err := harness.RunCmd(stop); err != nil {
+		t.Fatalf("macvm-pool-stop: %v: %s", err, out.String())
+	}
+	waitNoQemu(t, poolDir)
+	waitVMDirs(t, poolDir, 0)
+	if l, err := d.WaitClean(time.Minute, true); err != nil || len(l.Procs) > 0 {
+		t.Errorf("processes left after stopping the pool: %v %s", err, l)
 	}
 }

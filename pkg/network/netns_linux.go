@@ -37,6 +37,10 @@ type takenOver struct {
 	name, tap string
 	mac       net.HardwareAddr
 	file      *os.File // the open tap, for the hypervisor
+	// adopted is the pooled VM's tap moved in for this interface
+	// (netns_adopt_linux.go), which the CNI interface's frames go to
+	// instead of tap; "" when none.
+	adopted string
 }
 
 // OpenNetns reads the namespace at path and wires a tap to each of its
@@ -252,7 +256,10 @@ func openTap(name string) (*os.File, error) { return tap.Open(name) }
 func (n *Netns) NICs() []vm.NIC {
 	out := make([]vm.NIC, len(n.ifs))
 	for i, t := range n.ifs {
-		out[i] = vm.NIC{Kind: vm.NICTap, File: t.file, MAC: t.mac}
+		out[i] = vm.NIC{Kind: vm.NICTap, File: t.file, MAC: t.mac,
+			Adopt:   func(s vm.StandIn) error { return n.adopt(i, s) },
+			Reclaim: func() error { return n.reclaim(i) },
+		}
 	}
 	return out
 }
@@ -286,9 +293,14 @@ func (n *Netns) Close() error {
 func (n *Netns) tearDown() error {
 	var errs []error
 	for _, t := range n.ifs {
-		if l, err := netlink.LinkByName(t.tap); err == nil {
-			if err := netlink.LinkDel(l); err != nil {
-				errs = append(errs, fmt.Errorf("delete %s: %w", t.tap, err))
+		for _, name := range []string{t.tap, t.adopted} {
+			if name == "" {
+				continue
+			}
+			if l, err := netlink.LinkByName(name); err == nil {
+				if err := netlink.LinkDel(l); err != nil {
+					errs = append(errs, fmt.Errorf("delete %s: %w", name, err))
+				}
 			}
 		}
 		if l, err := netlink.LinkByName(t.name); err == nil {

@@ -116,10 +116,16 @@ const userNetStartTimeout = time.Minute
 // The stack runs in a macvm-usernet process (package userstack says why),
 // which holds the host end and the published ports' listeners.
 type UserNet struct {
-	guest *os.File  // the VM's end, handed to the hypervisor
-	cmd   *exec.Cmd // macvm-usernet
-	stdin io.WriteCloser
-	done  chan struct{} // closed when the helper has exited (cmd.Wait returned)
+	guest *os.File // the VM's end, handed to the hypervisor
+	// host is a copy of the helper's end: adopting a pooled VM's socket
+	// (usernet_adopt_linux.go) connects it elsewhere.
+	host *os.File
+	// adopted is the pooled VM's socket the helper's end is connected to
+	// instead of guest (nil: none).
+	adopted *os.File
+	cmd     *exec.Cmd // macvm-usernet
+	stdin   io.WriteCloser
+	done    chan struct{} // closed when the helper has exited (cmd.Wait returned)
 	// published is what the helper listens on; set before NewUserNet returns.
 	published []net.Addr
 
@@ -154,7 +160,6 @@ func NewUserNet(ports []PortForward) (_ *UserNet, retErr error) {
 	}
 	host := os.NewFile(uintptr(fds[0]), "usernet-host")
 	guest := os.NewFile(uintptr(fds[1]), "usernet-guest")
-	defer host.Close() // the helper has its own copy
 	args := make([]string, 0, len(ports))
 	for _, p := range ports {
 		args = append(args, p.HostAddr+"="+strconv.Itoa(p.GuestPort))
@@ -165,18 +170,21 @@ func NewUserNet(ports []PortForward) (_ *UserNet, retErr error) {
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
 		guest.Close()
+		host.Close()
 		return nil, fmt.Errorf("user-space network: %w", err)
 	}
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
 		guest.Close()
+		host.Close()
 		return nil, fmt.Errorf("user-space network: %w", err)
 	}
 	if err := cmd.Start(); err != nil {
 		guest.Close()
+		host.Close()
 		return nil, fmt.Errorf("user-space network: starting %s: %w", helper, err)
 	}
-	u := &UserNet{guest: guest, cmd: cmd, stdin: stdin, done: make(chan struct{})}
+	u := &UserNet{guest: guest, host: host, cmd: cmd, stdin: stdin, done: make(chan struct{})}
 	lines := make(chan []string, 1)
 	go func() {
 		// Read the start-up lines, then drain (the helper writes no more).
@@ -227,7 +235,7 @@ func NewUserNet(ports []PortForward) (_ *UserNet, retErr error) {
 // NIC is the VM's device: the datagram end, with the guest's MAC.
 func (u *UserNet) NIC() vm.NIC {
 	mac, _ := net.ParseMAC(GuestMAC)
-	return vm.NIC{Kind: vm.NICDatagram, File: u.guest, MAC: mac}
+	return u.adoptable(vm.NIC{Kind: vm.NICDatagram, File: u.guest, MAC: mac})
 }
 
 // GuestConfig is what the agent sets up: eth0 with the guest address and a
@@ -274,6 +282,9 @@ func (u *UserNet) Close() error {
 		<-u.done
 		errs = append(errs, fmt.Errorf("user-space network: macvm-usernet did not exit within %v of its stdin closing: killed", userNetStopTimeout))
 	}
-	errs = append(errs, u.guest.Close())
+	errs = append(errs, u.guest.Close(), u.host.Close())
+	if u.adopted != nil {
+		u.adopted.Close()
+	}
 	return errors.Join(errs...)
 }

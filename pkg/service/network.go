@@ -167,6 +167,19 @@ func forClone(req *agent.ConfigureNetworkRequest) *agent.ConfigureNetworkRequest
 	return out
 }
 
+// reclaim undoes the adoption of a pooled VM's NICs (vm.NIC.Adopt) once
+// that VM is given up: the VM started in its place uses the network's
+// own backends (nics). Nothing adopted is no error.
+func (pn *podNetwork) reclaim() error {
+	var errs []error
+	for _, n := range pn.nics() {
+		if n.Reclaim != nil {
+			errs = append(errs, n.Reclaim())
+		}
+	}
+	return errors.Join(errs...)
+}
+
 // close releases the network once the VM is gone: taps and tc rules out
 // of the namespace, the stack stopped. The shim's own namespace stays until
 // removeOwn (after the poststop hooks, which tear CNI down in it).

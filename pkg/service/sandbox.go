@@ -205,7 +205,11 @@ func (sb *sandbox) boot(ctx context.Context, b backend, spec *specs.Spec, early 
 		sb.machine.Stop(sctx)
 		cancel()
 		vcfg.Templates = nil
-		client, err = sb.startMachine(ctx, b, vcfg)
+		// A pooled VM's NICs were adopted: the cold VM gets the pod
+		// network's own.
+		if err = sb.network.reclaim(); err == nil {
+			client, err = sb.startMachine(ctx, b, vcfg)
+		}
 	}
 	if err != nil {
 		return err

@@ -51,7 +51,7 @@ func (pc *PoolClient) take(ctx context.Context, cfg Config, key string) (*QEMU, 
 		return nil, err
 	}
 	var rep poolReply
-	files, err := readPoolMessage(conn, &rep, poolFDCount, asked.Add(timeout))
+	files, err := readPoolMessage(conn, &rep, poolFDCount+maxPoolNICs, asked.Add(timeout))
 	if err != nil {
 		return nil, err
 	}
@@ -61,8 +61,9 @@ func (pc *PoolClient) take(ctx context.Context, cfg Config, key string) (*QEMU, 
 			h.close()
 		}
 	}()
-	if len(files) == poolFDCount {
+	if len(files) == poolFDCount+len(rep.NICs) {
 		h.qmp, h.agent, h.pidfd = files[0], files[1], files[2]
+		h.nics = files[poolFDCount:]
 	} else {
 		for _, f := range files {
 			f.Close()
@@ -80,6 +81,10 @@ func (pc *PoolClient) take(ctx context.Context, cfg Config, key string) (*QEMU, 
 	case len(rep.Shares) != len(cfg.Shares) || rep.Dir == "" || rep.Pid <= 0:
 		return nil, fmt.Errorf("pool daemon: reply without the VM's directories: %w", errdefs.ErrDataLoss)
 	}
+	standIns, err := pooledStandIns(cfg, rep.NICs, h.nics)
+	if err != nil {
+		return nil, err
+	}
 	pcfg := cfg
 	pcfg.StateDir = rep.Dir
 	pcfg.Templates = nil
@@ -94,11 +99,66 @@ func (pc *PoolClient) take(ctx context.Context, cfg Config, key string) (*QEMU, 
 	}
 	q.pooled = true
 	h.pid = rep.Pid
+	nicFiles := h.nics
+	h.nics = nil
+	defer closeFiles(nicFiles)
 	keep = true // startPooled owns the handles now, failing or not
 	if err := q.startPooled(ctx, h); err != nil {
 		return nil, err
 	}
+	// The NICs are adopted once the VM runs: an adoption leaves the
+	// caller's backend in place until it succeeds, so a VM that failed to
+	// come up leaves a network the template clone can still use.
+	for i, si := range standIns {
+		if err := cfg.NICs[i].Adopt(si); err != nil {
+			sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+			q.Stop(sctx)
+			cancel()
+			err = fmt.Errorf("vm %s: adopting the pooled VM's NIC %d (%s): %w", cfg.ID, i, si.Kind, err)
+			for _, n := range cfg.NICs[:i] {
+				if rerr := n.Reclaim(); rerr != nil {
+					err = fmt.Errorf("%w; reclaiming its NIC: %w", err, rerr)
+				}
+			}
+			return nil, err
+		}
+	}
 	return q, nil
+}
+
+// pooledStandIns pairs the NICs a hand-over brings (meta, and one file
+// each) with cfg's, which must match them in number and kind and be able
+// to adopt them.
+func pooledStandIns(cfg Config, meta []poolNIC, files []*os.File) ([]StandIn, error) {
+	if len(meta) != len(cfg.NICs) || len(files) != len(meta) {
+		return nil, fmt.Errorf("pool daemon handed over %d NICs (%d descriptors), want %d: %w", len(meta), len(files), len(cfg.NICs), errdefs.ErrDataLoss)
+	}
+	out := make([]StandIn, len(meta))
+	for i, m := range meta {
+		n := cfg.NICs[i]
+		if m.Kind != n.Kind {
+			return nil, fmt.Errorf("pool daemon handed over a %s NIC %d, want %s: %w", m.Kind, i, n.Kind, errdefs.ErrDataLoss)
+		}
+		if n.Adopt == nil || n.Reclaim == nil {
+			return nil, fmt.Errorf("NIC %d (%s) cannot adopt a pooled VM's: %w", i, n.Kind, errdefs.ErrNotImplemented)
+		}
+		switch m.Kind {
+		case NICTap:
+			if m.Name == "" {
+				return nil, fmt.Errorf("pool daemon handed over tap NIC %d without its name: %w", i, errdefs.ErrDataLoss)
+			}
+			out[i] = StandIn{Kind: NICTap, Netns: files[i], Name: m.Name}
+		default:
+			out[i] = StandIn{Kind: m.Kind, File: files[i]}
+		}
+	}
+	return out, nil
+}
+
+func closeFiles(files []*os.File) {
+	for _, f := range files {
+		f.Close()
+	}
 }
 
 func (pc *PoolClient) idle() time.Duration {
@@ -111,7 +171,9 @@ func (pc *PoolClient) idle() time.Duration {
 // pooledHandles are what a hand-over brings.
 type pooledHandles struct {
 	qmp, agent, pidfd *os.File
-	pid               int
+	// nics are the NICs' descriptors (pooledStandIns).
+	nics []*os.File
+	pid  int
 	// lease is the connection to the daemon, open as long as the VM is
 	// ours; closing it makes the daemon reap the qemu and clean up.
 	lease net.Conn
@@ -124,6 +186,7 @@ func (h *pooledHandles) close() {
 			f.Close()
 		}
 	}
+	closeFiles(h.nics)
 	if h.lease != nil {
 		h.lease.Close()
 	}

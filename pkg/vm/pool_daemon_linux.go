@@ -120,8 +120,11 @@ type pooledVM struct {
 	// pidfd was opened right after the start (before any reaping could
 	// free the pid).
 	qmp, agent, pidfd *os.File
-	done              chan struct{} // closed once reaped
-	readyAt           time.Time
+	// nics are its NICs' stand-ins (nil without NICs): handed over with
+	// it, closed when it is discarded.
+	nics    *standIns
+	done    chan struct{} // closed once reaped
+	readyAt time.Time
 	// rec is its record (the daemon as owner), written into dir.
 	rec poolRecord
 }
@@ -230,17 +233,9 @@ func (d *PoolDaemon) Run(ctx context.Context, first *poolRequest) error {
 }
 
 // register makes (or updates) req's key's pool and returns it; an error
-// when the request cannot be pooled (a VM with disks or NICs).
+// when the request cannot be pooled (a VM with disks, or too many NICs).
 func (d *PoolDaemon) register(req *poolRequest) (*poolKey, error) {
-	probe, err := NewQEMU(req.Config)
-	if err != nil {
-		return nil, err
-	}
-	in, err := probe.templateInputs()
-	if err != nil {
-		return nil, err
-	}
-	key, _, err := in.key()
+	key, err := poolKeyOf(req.Config)
 	if err != nil {
 		return nil, err
 	}
@@ -265,6 +260,40 @@ func (d *PoolDaemon) register(req *poolRequest) (*poolKey, error) {
 		d.kick(d.wake)
 	}
 	return k, nil
+}
+
+// poolKeyOf is cfg's template key. A request's NICs carry no files (the
+// key counts them by kind only): a placeholder stands in for the check
+// NewQEMU makes.
+func poolKeyOf(cfg Config) (string, error) {
+	if len(cfg.Disks) > 0 {
+		return "", fmt.Errorf("vm %s has %d disks, which pooled VMs lack: %w", cfg.ID, len(cfg.Disks), errdefs.ErrNotImplemented)
+	}
+	if len(cfg.NICs) > maxPoolNICs {
+		return "", fmt.Errorf("vm %s has %d NICs, pooled VMs at most %d: %w", cfg.ID, len(cfg.NICs), maxPoolNICs, errdefs.ErrNotImplemented)
+	}
+	if len(cfg.NICs) > 0 {
+		placeholder, err := os.Open(os.DevNull)
+		if err != nil {
+			return "", err
+		}
+		defer placeholder.Close()
+		nics := make([]NIC, len(cfg.NICs))
+		for i, n := range cfg.NICs {
+			nics[i] = NIC{Kind: n.Kind, MAC: n.MAC, File: placeholder}
+		}
+		cfg.NICs = nics
+	}
+	probe, err := NewQEMU(cfg)
+	if err != nil {
+		return "", err
+	}
+	in, err := probe.templateInputs()
+	if err != nil {
+		return "", err
+	}
+	key, _, err := in.key()
+	return key, err
 }
 
 func (d *PoolDaemon) kick(ch chan struct{}) {
@@ -320,11 +349,17 @@ func (d *PoolDaemon) serve(c *net.UnixConn) {
 	}
 	rep := poolReply{Key: k.key, Pid: v.cmd.Process.Pid, Dir: v.dir, Shares: v.shares,
 		ReadyMs: time.Since(v.readyAt).Milliseconds()}
+	handed := []*os.File{v.qmp, v.agent, v.pidfd}
+	if v.nics != nil {
+		meta, files := v.nics.handOver()
+		rep.NICs = meta
+		handed = append(handed, files...)
+	}
 	rec := v.rec
 	rec.Owner, rec.OwnerStart = owner, ownerStart
 	err = writePoolRecord(v.dir, rec)
 	if err == nil {
-		err = writePoolMessage(c, &rep, v.qmp, v.agent, v.pidfd)
+		err = writePoolMessage(c, &rep, handed...)
 	} else {
 		writePoolMessage(c, &poolReply{Error: err.Error()})
 	}
@@ -332,6 +367,9 @@ func (d *PoolDaemon) serve(c *net.UnixConn) {
 	v.qmp.Close()
 	v.agent.Close()
 	v.pidfd.Close()
+	if v.nics != nil {
+		v.nics.close()
+	}
 	if err != nil {
 		d.logf("pool: handing over vm %s: %v", v.id, err)
 	} else {
@@ -534,6 +572,9 @@ func (d *PoolDaemon) start(ctx context.Context, key string, cfg Config) (_ *pool
 					f.Close()
 				}
 			}
+			if v.nics != nil {
+				v.nics.close()
+			}
 			os.RemoveAll(v.dir)
 			d.setKnown(v.dir, false)
 		}
@@ -551,6 +592,16 @@ func (d *PoolDaemon) start(ctx context.Context, key string, cfg Config) (_ *pool
 		pcfg.Shares[i] = s
 		v.shares = append(v.shares, s.HostPath)
 	}
+	if len(cfg.NICs) > 0 {
+		// Stand-ins like the template's (standInNICs): the shim that
+		// takes the VM adopts them (NIC.Adopt).
+		nics, err := newStandIns(cfg.NICs)
+		if err != nil {
+			return nil, fmt.Errorf("pool: %w", err)
+		}
+		v.nics = nics
+		pcfg.NICs = v.nics.nics
+	}
 	q, err := NewQEMU(pcfg)
 	if err != nil {
 		return nil, err
@@ -562,7 +613,7 @@ func (d *PoolDaemon) start(ctx context.Context, key string, cfg Config) (_ *pool
 		return nil, err
 	}
 	args = append(args,
-		"-chardev", fmt.Sprintf("socket,%s,fd=%d", poolMonArg, poolMonFD),
+		"-chardev", fmt.Sprintf("socket,%s,fd=%d", poolMonArg, poolMonFD(len(pcfg.NICs))),
 		"-mon", "chardev=poolmon,mode=control")
 
 	qmpHost, qmpChild, err := filePair()
@@ -597,7 +648,11 @@ func (d *PoolDaemon) start(ctx context.Context, key string, cfg Config) (_ *pool
 	cmd.Dir = v.dir
 	cmd.Env = qemuEnv()
 	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.ExtraFiles = []*os.File{qmpChild, agentChild, state, monChild} // fds 3-6
+	cmd.ExtraFiles = []*os.File{qmpChild, agentChild, state} // fds 3-5
+	for _, n := range pcfg.NICs {
+		cmd.ExtraFiles = append(cmd.ExtraFiles, n.File) // nicFDs
+	}
+	cmd.ExtraFiles = append(cmd.ExtraFiles, monChild)
 	cmd.SysProcAttr = &syscall.SysProcAttr{
 		// No parent-death signal: a VM handed out outlives the daemon
 		// (see PoolDaemon); its record says who must end it.
@@ -614,6 +669,9 @@ func (d *PoolDaemon) start(ctx context.Context, key string, cfg Config) (_ *pool
 		return nil, fmt.Errorf("pool: pidfd: %w", err)
 	}
 	v.pidfd = os.NewFile(uintptr(pidfd), "qemu-pidfd")
+	if v.nics != nil {
+		v.nics.dropQEMUEnds()
+	}
 	// Not reaped yet (nobody waited), so the pid is still this qemu's.
 	qstart, err := procStart(cmd.Process.Pid)
 	if err == nil {
@@ -698,9 +756,9 @@ func renice(pid, nice int) {
 	}
 }
 
-// poolMonFD is the daemon's own monitor in a pooled qemu: after the
-// template state's fd (templated VMs have no NICs).
-const poolMonFD = childStateFD + 1
+// poolMonFD is the daemon's own monitor in a pooled qemu with nics NICs:
+// after the template state's and the NICs' fds.
+func poolMonFD(nics int) int { return childStateFD + 1 + nics }
 
 // poolMonArg names that monitor's chardev on qemu's command line: with
 // the VM's directory, it is how a pooled qemu is recognised there
@@ -731,6 +789,9 @@ func (d *PoolDaemon) discard(v *pooledVM) {
 	}
 	for _, f := range []*os.File{v.qmp, v.agent, v.pidfd} {
 		f.Close() // no-op when already closed
+	}
+	if v.nics != nil {
+		v.nics.close()
 	}
 	// A directory still mounted after the wait is the sweep's to remove.
 	removeUnmounted(v.dir, time.Minute, d.logf)

@@ -15,7 +15,9 @@ import (
 // The pool protocol: one JSON request line from the shim, one JSON reply
 // line from the daemon. A reply handing over a VM carries, with
 // SCM_RIGHTS on the same message, poolFDCount descriptors in this order:
-// the QMP socket, the agent socket and a pidfd of the qemu process. The
+// the QMP socket, the agent socket and a pidfd of the qemu process, then
+// one per NIC (poolReply.NICs: the stand-in taps' namespace, or a copy of
+// qemu's end of a datagram NIC's socket pair). The
 // connection then stays open as the VM's lease: when the shim closes it
 // (its VM is gone, or the shim died) the daemon kills the qemu if it still
 // runs, reaps it and removes the VM's directory.
@@ -26,8 +28,19 @@ const (
 	poolOpStatus = "status"
 )
 
-// poolFDCount is how many descriptors a hand-over carries.
+// poolFDCount is how many descriptors a hand-over carries before the
+// NICs'.
 const poolFDCount = 3
+
+// maxPoolNICs bounds the NICs of a pooled VM (one descriptor each).
+const maxPoolNICs = 16
+
+// poolNIC describes a pooled VM's NIC in a hand-over: its kind and, for a
+// tap, its name in the namespace handed over with it.
+type poolNIC struct {
+	Kind NICKind `json:"kind"`
+	Name string  `json:"name,omitempty"`
+}
 
 // maxPoolMessage bounds a request or reply line.
 const maxPoolMessage = 1 << 20
@@ -61,6 +74,9 @@ type poolReply struct {
 	Shares []string `json:"shares,omitempty"`
 	// ReadyMs is how long the VM had waited in the pool.
 	ReadyMs int64 `json:"ready_ms,omitempty"`
+	// NICs are the VM's stand-in NICs, in Config.NICs order; their
+	// descriptors follow the first poolFDCount.
+	NICs []poolNIC `json:"nics,omitempty"`
 
 	// Status (status requests): per key, VMs ready and handed out.
 	Status map[string]PoolKeyStatus `json:"status,omitempty"`
@@ -125,7 +141,7 @@ func readPoolMessage(c *net.UnixConn, v any, want int, deadline time.Time) (file
 	}()
 	var line []byte
 	buf := make([]byte, 64<<10)
-	oob := make([]byte, unix.CmsgSpace(4*(poolFDCount+1)))
+	oob := make([]byte, unix.CmsgSpace(4*(max(want, poolFDCount)+1)))
 	for {
 		n, oobn, flags, _, err := c.ReadMsgUnix(buf, oob)
 		if oobn > 0 {

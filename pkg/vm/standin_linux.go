@@ -23,15 +23,65 @@ import (
 // socket. Each stand-in has TemplateMAC. release closes them all; the
 // private namespace and its taps go with the last fd.
 func standInNICs(nics []NIC) (out []NIC, release func(), err error) {
-	var closers []*os.File
-	release = func() {
-		for _, f := range closers {
-			f.Close()
+	s, err := newStandIns(nics)
+	if err != nil {
+		return nil, nil, err
+	}
+	return s.nics, s.close, nil
+}
+
+// standIns are the stand-in backends of one VM's NICs (standInNICs); the
+// pool daemon keeps them to hand each one over (handOver) with the VM.
+type standIns struct {
+	// nics are the VM's NICs (File: what qemu gets).
+	nics []NIC
+	// ns is the private namespace of the taps (nil without taps); names
+	// are the taps' names in it, by NIC index ("" for a datagram NIC).
+	ns    *os.File
+	names []string
+	// closers are every file opened here, ns and the stacks' ends
+	// ("ours", never qemu's) included.
+	closers []*os.File
+}
+
+func (s *standIns) close() {
+	for _, f := range s.closers {
+		f.Close()
+	}
+}
+
+// dropQEMUEnds closes the files qemu has its own copies of once it
+// started: a tap then lives as long as qemu holds it. The namespace and
+// the datagram NICs' other ends stay until close.
+func (s *standIns) dropQEMUEnds() {
+	for _, n := range s.nics {
+		if n.Kind == NICTap {
+			n.File.Close()
 		}
 	}
+}
+
+// handOver is what a shim adopting the VM gets per NIC: the taps'
+// namespace, or a copy of qemu's end of a socket pair (see StandIn).
+func (s *standIns) handOver() ([]poolNIC, []*os.File) {
+	meta := make([]poolNIC, len(s.nics))
+	files := make([]*os.File, len(s.nics))
+	for i, n := range s.nics {
+		meta[i] = poolNIC{Kind: n.Kind, Name: s.names[i]}
+		if n.Kind == NICTap {
+			files[i] = s.ns
+		} else {
+			files[i] = n.File
+		}
+	}
+	return meta, files
+}
+
+func newStandIns(nics []NIC) (s *standIns, err error) {
+	s = &standIns{names: make([]string, len(nics))}
 	defer func() {
 		if err != nil {
-			release()
+			s.close()
 		}
 	}()
 	taps := 0
@@ -44,34 +94,47 @@ func standInNICs(nics []NIC) (out []NIC, release func(), err error) {
 	if taps > 0 {
 		ns, files, err := privateTaps(taps)
 		if err != nil {
-			return nil, nil, err
+			return nil, err
 		}
 		// The namespace's fd keeps it (and the taps) alive after the
 		// thread that made it is gone.
-		closers = append(closers, ns)
-		closers = append(closers, files...)
+		s.ns = ns
+		s.closers = append(s.closers, ns)
+		s.closers = append(s.closers, files...)
 		tapFiles = files
 	}
-	out = make([]NIC, len(nics))
+	s.nics = make([]NIC, len(nics))
+	tapIndex := 0
 	for i, n := range nics {
 		switch n.Kind {
 		case NICTap:
-			out[i] = NIC{Kind: NICTap, File: tapFiles[0], MAC: TemplateMAC(i)}
+			s.nics[i] = NIC{Kind: NICTap, File: tapFiles[0], MAC: TemplateMAC(i)}
+			s.names[i] = standInTapName(tapIndex)
 			tapFiles = tapFiles[1:]
+			tapIndex++
 		case NICDatagram:
 			fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
 			if err != nil {
-				return nil, nil, fmt.Errorf("stand-in for NIC %d: socketpair: %w", i, err)
+				return nil, fmt.Errorf("stand-in for NIC %d: socketpair: %w", i, err)
+			}
+			// The sizes the user-space network gives its pair: a pooled
+			// VM's socket carries a container's traffic once adopted.
+			for _, fd := range fds {
+				_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUF, 1<<20)
+				_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, 4<<20)
 			}
 			ours, theirs := os.NewFile(uintptr(fds[0]), "standin-stack"), os.NewFile(uintptr(fds[1]), "standin-nic")
-			closers = append(closers, ours, theirs)
-			out[i] = NIC{Kind: NICDatagram, File: theirs, MAC: TemplateMAC(i)}
+			s.closers = append(s.closers, ours, theirs)
+			s.nics[i] = NIC{Kind: NICDatagram, File: theirs, MAC: TemplateMAC(i)}
 		default:
-			return nil, nil, fmt.Errorf("stand-in for NIC %d: kind %s: %w", i, n.Kind, errdefs.ErrInvalidArgument)
+			return nil, fmt.Errorf("stand-in for NIC %d: kind %s: %w", i, n.Kind, errdefs.ErrInvalidArgument)
 		}
 	}
-	return out, release, nil
+	return s, nil
 }
+
+// standInTapName is the name of the i-th stand-in tap in its namespace.
+func standInTapName(i int) string { return fmt.Sprintf("tmpl%d", i) }
 
 // privateTaps creates a network namespace of its own (on a thread that is
 // never given back, so Go discards it) holding n taps, and returns an fd
@@ -109,7 +172,7 @@ func privateTaps(n int) (*os.File, []*os.File, error) {
 			return
 		}
 		for i := 0; i < n; i++ {
-			f, err := tap.Open(fmt.Sprintf("tmpl%d", i))
+			f, err := tap.Open(standInTapName(i))
 			if err != nil {
 				r.err = fmt.Errorf("stand-in tap: %w", err)
 				return

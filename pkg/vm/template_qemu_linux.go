@@ -274,10 +274,12 @@ func (w *warmQEMU) Start(ctx context.Context) error {
 		tc.miss(key, w.cfg)
 		return cold.Start(ctx)
 	}
-	if tc.Pool != nil && (len(w.cfg.NICs) > 0 || len(w.cfg.Disks) > 0) {
-		// Pooled VMs are started ahead without NICs or disks: their
-		// backends are this VM's own and known only now.
-		tc.logf("warm start: vm %s has %d NICs and %d disks, which pooled VMs lack: starting a template clone", w.cfg.ID, len(w.cfg.NICs), len(w.cfg.Disks))
+	if tc.Pool != nil && !poolable(w.cfg) {
+		// Pooled VMs are started ahead without disks: their backends
+		// are this VM's own and known only now. NICs they have, as
+		// stand-ins the caller's network adopts (NIC.Adopt).
+		tc.logf("warm start: vm %s has %d disks and %d NICs (%d adoptable), which pooled VMs lack: starting a template clone",
+			w.cfg.ID, len(w.cfg.Disks), len(w.cfg.NICs), adoptable(w.cfg.NICs))
 	} else if tc.Pool != nil {
 		pooled, err := tc.Pool.take(ctx, w.cfg, key)
 		if err == nil {
@@ -329,3 +331,19 @@ func (w *warmQEMU) ShareDirs() []string                             { return w.m
 func (w *warmQEMU) PoolDir() string                                 { return w.m().PoolDir() }
 
 var _ Machine = (*warmQEMU)(nil)
+
+// poolable tells whether a pooled VM can serve cfg: no disks, and NICs
+// (at most maxPoolNICs) that can adopt a pooled VM's stand-ins.
+func poolable(cfg Config) bool {
+	return len(cfg.Disks) == 0 && len(cfg.NICs) <= maxPoolNICs && adoptable(cfg.NICs) == len(cfg.NICs)
+}
+
+func adoptable(nics []NIC) int {
+	n := 0
+	for _, nic := range nics {
+		if nic.Adopt != nil && nic.Reclaim != nil {
+			n++
+		}
+	}
+	return n
+}

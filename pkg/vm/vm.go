@@ -71,6 +71,30 @@ type NIC struct {
 	// MAC is the device's MAC; empty lets the backend pick none (QEMU's
 	// default) or a random one.
 	MAC net.HardwareAddr
+	// Adopt, when set, lets the VM be one the pool daemon started ahead
+	// with a stand-in of this NIC's kind (see StandIn): it makes the
+	// stand-in carry this NIC's traffic instead of File. It must leave
+	// File working when it fails (the caller then starts a template
+	// clone with File). nil: VMs with this NIC are never pooled.
+	Adopt func(StandIn) error `json:"-"`
+	// Reclaim undoes a successful Adopt once the pooled VM is given up
+	// (it failed after the adoption): File carries the NIC's traffic
+	// again, for the template clone or cold boot that follows. Set with
+	// Adopt; a no-op when nothing was adopted.
+	Reclaim func() error `json:"-"`
+}
+
+// StandIn is a pooled VM's NIC backend as the pool daemon hands it over,
+// for NIC.Adopt. For a tap, Netns is a network namespace the daemon made
+// and Name the tap (down, qemu's) in it: the adopter moves it into the
+// pod's namespace and wires it. For a datagram NIC, File is a copy of
+// qemu's end of the stand-in socket pair: the adopter connects it to its
+// network stack's end. The caller closes the files after Adopt returns.
+type StandIn struct {
+	Kind  NICKind
+	Netns *os.File
+	Name  string
+	File  *os.File
 }
 
 // DiskSerial is the virtio-blk serial of the disk at index in Config.Disks
