@@ -21,10 +21,14 @@ type fakePort struct {
 	guest net.Conn // the agent's side, handed to Accept
 	relay net.Conn // the device's side of guest
 
-	mu   sync.Mutex // guards host, done
+	mu   sync.Mutex // guards host, done, relayed
 	cond *sync.Cond // signalled when host changes
 	host net.Conn   // the device's end of the current host's socket, or nil
 	done bool
+	// relayed is closed once everything the last host sent has been
+	// passed on to the guest: the chardev takes one client at a time, so
+	// a new host's bytes never overtake an old one's.
+	relayed chan struct{}
 }
 
 func newFakePort(t testing.TB) *fakePort {
@@ -79,10 +83,19 @@ func (p *fakePort) toHost() {
 func (p *fakePort) connect(t testing.TB) net.Conn {
 	hostEnd, dev := testutil.Socketpair(t)
 	p.mu.Lock()
+	prev := p.relayed
+	relayed := make(chan struct{})
+	p.relayed = relayed
+	p.mu.Unlock()
+	if prev != nil {
+		<-prev
+	}
+	p.mu.Lock()
 	p.host = dev
 	p.cond.Broadcast()
 	p.mu.Unlock()
 	go func() {
+		defer close(relayed)
 		io.Copy(p.relay, dev)
 		p.mu.Lock()
 		if p.host == dev {
