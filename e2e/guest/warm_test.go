@@ -49,7 +49,7 @@ func TestWarmStartClones(t *testing.T) {
 	var missed atomic.Int32
 	cache := &vm.TemplateCache{
 		Dir:    t.TempDir(),
-		Ready:  guest.TemplateReady,
+		Ready:  guest.TemplateWarm,
 		OnMiss: func(vm.Config) { missed.Add(1) },
 		Logf:   t.Logf,
 	}
@@ -128,6 +128,12 @@ func TestWarmStartClones(t *testing.T) {
 					t.Errorf("guest clock %v is off the host's [%v, %v] by %v", guestNow, before, after, r.skew)
 				}
 				checkQEMUMemory(t, v.m.Pid(), 64)
+				// The template was saved after a warm-up container
+				// (guest.TemplateWarm): nothing of it is left in a
+				// clone, so a container of its name can be made.
+				if out, errOut, status := v.run(t, guest.WarmUpContainerID, defaultSpec("true")); status != 0 {
+					t.Fatalf("container %s in a clone: status %d, stdout %q stderr %q", guest.WarmUpContainerID, status, out, errOut)
+				}
 				results[i] = r
 			})
 		}

@@ -75,3 +75,26 @@ func settled(ctx context.Context, conn net.Conn) (*Client, error) {
 		}
 	}
 }
+
+// TemplateWarm is what the shim's template builder waits for: TemplateReady
+// plus the pool's warm-up (warmUp: Reseed, SetTime and a throw-away
+// container created and deleted, its helper started afresh so the spare
+// stays idle) before the save. QEMU's translation cache is not saved, but
+// the guest's state is: the agent's heap and its decoders' type caches,
+// the kernel's slabs and caches for cgroups, namespaces and mounts. Clones
+// of a warmed template created their first container 19-26% faster
+// (median CreateContainer RPC, two interleaved A/B runs of 8 on the loaded
+// shared machine, groups swapped between runs). Nothing of the warm-up
+// container is left: it is deleted before the save, and the clones
+// reseed.
+func TemplateWarm(ctx context.Context, conn net.Conn) (func(), error) {
+	c, err := settled(ctx, conn)
+	if err != nil {
+		return nil, err
+	}
+	if err := warmUp(ctx, c); err != nil {
+		c.Close()
+		return nil, fmt.Errorf("template VM: %w", err)
+	}
+	return func() { c.Close() }, nil
+}

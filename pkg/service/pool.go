@@ -120,7 +120,7 @@ func RunPoolDaemon(dir string, stdin io.Reader) int {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	tc := &vm.TemplateCache{Dir: filepath.Dir(dir), Ready: guest.TemplateReady, Logf: logf}
+	tc := &vm.TemplateCache{Dir: filepath.Dir(dir), Ready: guest.TemplateWarm, Logf: logf}
 	err := vm.RunPoolDaemon(ctx, dir, tc, guest.PoolWarm, job, logf)
 	if errdefs.IsAlreadyExists(err) {
 		return 0

@@ -75,7 +75,7 @@ func (c *Config) templates(ctx context.Context) *vm.TemplateCache {
 	dir := c.templateDir()
 	return &vm.TemplateCache{
 		Dir:    dir,
-		Ready:  guest.TemplateReady,
+		Ready:  guest.TemplateWarm,
 		OnMiss: func(cfg vm.Config) { spawnTemplateBuilder(ctx, dir, cfg) },
 		Logf:   log.G(ctx).Infof,
 		Pool:   c.pool(ctx),
@@ -148,7 +148,7 @@ func RunTemplateBuilder(stdin io.Reader) int {
 		return 2
 	}
 	// The VM's state directory is the builder's own (Build makes one).
-	tc := &vm.TemplateCache{Dir: job.Dir, Ready: guest.TemplateReady, Logf: logf}
+	tc := &vm.TemplateCache{Dir: job.Dir, Ready: guest.TemplateWarm, Logf: logf}
 	ctx, cancel := context.WithTimeout(context.Background(), templateBuildTimeout)
 	defer cancel()
 	start := time.Now()
