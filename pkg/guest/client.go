@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"time"
 
 	"github.com/containerd/errdefs"
 	"github.com/containerd/errdefs/pkg/errgrpc"
@@ -83,6 +84,29 @@ func (c *Client) OpenStream(name string) (net.Conn, error) {
 // Close ends the control connection and the session, with every stream.
 func (c *Client) Close() error {
 	return errors.Join(c.rpc.Close(), c.sess.Close())
+}
+
+// diagnosePing bounds Diagnose's ping (a variable so tests can shorten it).
+var diagnosePing = 5 * time.Second
+
+// Diagnose describes the transport under an agent that does not answer,
+// for the log line of a give-up: the bytes each way since the handshake
+// (nothing from the guest means it never processed the host's frames: it
+// acknowledges every stream the host opens), and whether the guest's
+// session still answers a ping below the ttrpc stream (yes: the session
+// reads the channel and the agent's server is stuck; no: the guest's
+// session is gone, or the guest does not run).
+func (c *Client) Diagnose(ctx context.Context) string {
+	st := c.sess.Stats()
+	ctx, cancel := context.WithTimeout(ctx, diagnosePing)
+	defer cancel()
+	ping := "answered"
+	if rtt, err := c.sess.Ping(ctx); err != nil {
+		ping = fmt.Sprintf("not answered (%v)", err)
+	} else {
+		ping += " in " + rtt.Round(time.Microsecond).String()
+	}
+	return fmt.Sprintf("since the handshake the host sent %d bytes and received %d; a transport ping %s", st.Written, st.Read, ping)
 }
 
 // Done is closed when the connection to the agent is gone (closed, the

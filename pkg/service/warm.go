@@ -183,8 +183,12 @@ func (sb *sandbox) cloneAnswers(ctx context.Context, client agentClient) error {
 		sb.reseeded = true
 		return nil
 	case actx.Err() != nil && ctx.Err() == nil:
-		return fmt.Errorf("%s clone: its agent completed the handshake but did not answer its first RPC (Reseed) within %v (boot_timeout): %w",
-			mode, timeout, context.DeadlineExceeded)
+		diag := ""
+		if d, ok := client.(interface{ Diagnose(context.Context) string }); ok {
+			diag = "; " + d.Diagnose(ctx)
+		}
+		return fmt.Errorf("%s clone: its agent completed the handshake but did not answer its first RPC (Reseed) within %v (boot_timeout)%s: %w; console: %s",
+			mode, timeout, diag, context.DeadlineExceeded, sb.machine.ConsoleTail(2048))
 	default:
 		return fmt.Errorf("%s clone: reseed: %w", mode, err)
 	}

@@ -3,8 +3,11 @@ package service
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
+	"os"
+	"strings"
 	"sync"
 	"time"
 
@@ -73,12 +76,33 @@ func (s *Streams) Wait(ctx context.Context, name string) (net.Conn, error) {
 // Logf is how the serve loop reports.
 type Logf func(format string, args ...any)
 
+// sessionLog passes a host session's yamux errors to the console, where
+// the host's give-up (a clone that connected and never answered) shows
+// them. Not reported: the stale session's end on the next host's SYNC
+// padding (0xff, read as protocol version 255), which every warm start
+// has, a failed header read (serveSession reports that read's error) and
+// writes cut by the session's own end; nor yamux's warnings (frames for
+// streams already gone are routine).
+type sessionLog struct{ logf Logf }
+
+func (l sessionLog) Printf(format string, args ...any) { l.report(fmt.Sprintf(format, args...)) }
+func (l sessionLog) Print(args ...any)                 { l.report(fmt.Sprint(args...)) }
+func (l sessionLog) Println(args ...any)               { l.report(fmt.Sprint(args...)) }
+
+func (l sessionLog) report(msg string) {
+	if !strings.HasPrefix(msg, "[ERR]") || strings.Contains(msg, "Invalid protocol version: 255") ||
+		strings.Contains(msg, "Failed to read header") || strings.Contains(msg, "use of closed") {
+		return
+	}
+	l.logf("agent: host session: %s", msg)
+}
+
 // Serve accepts host sessions on the raw channel one after another until ctx
 // ends: each session's control streams are served by a ttrpc server, its
 // other streams go to the stdio table.
 func (s *Service) Serve(ctx context.Context, ch io.ReadWriter, streams *Streams, logf Logf, ready func()) error {
 	for {
-		sess, err := transport.Accept(ctx, ch)
+		sess, err := transport.Accept(ctx, ch, transport.WithLogger(sessionLog{logf}))
 		if err != nil {
 			if ctx.Err() != nil {
 				return ctx.Err()
@@ -116,6 +140,14 @@ func (s *Service) serveSession(ctx context.Context, sess *transport.Session, str
 	l.Close()
 	<-served
 	sess.Close()
+	if err := sess.Err(); err != nil && ctx.Err() == nil && !errors.Is(err, os.ErrDeadlineExceeded) {
+		// Why the host's session ended, when the channel says: a host
+		// that went away (EOF) or a new host's token. A session that
+		// ends for no channel error ended of a protocol error, which
+		// sessionLog reports unless it is the expected end of a stale
+		// session (the next host's padding).
+		logf("agent: host session ended: %v", err)
+	}
 	// Claims in flight fail over to the next session.
 	streams.set(nil)
 	table.Close()

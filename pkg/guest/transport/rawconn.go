@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -33,6 +34,13 @@ type rawConn struct {
 	closed   bool
 	inflight int
 	done     chan struct{} // closed when Close has detached the channel
+
+	// read and written count the session's bytes (after the handshake's)
+	// for Session.Stats.
+	read, written atomic.Int64
+	// readErr is the first error a read of the channel (or the check
+	// of repeated tokens) returned, for Session.Err.
+	readErr atomic.Pointer[error]
 }
 
 func newRawConn(r *bufio.Reader, rw io.Writer, closer io.Closer, skipKind, skipNonce string) *rawConn {
@@ -67,10 +75,16 @@ func (c *rawConn) Read(p []byte) (int, error) {
 	defer c.end()
 	if c.skipNonce != "" {
 		if err := c.skipSyncs(); err != nil {
+			c.readErr.CompareAndSwap(nil, &err)
 			return 0, err
 		}
 	}
-	return c.r.Read(p)
+	n, err := c.r.Read(p)
+	c.read.Add(int64(n))
+	if err != nil {
+		c.readErr.CompareAndSwap(nil, &err)
+	}
+	return n, err
 }
 
 // skipSyncs drops what the peer sent after the answered token and before
@@ -120,7 +134,9 @@ func (c *rawConn) Write(p []byte) (int, error) {
 		return 0, net.ErrClosed
 	}
 	defer c.end()
-	return c.w.Write(p)
+	n, err := c.w.Write(p)
+	c.written.Add(int64(n))
+	return n, err
 }
 
 // Close is called by yamux exactly once per session, when it shuts down.

@@ -30,6 +30,7 @@
 package transport
 
 import (
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -240,6 +241,58 @@ func (s *Session) Close() error {
 // Done is closed when the session has ended, for whatever reason, and no
 // longer touches the channel.
 func (s *Session) Done() <-chan struct{} { return s.done }
+
+// Stats counts the bytes the session has read from and written to the
+// channel since the handshake (repeated tokens and padding excluded).
+type Stats struct {
+	Read, Written int64
+}
+
+// Stats reports the session's traffic, for diagnostics: a peer that has
+// sent nothing since the handshake never processed this session's frames
+// (each stream the host opens is acknowledged by the guest's yamux).
+func (s *Session) Stats() Stats {
+	return Stats{Read: s.raw.read.Load(), Written: s.raw.written.Load()}
+}
+
+// Ping measures a round trip through the peer's session, below any
+// stream: an answer shows that the peer's session is alive and reading
+// the channel, whatever its streams' servers do. It fails when ctx ends
+// first (errdefs.ErrUnavailable wrapping ctx's error) or the session ends.
+func (s *Session) Ping(ctx context.Context) (time.Duration, error) {
+	type result struct {
+		rtt time.Duration
+		err error
+	}
+	done := make(chan result, 1)
+	// yamux's Ping waits up to the write timeout or the session's end.
+	go func() {
+		rtt, err := s.mux.Ping()
+		done <- result{rtt, err}
+	}()
+	select {
+	case r := <-done:
+		if r.err != nil {
+			return 0, s.err("ping", r.err)
+		}
+		return r.rtt, nil
+	case <-ctx.Done():
+		return 0, fmt.Errorf("%w: transport: ping: %w", errdefs.ErrUnavailable, ctx.Err())
+	}
+}
+
+// Err tells why a session that is Done ended, as far as the channel
+// knows: the first error a read of it returned (io.EOF: the host went
+// away; a token of another host: a new host connected; a deadline: Close
+// interrupted it). nil means the channel read fine and the session ended
+// of a protocol error (as a stale session does on the next host's padding)
+// or of Close while no read was in flight.
+func (s *Session) Err() error {
+	if p := s.raw.readErr.Load(); p != nil {
+		return *p
+	}
+	return nil
+}
 
 // NumStreams reports how many streams are open, for tests and diagnostics.
 func (s *Session) NumStreams() int { return s.mux.NumStreams() }

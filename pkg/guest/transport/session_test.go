@@ -603,3 +603,25 @@ func TestResendSyncCopies(t *testing.T) {
 		}
 	}
 }
+
+// A guest session whose host went away reports why: the channel's EOF.
+func TestSessionErrHostGone(t *testing.T) {
+	host, guest := testutil.Socketpair(t)
+	sessions, stop := guestLoop(t, guest, echo)
+	defer stop()
+	s := mustConnect(t, host)
+	roundTrip(t, s, "one", []byte("x"))
+	if st := s.Stats(); st.Read == 0 || st.Written == 0 {
+		t.Errorf("Stats after a round trip = %+v, want bytes both ways", st)
+	}
+	s.Close()
+	g := <-sessions
+	select {
+	case <-g.Done():
+	case <-time.After(time.Minute):
+		t.Fatal("the guest's session did not end when the host closed")
+	}
+	if err := g.Err(); !errors.Is(err, io.EOF) {
+		t.Errorf("guest session Err = %v, want io.EOF", err)
+	}
+}

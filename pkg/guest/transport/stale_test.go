@@ -182,7 +182,14 @@ func TestStaleSessionRandomized(t *testing.T) {
 			// The guest accepted the first host's session and then one
 			// more for ours; a third would mean ours died under it.
 			if n := len(sessions); n != 2 {
-				t.Errorf("stale %s: guest accepted %d sessions, want 2", st, n)
+				t.Fatalf("stale %s: guest accepted %d sessions, want 2", st, n)
+			}
+			// The stale one ended of the padding (a protocol error), not
+			// of the channel: Err says so, and the agent logs nothing.
+			stale := <-sessions
+			<-stale.Done()
+			if err := stale.Err(); err != nil {
+				t.Errorf("stale %s: the stale session's Err = %v, want nil", st, err)
 			}
 		})
 	}
