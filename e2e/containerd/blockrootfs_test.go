@@ -82,7 +82,9 @@ func TestWarmStartBlockRootfs(t *testing.T) {
 		}
 	}
 	rt := harness.Macvm()
-	d := daemonWith(t, rt, harness.Options{Paths: suite.Paths, ErofsWritableSize: "64M", WarmStart: "template"}, "--snapshotter", "erofs")
+	// pool_size = 0 (template clones) until the pool part below.
+	d := daemonWith(t, rt, harness.Options{Paths: suite.Paths, ErofsWritableSize: "64M", WarmStart: "pool", MacvmConfigExtra: "pool_size = 0"},
+		"--snapshotter", "erofs")
 	snap := []string{"--snapshotter", "erofs"}
 	script := "grep ' / ' /proc/mounts; cat /sys/block/vd*/size; echo written >/root/new && cat /root/new; ls /bin/busybox"
 	runDisks := func(id string) (string, string) {
@@ -97,18 +99,33 @@ func TestWarmStartBlockRootfs(t *testing.T) {
 	if _, mode := runDisks("werofs-cold"); mode != "cold" {
 		t.Fatalf("first container: start_mode=%s, want cold", mode)
 	}
-	waitTemplate(t, d, "")
-	out, mode := runDisks("werofs-clone")
-	if mode != "template" {
-		t.Fatalf("second container: start_mode=%s, want template", mode)
-	}
-	t.Logf("in the clone:\n%s", out)
-	if !strings.HasPrefix(out, "overlay / overlay ") || !strings.Contains(out, "upperdir=/run/macvm/disks/werofs-clone/0/upper") {
-		t.Errorf("the clone's root is not the overlay of its disks: %q", out)
-	}
-	for _, l := range strings.Split(out, "\n") {
-		if l == "0" {
-			t.Errorf("a disk still has no capacity in the clone: %q", out)
+	key := waitTemplate(t, d, "")
+	checkDisks := func(id, want string) {
+		t.Helper()
+		out, mode := runDisks(id)
+		if mode != want {
+			t.Fatalf("%s: start_mode=%s, want %s", id, mode, want)
+		}
+		t.Logf("in %s (%s):\n%s", id, mode, out)
+		if !strings.HasPrefix(out, "overlay / overlay ") || !strings.Contains(out, "upperdir=/run/macvm/disks/"+id+"/0/upper") {
+			t.Errorf("%s: the root is not the overlay of its disks: %q", id, out)
+		}
+		for _, l := range strings.Split(out, "\n") {
+			if l == "0" {
+				t.Errorf("%s: a disk still has no capacity: %q", id, out)
+			}
 		}
 	}
+	checkDisks("werofs-clone", "template")
+
+	// The pool (pool_size = 1; each shim reads the config when it
+	// starts): a template clone starts the daemon, whose VMs have empty
+	// stand-in disks; the next container's images are swapped in.
+	if err := harness.WriteMacvmConfigExtra(d.MacvmConfig, suite.Paths, "pool", d.TemplateDir, "pool_size = 1"); err != nil {
+		t.Fatal(err)
+	}
+	checkDisks("werofs-seed", "template")
+	waitPool(t, filepath.Join(d.TemplateDir, "pool"), key, 1)
+	checkDisks("werofs-pool", "pool")
+	stopPoolClean(t, d)
 }

@@ -247,6 +247,24 @@ func TestWarmStartPool(t *testing.T) {
 	}
 }
 
+// stopPoolClean stops d's pool daemon as `make pool-stop` does and checks
+// that no qemu, VM directory or other process of it is left.
+func stopPoolClean(t *testing.T, d *harness.Containerd) {
+	t.Helper()
+	poolDir := filepath.Join(d.TemplateDir, "pool")
+	stop := exec.Command(filepath.Join(suite.Paths.BinDir, "containerd-shim-macvm-v1"), "macvm-pool-stop", d.TemplateDir)
+	var out strings.Builder
+	stop.Stdout, stop.Stderr = &out, &out
+	if err := harness.RunCmd(stop); err != nil {
+		t.Fatalf("macvm-pool-stop: %v: %s", err, out.String())
+	}
+	waitNoQemu(t, poolDir)
+	waitVMDirs(t, poolDir, 0)
+	if l, err := d.WaitClean(time.Minute, true); err != nil || len(l.Procs) > 0 {
+		t.Errorf("processes left after stopping the pool: %v %s", err, l)
+	}
+}
+
 // bundleVM reads the VM's pid and pool directory the shim recorded in
 // container id's bundle (for containerd's cleanup of a dead shim).
 func bundleVM(t *testing.T, d *harness.Containerd, id string) (int, string) {

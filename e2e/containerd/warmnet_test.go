@@ -290,15 +290,5 @@ func testPoolNetwork(t *testing.T, d *harness.Containerd, rt harness.Runtime, co
 		t.Errorf("pnat-pool: start_mode=%s, want pool", mode)
 	}
 
-	stop := exec.Command(filepath.Join(suite.Paths.BinDir, "containerd-shim-macvm-v1"), "macvm-pool-stop", d.TemplateDir)
-	var out strings.Builder
-	stop.Stdout, stop.Stderr = &out, &out
-	if err := harness.RunCmd(stop); err != nil {
-		t.Fatalf("macvm-pool-stop: %v: %s", err, out.String())
-	}
-	waitNoQemu(t, poolDir)
-	waitVMDirs(t, poolDir, 0)
-	if l, err := d.WaitClean(time.Minute, true); err != nil || len(l.Procs) > 0 {
-		t.Errorf("processes left after stopping the pool: %v %s", err, l)
-	}
+	stopPoolClean(t, d)
 }

@@ -222,6 +222,9 @@ func (q *QEMU) startPooled(ctx context.Context, h pooledHandles) (retErr error) 
 	q.mu.Unlock()
 	err = q.qmp.handshake(ctx)
 	if err == nil {
+		err = q.swapPooledDisks(ctx)
+	}
+	if err == nil {
 		_, err = q.qmp.execute(ctx, "cont", nil)
 	}
 	q.mu.Lock()
@@ -305,6 +308,33 @@ func (p *pidfdProcess) wait() error {
 	p.lease.Close()
 	if err != nil {
 		return fmt.Errorf("waiting for pooled qemu %d: %w", p.id, err)
+	}
+	return nil
+}
+
+// swapPooledDisks gives the paused pooled VM its disks: the daemon started
+// it with empty stand-in files, like its template's (diskFileNode), and
+// each raw node (diskNode) is reopened on a new file node of the image in
+// q.cfg. The guest saw the stand-in with no capacity and read nothing
+// from it; the agent re-probes a disk it sees empty before mounting it,
+// as in a template clone, and reads the image's capacity then.
+func (q *QEMU) swapPooledDisks(ctx context.Context) error {
+	for i, d := range q.cfg.Disks {
+		node := diskNode(i) + "-image"
+		if _, err := q.qmp.execute(ctx, "blockdev-add", map[string]any{
+			"driver": "file", "node-name": node, "filename": d.Path, "read-only": d.ReadOnly,
+		}); err != nil {
+			return fmt.Errorf("vm %s: disk %d (%s): %w", q.cfg.ID, i, d.Path, err)
+		}
+		if _, err := q.qmp.execute(ctx, "blockdev-reopen", map[string]any{"options": []map[string]any{{
+			"driver": "raw", "node-name": diskNode(i), "file": node, "read-only": d.ReadOnly,
+		}}}); err != nil {
+			return fmt.Errorf("vm %s: disk %d: swapping the stand-in for %s: %w", q.cfg.ID, i, d.Path, err)
+		}
+		// The stand-in's node is unused now: it goes, with its file.
+		if _, err := q.qmp.execute(ctx, "blockdev-del", map[string]any{"node-name": diskFileNode(i)}); err != nil {
+			return fmt.Errorf("vm %s: disk %d: dropping the stand-in: %w", q.cfg.ID, i, err)
+		}
 	}
 	return nil
 }

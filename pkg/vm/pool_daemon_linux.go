@@ -233,7 +233,7 @@ func (d *PoolDaemon) Run(ctx context.Context, first *poolRequest) error {
 }
 
 // register makes (or updates) req's key's pool and returns it; an error
-// when the request cannot be pooled (a VM with disks, or too many NICs).
+// when the request cannot be pooled (too many NICs).
 func (d *PoolDaemon) register(req *poolRequest) (*poolKey, error) {
 	key, err := poolKeyOf(req.Config)
 	if err != nil {
@@ -263,12 +263,9 @@ func (d *PoolDaemon) register(req *poolRequest) (*poolKey, error) {
 }
 
 // poolKeyOf is cfg's template key. A request's NICs carry no files (the
-// key counts them by kind only): a placeholder stands in for the check
-// NewQEMU makes.
+// key counts them by kind only, as it counts disks by number and
+// read-only flag): a placeholder stands in for the check NewQEMU makes.
 func poolKeyOf(cfg Config) (string, error) {
-	if len(cfg.Disks) > 0 {
-		return "", fmt.Errorf("vm %s has %d disks, which pooled VMs lack: %w", cfg.ID, len(cfg.Disks), errdefs.ErrNotImplemented)
-	}
 	if len(cfg.NICs) > maxPoolNICs {
 		return "", fmt.Errorf("vm %s has %d NICs, pooled VMs at most %d: %w", cfg.ID, len(cfg.NICs), maxPoolNICs, errdefs.ErrNotImplemented)
 	}
@@ -591,6 +588,16 @@ func (d *PoolDaemon) start(ctx context.Context, key string, cfg Config) (_ *pool
 		}
 		pcfg.Shares[i] = s
 		v.shares = append(v.shares, s.HostPath)
+	}
+	pcfg.Disks = make([]Disk, len(cfg.Disks))
+	for i, dk := range cfg.Disks {
+		// Empty stand-ins like the template's: the shim that takes the
+		// VM swaps each for its container's image (swapPooledDisks).
+		dk.Path = filepath.Join(v.dir, "disk"+strconv.Itoa(i))
+		if err := os.WriteFile(dk.Path, nil, 0o600); err != nil {
+			return nil, fmt.Errorf("pool: %w", err)
+		}
+		pcfg.Disks[i] = dk
 	}
 	if len(cfg.NICs) > 0 {
 		// Stand-ins like the template's (standInNICs): the shim that

@@ -115,8 +115,8 @@ func TestPooledStandInsMismatch(t *testing.T) {
 }
 
 // TestPoolKeyOfNICs: a take's NICs carry no files, yet key as the
-// template's do: by kind and order, whatever their MACs; disks are
-// refused.
+// template's do: by kind and order, whatever their MACs; disks by
+// number and read-only flag, whatever their images.
 func TestPoolKeyOfNICs(t *testing.T) {
 	cfg := fakeConfig(t)
 	with := func(nics ...NIC) Config { c := cfg; c.NICs = nics; return c }
@@ -150,15 +150,18 @@ func TestPoolKeyOfNICs(t *testing.T) {
 	if k, _, err := in.key(); err != nil || k != tapKey {
 		t.Errorf("the shim's key %s, %v; the daemon's %s", k, err, tapKey)
 	}
-	d := cfg
-	d.Disks = []Disk{{Path: "/x"}}
-	if _, err := poolKeyOf(d); !errdefs.IsNotImplemented(err) {
-		t.Errorf("a VM with a disk: %v", err)
+	d1, d2 := cfg, cfg
+	d1.Disks = []Disk{{Path: "/x"}, {Path: "/y", ReadOnly: true}}
+	d2.Disks = []Disk{{Path: "/z"}, {Path: "/w", ReadOnly: true}}
+	k1, err1 := poolKeyOf(d1)
+	k2, err2 := poolKeyOf(d2)
+	if err1 != nil || err2 != nil || k1 != k2 || k1 == noneKey {
+		t.Errorf("keys of VMs with disks: %s %v, %s %v; want one, not the disk-less %s", k1, err1, k2, err2, noneKey)
 	}
 }
 
-// TestPoolable: only VMs without disks whose NICs can all adopt a
-// pooled VM's stand-ins are asked from the pool.
+// TestPoolable: only VMs whose NICs can all adopt a pooled VM's
+// stand-ins are asked from the pool (disks are swapped in).
 func TestPoolable(t *testing.T) {
 	adopt := func(StandIn) error { return nil }
 	reclaim := func() error { return nil }
@@ -171,7 +174,7 @@ func TestPoolable(t *testing.T) {
 		{Config{NICs: []NIC{ok, {Kind: NICDatagram, Adopt: adopt, Reclaim: reclaim}}}, true},
 		{Config{NICs: []NIC{ok, {Kind: NICDatagram}}}, false},
 		{Config{NICs: []NIC{{Kind: NICTap, Adopt: adopt}}}, false},
-		{Config{Disks: []Disk{{Path: "/x"}}}, false},
+		{Config{Disks: []Disk{{Path: "/x"}}}, true},
 	} {
 		if got := poolable(tc.cfg); got != tc.want {
 			t.Errorf("poolable(%d NICs, %d disks) = %v, want %v", len(tc.cfg.NICs), len(tc.cfg.Disks), got, tc.want)

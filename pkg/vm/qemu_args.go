@@ -176,15 +176,21 @@ func qemuArgs(cfg Config, o qemuOptions) ([]string, error) {
 		if d.Path == "" {
 			return nil, fmt.Errorf("vm %s: disk %d has no path: %w", cfg.ID, i, errdefs.ErrInvalidArgument)
 		}
-		drive := fmt.Sprintf("file=%s,if=none,id=disk%d,format=raw", escapeOpt(d.Path), i)
+		// Named nodes (a file node under a raw one), not -drive: a
+		// pooled VM's disk is a stand-in whose file node the shim swaps
+		// for the container's image (blockdev-reopen), which QEMU only
+		// allows on nodes with a name of their own (swapPooledDisks).
+		ro := "off"
 		if d.ReadOnly {
-			drive += ",readonly=on"
+			ro = "on"
 		}
 		args = append(args,
-			"-drive", drive,
+			"-blockdev", fmt.Sprintf("driver=file,node-name=%s,filename=%s,read-only=%s", diskFileNode(i), escapeOpt(d.Path), ro),
+			"-blockdev", fmt.Sprintf("driver=raw,node-name=%s,file=%s,read-only=%s", diskNode(i), diskFileNode(i), ro),
 			// The serial lets the guest match a disk to its index without
-			// trusting the enumeration order.
-			"-device", fmt.Sprintf("virtio-blk-device,drive=disk%d,serial=%s", i, DiskSerial(i)),
+			// trusting the enumeration order. write-cache=on is what
+			// -drive's default (cache=writeback) gave.
+			"-device", fmt.Sprintf("virtio-blk-device,drive=%s,serial=%s,write-cache=on", diskNode(i), DiskSerial(i)),
 		)
 	}
 	nics, err := nicArgs(cfg, o.NICFDs)
@@ -269,3 +275,8 @@ func validTag(tag string) error {
 	}
 	return nil
 }
+
+// diskNode is the raw format node of disk i (the virtio-blk device's
+// drive); diskFileNode the file node below it that the VM booted with.
+func diskNode(i int) string     { return "disk" + strconv.Itoa(i) }
+func diskFileNode(i int) string { return "disk" + strconv.Itoa(i) + "-file" }

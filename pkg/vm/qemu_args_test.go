@@ -139,19 +139,21 @@ func TestQEMUArgsSharesAndDisks(t *testing.T) {
 	if got := argValues(args, "-fsdev"); strings.Join(got, "|") != strings.Join(wantFsdev, "|") {
 		t.Errorf("-fsdev: got %q, want %q", got, wantFsdev)
 	}
-	wantDrives := []string{
-		"file=/d/a.img,if=none,id=disk0,format=raw",
-		"file=/d/b.img,if=none,id=disk1,format=raw,readonly=on",
+	wantNodes := []string{
+		"driver=file,node-name=disk0-file,filename=/d/a.img,read-only=off",
+		"driver=raw,node-name=disk0,file=disk0-file,read-only=off",
+		"driver=file,node-name=disk1-file,filename=/d/b.img,read-only=on",
+		"driver=raw,node-name=disk1,file=disk1-file,read-only=on",
 	}
-	if got := argValues(args, "-drive"); strings.Join(got, "|") != strings.Join(wantDrives, "|") {
-		t.Errorf("-drive: got %q, want %q", got, wantDrives)
+	if got := argValues(args, "-blockdev"); strings.Join(got, "|") != strings.Join(wantNodes, "|") {
+		t.Errorf("-blockdev: got %q, want %q", got, wantNodes)
 	}
 	devices := argValues(args, "-device")
 	wantDevices := []string{
 		"virtio-9p-device,fsdev=fs0,mount_tag=rootfs",
 		"virtio-9p-device,fsdev=fs1,mount_tag=ro.vol-1",
-		"virtio-blk-device,drive=disk0,serial=disk0",
-		"virtio-blk-device,drive=disk1,serial=disk1",
+		"virtio-blk-device,drive=disk0,serial=disk0,write-cache=on",
+		"virtio-blk-device,drive=disk1,serial=disk1,write-cache=on",
 	}
 	if got := strings.Join(devices[len(devices)-4:], "|"); got != strings.Join(wantDevices, "|") {
 		t.Errorf("devices: got %q, want %q", got, wantDevices)

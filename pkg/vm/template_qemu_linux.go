@@ -275,11 +275,12 @@ func (w *warmQEMU) Start(ctx context.Context) error {
 		return cold.Start(ctx)
 	}
 	if tc.Pool != nil && !poolable(w.cfg) {
-		// Pooled VMs are started ahead without disks: their backends
-		// are this VM's own and known only now. NICs they have, as
-		// stand-ins the caller's network adopts (NIC.Adopt).
-		tc.logf("warm start: vm %s has %d disks and %d NICs (%d adoptable), which pooled VMs lack: starting a template clone",
-			w.cfg.ID, len(w.cfg.Disks), len(w.cfg.NICs), adoptable(w.cfg.NICs))
+		// Pooled VMs are started ahead with stand-in NICs and disks:
+		// the caller's network adopts the NICs (NIC.Adopt), the
+		// disks' images are swapped in (swapPooledDisks). A NIC that
+		// cannot adopt keeps the VM out of the pool.
+		tc.logf("warm start: vm %s has %d NICs, %d of them adoptable (at most %d), which pooled VMs cannot serve: starting a template clone",
+			w.cfg.ID, len(w.cfg.NICs), adoptable(w.cfg.NICs), maxPoolNICs)
 	} else if tc.Pool != nil {
 		pooled, err := tc.Pool.take(ctx, w.cfg, key)
 		if err == nil {
@@ -332,10 +333,10 @@ func (w *warmQEMU) PoolDir() string                                 { return w.m
 
 var _ Machine = (*warmQEMU)(nil)
 
-// poolable tells whether a pooled VM can serve cfg: no disks, and NICs
-// (at most maxPoolNICs) that can adopt a pooled VM's stand-ins.
+// poolable tells whether a pooled VM can serve cfg: NICs (at most
+// maxPoolNICs) that can adopt a pooled VM's stand-ins.
 func poolable(cfg Config) bool {
-	return len(cfg.Disks) == 0 && len(cfg.NICs) <= maxPoolNICs && adoptable(cfg.NICs) == len(cfg.NICs)
+	return len(cfg.NICs) <= maxPoolNICs && adoptable(cfg.NICs) == len(cfg.NICs)
 }
 
 func adoptable(nics []NIC) int {
