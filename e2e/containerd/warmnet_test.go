@@ -205,7 +205,7 @@ func TestWarmStartNetwork(t *testing.T) {
 	if t.Failed() {
 		return
 	}
-	testPoolNetwork(t, d, rt, conf, keys, natScript, natOK)
+	testPoolNetwork(t, d, rt, conf, keys, natScript, natOK, nerdctl)
 }
 
 // testPoolNetwork is TestWarmStartNetwork's pool part, on its templates
@@ -216,8 +216,11 @@ func TestWarmStartNetwork(t *testing.T) {
 // address, its gateway answering, reachable from the host, and no tap
 // left in the namespace once it is gone; a host-NAT container gets a
 // pooled VM whose socket the stack adopted (a host server answers, a
-// name resolves). `macvm-pool-stop` leaves no qemu and no VM directory.
-func testPoolNetwork(t *testing.T, d *harness.Containerd, rt harness.Runtime, conf string, keys []string, natScript string, natOK func(harness.Result) bool) {
+// name resolves); `nerdctl run -p` on its default bridge (its CNI hook
+// fills a namespace the shim made) gets a pooled VM serving its published
+// port. `macvm-pool-stop` leaves no qemu and no VM directory.
+func testPoolNetwork(t *testing.T, d *harness.Containerd, rt harness.Runtime, conf string, keys []string, natScript string,
+	natOK func(harness.Result) bool, nerdctl func(args ...string) harness.Result) {
 	// Each shim reads the configuration when it starts.
 	if err := harness.WriteMacvmConfigExtra(d.MacvmConfig, suite.Paths, "pool", d.TemplateDir, "pool_size = 1"); err != nil {
 		t.Fatal(err)
@@ -288,6 +291,27 @@ func testPoolNetwork(t *testing.T, d *harness.Containerd, rt harness.Runtime, co
 	}
 	if mode := startMode(t, d, "pnat-pool"); mode != "pool" {
 		t.Errorf("pnat-pool: start_mode=%s, want pool", mode)
+	}
+
+	// nerdctl's default bridge: the tap key's pool, refilled.
+	for _, key := range keys {
+		waitPool(t, poolDir, key, 1)
+	}
+	port := 20000 + (os.Getpid()*11+time.Now().Nanosecond())%20000
+	res := nerdctl("run", "-d", "--runtime", rt.Name, "--name", "pweb", "-p", fmt.Sprintf("%d:8080", port),
+		harness.BusyboxImage, "sh", "-c", "while true; do echo nerdctl-pool-says-hi | nc -l -p 8080; done")
+	if res.ExitCode != 0 {
+		t.Fatalf("nerdctl run -p from the pool: %v", res)
+	}
+	t.Cleanup(func() { nerdctl("rm", "-f", "pweb") })
+	if mode := startMode(t, d, strings.TrimSpace(string(res.Stdout))); mode != "pool" {
+		t.Errorf("nerdctl run -p: start_mode=%s, want pool", mode)
+	}
+	if got := readLine(hostAddress(t), port, "nerdctl-pool-says-hi\n"); got != "nerdctl-pool-says-hi\n" {
+		t.Errorf("published port %d of a pooled VM: read %q, want nerdctl-pool-says-hi", port, got)
+	}
+	if res := nerdctl("rm", "-f", "pweb"); res.ExitCode != 0 {
+		t.Errorf("nerdctl rm -f: %v", res)
 	}
 
 	stopPoolClean(t, d)
