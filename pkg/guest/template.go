@@ -81,12 +81,11 @@ func settled(ctx context.Context, conn net.Conn) (*Client, error) {
 // container created and deleted, its helper started afresh so the spare
 // stays idle) before the save. QEMU's translation cache is not saved, but
 // the guest's state is: the agent's heap and its decoders' type caches,
-// the kernel's slabs and caches for cgroups, namespaces and mounts. Clones
-// of a warmed template created their first container 19-26% faster
-// (median CreateContainer RPC, two interleaved A/B runs of 8 on the loaded
-// shared machine, groups swapped between runs). Nothing of the warm-up
-// container is left: it is deleted before the save, and the clones
-// reseed.
+// the kernel's slabs and caches for cgroups, namespaces and mounts. A
+// clone's first CreateContainer RPC is ~14% shorter (docs/warm-start.md,
+// "Building a template"); the whole `ctr run` gains little. Nothing of
+// the warm-up container is left: it is deleted before the save, and the
+// clones reseed.
 func TemplateWarm(ctx context.Context, conn net.Conn) (func(), error) {
 	c, err := settled(ctx, conn)
 	if err != nil {
