@@ -1,10 +1,12 @@
 package cri_test
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
@@ -22,10 +24,12 @@ const templateWait = 10 * time.Minute
 // is a clone of it, with the NIC the template was built with a stand-in for now on the pod's tap. In the
 // clone the pod IP CRI reports is on eth0 with the MAC of the pod namespace's interface (not the
 // template's), a server container answers on the pod IP from the host and to its sibling over localhost,
-// crictl exec works, and stopp/rmp leave no VM and no tap in the pod's network namespace.
+// crictl exec works, and stopp/rmp leave no VM and no tap in the pod's network namespace. Then the pool
+// (testPoolPod).
 func TestWarmStartPod(t *testing.T) {
 	rt := harness.Macvm()
-	d := daemonWith(t, rt, harness.Options{WarmStart: "template"})
+	// pool_size = 0 (template clones) until testPoolPod.
+	d := daemonWith(t, rt, harness.Options{WarmStart: "pool", MacvmConfigExtra: "pool_size = 0"})
 
 	cold, _ := runPod(t, d, rt, podConfig(d, "warm-cold"))
 	if mode := startMode(t, d, cold); mode != "cold" {
@@ -34,7 +38,8 @@ func TestWarmStartPod(t *testing.T) {
 	// The template is built by a detached builder; the cold pod is not needed for it.
 	crictl(t, d, "stopp", cold)
 	crictl(t, d, "rmp", cold)
-	if keys := waitTemplates(t, d); len(keys) != 1 {
+	keys := waitTemplates(t, d)
+	if len(keys) != 1 {
 		t.Fatalf("templates after one networked pod: %v, want one", keys)
 	}
 
@@ -95,6 +100,69 @@ func TestWarmStartPod(t *testing.T) {
 	if strings.Contains(links, "macvm") {
 		t.Errorf("the pod's network namespace keeps macvm's tap after rmp:\n%s", links)
 	}
+	if !t.Failed() {
+		testPoolPod(t, d, rt, keys[0])
+	}
+}
+
+// testPoolPod is TestWarmStartPod's pool part (pool_size = 1; each shim reads the config when it starts):
+// a pod's VM, a template clone, starts the pool daemon, which fills the pool of the pod's template key;
+// the next pod's VM comes from the pool: its stand-in tap moved into the pod's network namespace
+// (macvmp*), the pod IP on eth0, a server container reachable on it from the host; stopp/rmp leave no
+// macvm tap in the namespace, and once the pool is stopped no VM runs.
+func testPoolPod(t *testing.T, d *harness.Containerd, rt harness.Runtime, key string) {
+	if err := harness.WriteMacvmConfigExtra(d.MacvmConfig, suite.Paths, "pool", d.TemplateDir, "pool_size = 1"); err != nil {
+		t.Fatal(err)
+	}
+	poolDir := filepath.Join(d.TemplateDir, "pool")
+	seed, _ := runPod(t, d, rt, podConfig(d, "warm-seed"))
+	if mode := startMode(t, d, seed); mode != "template" {
+		t.Fatalf("pod asking the pool first: start_mode=%s, want template", mode)
+	}
+	crictl(t, d, "stopp", seed)
+	crictl(t, d, "rmp", seed)
+	for deadline := time.Now().Add(3 * time.Minute); ; {
+		c, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		st, err := vm.PoolStatus(c, poolDir)
+		cancel()
+		if err == nil && st[key].Ready >= 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			b, _ := os.ReadFile(filepath.Join(poolDir, "pool.log"))
+			t.Fatalf("pool of %s: no ready VM (%v %v); pool.log:\n%s", key, st, err, b)
+		}
+		time.Sleep(300 * time.Millisecond)
+	}
+
+	podID, podPath := runPod(t, d, rt, podConfig(d, "warm-pool"))
+	if mode := startMode(t, d, podID); mode != "pool" {
+		t.Errorf("pod after the pool filled: start_mode=%s, want pool", mode)
+	}
+	ip, netns := podNetwork(t, d, podID)
+	nsf, err := os.Open(netns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nsf.Close()
+	nsPath := fmt.Sprintf("/proc/%d/fd/%d", os.Getpid(), nsf.Fd())
+	if links := linksIn(t, nsPath); !strings.Contains(links, "macvmp") {
+		t.Errorf("pod namespace %s has no adopted tap (macvmp*) while the pooled pod runs:\n%s", netns, links)
+	}
+	server := startContainer(t, d, podID, podPath, containerConfig("server", "sh", "-c",
+		`mkdir -p /www && echo hello-from-pool > /www/index.html && exec httpd -f -p 8080 -h /www`))
+	waitState(t, d, server, "CONTAINER_RUNNING")
+	mustContain(t, "pod IP inside the pooled VM", crictl(t, d, "exec", server, "ip", "-o", "-4", "addr", "show", "eth0"), " "+ip+"/")
+	getUntil(t, "http://"+ip+":8080/", "hello-from-pool")
+	crictl(t, d, "stopp", podID)
+	crictl(t, d, "rmp", podID)
+	if links := linksIn(t, nsPath); strings.Contains(links, "macvm") {
+		t.Errorf("the pooled pod's network namespace keeps macvm's taps after rmp:\n%s", links)
+	}
+	if err := vm.StopPool(poolDir, 30*time.Second); err != nil {
+		t.Errorf("stopping the pool: %v", err)
+	}
+	wantVMs(t, d, 0, "after rmp and the pool stopped")
 }
 
 var startModeRE = regexp.MustCompile(`start_mode=(\w+)`)
