@@ -25,6 +25,7 @@ import (
 
 	"github.com/macvm/macvm/pkg/guest"
 	agent "github.com/macvm/macvm/pkg/guest/api/v1"
+	"github.com/macvm/macvm/pkg/guest/transport"
 	"github.com/macvm/macvm/pkg/vm"
 )
 
@@ -156,7 +157,13 @@ func bootVMWith(t *testing.T, cfg *vm.Config) *testVM {
 	if err != nil {
 		t.Fatalf("agent channel: %v", err)
 	}
-	client, err := guest.NewClient(ctx, conn)
+	// As the shim connects (backend_linux.go): a clone's agent resumes
+	// inside its template build's session, which the padded first SYNC ends.
+	var opts []transport.Option
+	if vm.StartModeOf(m) != vm.StartCold {
+		opts = append(opts, transport.WithStaleSession())
+	}
+	client, err := guest.NewClient(ctx, conn, opts...)
 	if err != nil {
 		t.Fatalf("connect to agent: %v\nconsole:\n%s", err, m.ConsoleTail(4096))
 	}
