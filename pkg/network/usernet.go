@@ -123,6 +123,8 @@ type UserNet struct {
 	// adopted is the pooled VM's socket the helper's end is connected to
 	// instead of guest (nil: none).
 	adopted *os.File
+	// sockDir holds the sockets' names while adopted ("": none made).
+	sockDir string
 	cmd     *exec.Cmd // macvm-usernet
 	stdin   io.WriteCloser
 	done    chan struct{} // closed when the helper has exited (cmd.Wait returned)
@@ -285,6 +287,9 @@ func (u *UserNet) Close() error {
 	errs = append(errs, u.guest.Close(), u.host.Close())
 	if u.adopted != nil {
 		u.adopted.Close()
+	}
+	if u.sockDir != "" {
+		errs = append(errs, os.RemoveAll(u.sockDir))
 	}
 	return errors.Join(errs...)
 }

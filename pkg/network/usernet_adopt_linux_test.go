@@ -2,6 +2,7 @@ package network
 
 import (
 	"os"
+	"path/filepath"
 	"testing"
 	"time"
 
@@ -73,5 +74,46 @@ func TestAdoptDatagram(t *testing.T) {
 	}
 	if err := nic.Reclaim(); err != nil {
 		t.Errorf("a second Reclaim: %v", err)
+	}
+}
+
+// TestAdoptedNamesPrivate: the sockets an adopt connects are named by
+// paths in a directory only root may enter (no abstract names, which any
+// process of the host's network namespace can reach), and Close removes
+// it.
+func TestAdoptedNamesPrivate(t *testing.T) {
+	stack, guest := dgramPair(t, "stack", "guest")
+	_, qemu := dgramPair(t, "daemon", "qemu")
+	u := &UserNet{guest: guest, host: stack}
+	if err := u.NIC().Adopt(vm.StandIn{Kind: vm.NICDatagram, File: qemu}); err != nil {
+		t.Fatalf("Adopt: %v", err)
+	}
+	st, err := os.Stat(u.sockDir)
+	if err != nil || st.Mode().Perm() != 0o700 {
+		t.Fatalf("socket directory %q: %v, mode %v: want 0700", u.sockDir, err, st)
+	}
+	for _, f := range []*os.File{stack, qemu, guest} {
+		sa, err := unix.Getsockname(int(f.Fd()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		name := sa.(*unix.SockaddrUnix).Name
+		if filepath.Dir(name) != u.sockDir {
+			t.Errorf("%s is named %q: want a path in %s", f.Name(), name, u.sockDir)
+		}
+	}
+	// Close with a helper that has exited already.
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { r.Close() })
+	u.stdin, u.done = w, make(chan struct{})
+	close(u.done)
+	if err := u.Close(); err != nil {
+		t.Fatalf("Close: %v", err)
+	}
+	if _, err := os.Stat(u.sockDir); !os.IsNotExist(err) {
+		t.Errorf("socket directory %s after Close: %v, want it gone", u.sockDir, err)
 	}
 }
