@@ -46,6 +46,7 @@ func TestAdoptDatagram(t *testing.T) {
 	stack, guest := dgramPair(t, "stack", "guest")
 	ours, qemu := dgramPair(t, "daemon", "qemu")
 	u := &UserNet{guest: guest, host: stack}
+	t.Cleanup(func() { os.RemoveAll(u.sockDir) }) // Close's part: no helper runs here
 	nic := u.NIC()
 	if nic.Adopt == nil || nic.Reclaim == nil || nic.File != guest {
 		t.Fatalf("NIC %+v: want the guest end, adoptable", nic)
