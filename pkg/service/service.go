@@ -21,7 +21,6 @@ import (
 	"github.com/containerd/containerd/v2/core/events"
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
-	"github.com/containerd/containerd/v2/pkg/shim"
 	"github.com/containerd/containerd/v2/pkg/shutdown"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/errdefs/pkg/errgrpc"
@@ -55,7 +54,7 @@ type Service struct {
 	// stateBase is where VM state directories are made.
 	stateBase string
 
-	// mu guards containers, creating and sb.
+	// mu guards containers, creating, sb, teardowns and closing.
 	mu         sync.Mutex
 	containers map[string]*container
 	// creating reserves IDs whose Create is in flight.
@@ -66,9 +65,15 @@ type Service struct {
 	// teardowns are closed when the VMs released by the last Delete of
 	// their pod are torn down (releaseSandboxIfIdle); done ones are pruned.
 	teardowns []chan struct{}
-	// socket is the shim's socket address, read from the bundle when
-	// containerd shuts the shim down (see Shutdown).
-	socket string
+	// closing is set once the shim ends (Shutdown, or a signal): creates
+	// are refused from then on.
+	closing bool
+
+	// socket is the shim's listening socket, released (unlinked) once when
+	// the shim ends (releaseSocket); nil when unknown (tests, or a daemon
+	// not started by the start action).
+	socket        *shimSocket
+	releaseSocket sync.Once
 }
 
 var _ taskAPI.TTRPCTaskService = (*Service)(nil)
@@ -76,7 +81,14 @@ var _ taskAPI.TTRPCTaskService = (*Service)(nil)
 // NewTaskService returns the task service; publisher carries its events to
 // containerd, and sd ends the shim process.
 func NewTaskService(ctx context.Context, publisher Publisher, sd shutdown.Service) (*Service, error) {
-	return newService(ctx, publisher, sd, platformBackend())
+	s, err := newService(ctx, publisher, sd, platformBackend())
+	if err != nil {
+		return nil, err
+	}
+	if s.socket, err = inheritedSocket(); err != nil {
+		log.G(ctx).WithError(err).Warn("shim socket unknown: it is not given up early at shutdown")
+	}
+	return s, nil
 }
 
 // Publisher is the publishing half of containerd's shim.Publisher.
@@ -110,6 +122,7 @@ func (s *Service) RegisterTTRPC(server *ttrpc.Server) error {
 // shutdownAll runs when the shim exits: the VM, if still running, goes
 // with it, and queued events are flushed.
 func (s *Service) shutdownAll(ctx context.Context) error {
+	s.beginShutdown(ctx)
 	s.waitTeardowns(ctx)
 	s.mu.Lock()
 	cs := make([]*container, 0, len(s.containers))
@@ -124,12 +137,6 @@ func (s *Service) shutdownAll(ctx context.Context) error {
 	}
 	if sb != nil {
 		sb.destroy(ctx)
-	}
-	s.mu.Lock()
-	socket := s.socket
-	s.mu.Unlock()
-	if socket != "" {
-		_ = shim.RemoveSocket(socket)
 	}
 	s.events.close(ctx)
 	return nil
@@ -302,6 +309,10 @@ func (s *Service) create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 		return nil, fmt.Errorf("restoring from a checkpoint is not supported by macvm: %w", errdefs.ErrInvalidArgument)
 	}
 	s.mu.Lock()
+	if s.closing {
+		s.mu.Unlock()
+		return nil, fmt.Errorf("create %s: shim is shutting down: %w", r.ID, errdefs.ErrUnavailable)
+	}
 	if _, ok := s.containers[r.ID]; ok || s.creating[r.ID] {
 		s.mu.Unlock()
 		return nil, fmt.Errorf("container %s: %w", r.ID, errdefs.ErrAlreadyExists)
@@ -762,19 +773,35 @@ func (s *Service) Connect(ctx context.Context, r *taskAPI.ConnectRequest) (*task
 func (s *Service) Shutdown(ctx context.Context, r *taskAPI.ShutdownRequest) (*emptypb.Empty, error) {
 	s.mu.Lock()
 	busy := len(s.containers) > 0 || len(s.creating) > 0
+	if !busy || r.Now {
+		// Decided under mu with the create reservation (create), so no
+		// create slips in between.
+		s.closing = true
+	}
 	s.mu.Unlock()
 	if busy && !r.Now {
 		return empty, nil
 	}
-	// containerd removes the bundle once this returns, and with it the
-	// record of the socket the shim library removes when the shim exits:
-	// a VM torn down in the background (releaseSandboxIfIdle) keeps the
-	// shim alive past that, so the shim removes its socket itself.
-	if addr, err := os.ReadFile(addressFile); err == nil {
-		s.mu.Lock()
-		s.socket = string(addr)
-		s.mu.Unlock()
-	}
+	// The socket goes before this returns: containerd's delete returns
+	// after it, and a container started next with the same ID must find
+	// no socket, while this shim still tears its VM down (shutdownAll).
+	s.beginShutdown(ctx)
 	s.sd.Shutdown()
 	return empty, nil
+}
+
+// beginShutdown refuses further creates and gives up the shim's socket
+// path (socket.go), once.
+func (s *Service) beginShutdown(ctx context.Context) {
+	s.mu.Lock()
+	s.closing = true
+	s.mu.Unlock()
+	s.releaseSocket.Do(func() {
+		if s.socket == nil {
+			return
+		}
+		if err := s.socket.release(); err != nil {
+			log.G(ctx).WithError(err).Warn("release the shim socket")
+		}
+	})
 }
