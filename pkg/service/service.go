@@ -66,7 +66,7 @@ type Service struct {
 	// their pod are torn down (releaseSandboxIfIdle); done ones are pruned.
 	teardowns []chan struct{}
 	// closing is set once the shim ends (Shutdown, or a signal): creates
-	// are refused from then on.
+	// and execs are refused from then on.
 	closing bool
 
 	// socket is the shim's listening socket, released (unlinked) once when
@@ -501,6 +501,13 @@ func (s *Service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAP
 
 // Exec adds a process to a running container.
 func (s *Service) Exec(ctx context.Context, r *taskAPI.ExecProcessRequest) (*emptypb.Empty, error) {
+	s.mu.Lock()
+	closing := s.closing
+	s.mu.Unlock()
+	if closing {
+		// After Shutdown{Now} the VM goes with the shim.
+		return nil, errgrpc.ToGRPC(fmt.Errorf("exec %s in %s: shim is shutting down: %w", r.ExecID, r.ID, errdefs.ErrUnavailable))
+	}
 	c, err := s.get(r.ID)
 	if err != nil {
 		return nil, errgrpc.ToGRPC(err)

@@ -2,10 +2,12 @@ package service
 
 import (
 	"errors"
+	"flag"
 	"net"
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -139,5 +141,54 @@ func TestReleaseLeavesReplacedSocket(t *testing.T) {
 	}
 	if err := own.release(); err != nil {
 		t.Fatalf("release of a removed socket: %v", err)
+	}
+}
+
+// TestShutdownNowRefusesExec: Shutdown with Now ends the shim though a
+// container remains: its socket goes at once, and an exec is refused
+// rather than started in a VM about to be torn down.
+func TestShutdownNowRefusesExec(t *testing.T) {
+	h := newHarness(t, nil)
+	path := filepath.Join(t.TempDir(), "shim.sock")
+	listen(t, path)
+	sock, err := socketAt(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.svc.socket = sock
+	h.create("c1", nil)
+	if _, err := h.svc.Shutdown(h.ctx, &taskAPI.ShutdownRequest{ID: "c1", Now: true}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Lstat(path); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("socket after Shutdown{Now}: %v, want it unlinked", err)
+	}
+	if err := h.exec("c1", "e1", nil); !errdefs.IsUnavailable(err) || !strings.Contains(err.Error(), "shim is shutting down") {
+		t.Fatalf("exec after Shutdown{Now}: %v, want ErrUnavailable (shim is shutting down)", err)
+	}
+	select {
+	case <-h.sd.Done():
+	case <-time.After(time.Minute):
+		t.Fatal("Shutdown{Now} did not end the shim")
+	}
+}
+
+// TestDisownLibrarySocketCleanup: in a shim process (where containerd's
+// shim library defines -socket) the flag is pointed at a path that cannot
+// exist, so the library's exit cleanup removes nothing.
+func TestDisownLibrarySocketCleanup(t *testing.T) {
+	fs := flag.CommandLine
+	if fs.Lookup("socket") == nil {
+		// What the shim library's parseFlags defines (shim.Run).
+		var v string
+		fs.StringVar(&v, "socket", "", "socket path to serve")
+	}
+	disownLibrarySocketCleanup()
+	got := fs.Lookup("socket").Value.String()
+	if got != releasedSocketFlag {
+		t.Fatalf("-socket after disown: %q, want %q", got, releasedSocketFlag)
+	}
+	if _, err := os.Lstat(got); !errors.Is(err, syscall.ENOTDIR) {
+		t.Fatalf("%s must be a path that can never exist (a non-directory on the way): %v", got, err)
 	}
 }
