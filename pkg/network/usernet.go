@@ -12,11 +12,9 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/containerd/errdefs"
-	"golang.org/x/sys/unix"
 
 	agent "github.com/macvm/macvm/pkg/guest/api/v1"
 	"github.com/macvm/macvm/pkg/vm"
@@ -143,25 +141,10 @@ func NewUserNet(ports []PortForward) (_ *UserNet, retErr error) {
 	}
 	// One frame per datagram, as QEMU's dgram netdev and the framework's
 	// file handle attachment send them (gvisor-tap-vsock's vfkit protocol).
-	// macOS has no SOCK_CLOEXEC: mark both ends under the fork lock, as
-	// the standard library does, so no child started meanwhile inherits them.
-	syscall.ForkLock.RLock()
-	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_DGRAM, 0)
-	if err == nil {
-		unix.CloseOnExec(fds[0])
-		unix.CloseOnExec(fds[1])
-	}
-	syscall.ForkLock.RUnlock()
+	host, guest, err := vm.NewDatagramPair("usernet-host", "usernet-guest")
 	if err != nil {
-		return nil, fmt.Errorf("user-space network: socketpair: %w", err)
+		return nil, fmt.Errorf("user-space network: %w", err)
 	}
-	// Room for bursts: the default buffers drop frames under TCP load.
-	for _, fd := range fds {
-		_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUF, 1<<20)
-		_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, 4<<20)
-	}
-	host := os.NewFile(uintptr(fds[0]), "usernet-host")
-	guest := os.NewFile(uintptr(fds[1]), "usernet-guest")
 	args := make([]string, 0, len(ports))
 	for _, p := range ports {
 		args = append(args, p.HostAddr+"="+strconv.Itoa(p.GuestPort))

@@ -113,17 +113,12 @@ func newStandIns(nics []NIC) (s *standIns, err error) {
 			tapFiles = tapFiles[1:]
 			tapIndex++
 		case NICDatagram:
-			fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+			// As the user-space network makes its pair: a pooled VM's
+			// socket carries a container's traffic once adopted.
+			ours, theirs, err := NewDatagramPair("standin-stack", "standin-nic")
 			if err != nil {
-				return nil, fmt.Errorf("stand-in for NIC %d: socketpair: %w", i, err)
+				return nil, fmt.Errorf("stand-in for NIC %d: %w", i, err)
 			}
-			// The sizes the user-space network gives its pair: a pooled
-			// VM's socket carries a container's traffic once adopted.
-			for _, fd := range fds {
-				_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUF, 1<<20)
-				_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, 4<<20)
-			}
-			ours, theirs := os.NewFile(uintptr(fds[0]), "standin-stack"), os.NewFile(uintptr(fds[1]), "standin-nic")
 			s.closers = append(s.closers, ours, theirs)
 			s.nics[i] = NIC{Kind: NICDatagram, File: theirs, MAC: TemplateMAC(i)}
 		default:

@@ -3,10 +3,8 @@ package vm
 import (
 	"fmt"
 	"os"
-	"syscall"
 
 	"github.com/containerd/errdefs"
-	"golang.org/x/sys/unix"
 )
 
 // Stand-ins for a Virtualization.framework template build. The framework
@@ -52,7 +50,7 @@ func vzStandInNICs(nics []NIC) (out []NIC, release func(), err error) {
 			release()
 			return nil, nil, fmt.Errorf("stand-in for NIC %d: %s NICs need QEMU on Linux: %w", i, n.Kind, errdefs.ErrNotImplemented)
 		}
-		ours, theirs, err := datagramPair()
+		ours, theirs, err := NewDatagramPair("standin-stack", "standin-nic")
 		if err != nil {
 			release()
 			return nil, nil, fmt.Errorf("stand-in for NIC %d: %w", i, err)
@@ -61,24 +59,6 @@ func vzStandInNICs(nics []NIC) (out []NIC, release func(), err error) {
 		out[i] = NIC{Kind: NICDatagram, File: theirs, MAC: TemplateMAC(i)}
 	}
 	return out, release, nil
-}
-
-// datagramPair is a connected AF_UNIX SOCK_DGRAM socketpair, both ends
-// close-on-exec. macOS has no SOCK_CLOEXEC: the ends are marked under the
-// fork lock, as the standard library does, so no child started meanwhile
-// inherits them.
-func datagramPair() (*os.File, *os.File, error) {
-	syscall.ForkLock.RLock()
-	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_DGRAM, 0)
-	if err == nil {
-		unix.CloseOnExec(fds[0])
-		unix.CloseOnExec(fds[1])
-	}
-	syscall.ForkLock.RUnlock()
-	if err != nil {
-		return nil, nil, fmt.Errorf("socketpair: %w", err)
-	}
-	return os.NewFile(uintptr(fds[0]), "standin-stack"), os.NewFile(uintptr(fds[1]), "standin-nic"), nil
 }
 
 // vzStandInDisks gives each of a template build's disks (build's empty

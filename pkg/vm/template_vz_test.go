@@ -51,7 +51,7 @@ func vzTestConfig(t *testing.T) Config {
 		}
 		disks = append(disks, Disk{Path: p, ReadOnly: ro})
 	}
-	stack, nic, err := datagramPair()
+	stack, nic, err := NewDatagramPair("stack", "nic")
 	if err != nil {
 		t.Fatal(err)
 	}
