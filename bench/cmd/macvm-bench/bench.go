@@ -49,6 +49,8 @@ type bench struct {
 	variants []*variant
 	res      *Results
 	events   *eventRecorder
+	// nerdctl is set when the networked start is measured.
+	nerdctl *nerdctlSetup
 
 	// mu guards seq.
 	mu  sync.Mutex
@@ -120,6 +122,7 @@ func run(ctx context.Context, cfg config) (string, error) {
 		if err := cd.Cleanup(cctx); err != nil {
 			logf("cleanup: %v", err)
 		}
+		b.cleanupNerdctl()
 	}()
 	if err := cd.ImportBusybox(ctx); err != nil {
 		return "", err
@@ -135,6 +138,11 @@ func run(ctx context.Context, cfg config) (string, error) {
 	for _, v := range b.variants {
 		res.Variants = append(res.Variants, v.info)
 	}
+	if cfg.wants("net") {
+		if err := b.setupNerdctl(paths.BinDir, snap.BinDir, snapDir); err != nil {
+			return "", err
+		}
+	}
 	if err := b.warmUp(ctx); err != nil {
 		return "", err
 	}
@@ -145,6 +153,7 @@ func run(ctx context.Context, cfg config) (string, error) {
 	}{
 		{"run", b.measureRun},
 		{"output", b.measureFirstOutput},
+		{"net", b.measureNet},
 		{"exec", b.measureExecAndStreams},
 		{"density", b.measureDensity},
 		{"micro", b.measureMicro},
@@ -398,6 +407,14 @@ func copyFileTo(src, dst string) error {
 		return err
 	}
 	return out.Close()
+}
+
+// nextSeq returns a number no other call of this run returns.
+func (b *bench) nextSeq() int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.seq++
+	return b.seq
 }
 
 // id returns a fresh container id for variant v and purpose what.

@@ -179,6 +179,8 @@ func (zeros) Read(p []byte) (int, error) {
 // containerMemory is what one running container costs on the host.
 type containerMemory struct {
 	shim, hypervisor, rest procmem.Usage
+	// hvPids are the hypervisor processes counted in hypervisor.
+	hvPids []int
 }
 
 func (c containerMemory) total() procmem.Usage { return c.shim.Add(c.hypervisor).Add(c.rest) }
@@ -211,6 +213,7 @@ func (b *bench) hostMemory(id string) (containerMemory, error) {
 		}
 		if isQEMU(p.Cmdline) {
 			cm.hypervisor = cm.hypervisor.Add(u)
+			cm.hvPids = append(cm.hvPids, p.Pid)
 			foundVM = true
 		} else {
 			cm.rest = cm.rest.Add(u)
@@ -224,6 +227,7 @@ func (b *bench) hostMemory(id string) (containerMemory, error) {
 					return cm, err
 				}
 				cm.hypervisor = u
+				cm.hvPids = []int{pid}
 			}
 		}
 	}
@@ -245,6 +249,29 @@ func isQEMU(cmdline string) bool {
 }
 
 func toMiB(b int64) float64 { return float64(b) / mib }
+
+// tcgCache sums the TCG translation caches (QEMU's code_gen_buffer) of
+// hypervisor processes pids, each sized by the tb-size on its command line.
+// A QEMU without tb-size (KVM) has none and counts as zero.
+func tcgCache(pids []int) (procmem.Usage, error) {
+	var total procmem.Usage
+	for _, pid := range pids {
+		cmd, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+		if err != nil {
+			return total, err
+		}
+		mib, ok := procmem.TBSizeArg(strings.Split(strings.TrimRight(string(cmd), "\x00"), "\x00"))
+		if !ok {
+			continue
+		}
+		u, err := procmem.CodeGenBuffer(pid, mib)
+		if err != nil {
+			return total, err
+		}
+		total = total.Add(u)
+	}
+	return total, nil
+}
 
 // hvAnonTitle names the hypervisor's anonymous PSS: the part of its PSS that
 // is its own (see procmem.Usage.Anon). The rest are file pages it shares:

@@ -1,7 +1,8 @@
 // Command macvm-bench measures the macvm runtime side by side with
 // containerd's runc shim (io.containerd.runc.v2 with Debian's runc) on one
 // private containerd, the same locally built busybox image and the same
-// machine, in one run: `ctr run --rm` latency and its phases, exec latency,
+// machine, in one run: `ctr run --rm` latency and its phases, the same on a
+// CNI bridge network through nerdctl, exec latency,
 // stdout and stdin throughput, memory per container, density, and the
 // transport's Go micro-benchmarks. Every measurement alternates the runtimes
 // (A, B, A, B ...) so that the noise of a shared machine hits both alike,
@@ -31,6 +32,9 @@ type mode struct {
 	// Runs is the number of `ctr run --rm` samples per runtime (and of the
 	// first-output samples).
 	Runs int
+	// NetRuns is the number of networked `nerdctl run --rm` samples per
+	// runtime, of `true` and of `echo` each.
+	NetRuns int
 	// Execs is the number of exec samples per runtime.
 	Execs int
 	// StreamMiB and Streams size the stdout/stdin throughput samples.
@@ -43,8 +47,8 @@ type mode struct {
 }
 
 var modes = map[string]mode{
-	"quick": {Name: "quick", Runs: 5, Execs: 7, StreamMiB: 64, Streams: 3, Density: 10, DensityRounds: 1, MicroBenchtime: "200ms"},
-	"full":  {Name: "full", Runs: 15, Execs: 21, StreamMiB: 256, Streams: 5, Density: 10, DensityRounds: 2, MicroBenchtime: "1s"},
+	"quick": {Name: "quick", Runs: 5, NetRuns: 3, Execs: 7, StreamMiB: 64, Streams: 3, Density: 10, DensityRounds: 1, MicroBenchtime: "200ms"},
+	"full":  {Name: "full", Runs: 15, NetRuns: 10, Execs: 21, StreamMiB: 256, Streams: 5, Density: 10, DensityRounds: 2, MicroBenchtime: "1s"},
 }
 
 func main() {
@@ -54,7 +58,7 @@ func main() {
 		bootDir  = flag.String("boot", envOr(harness.EnvBootDir, "_output/boot"), "boot files of the default (Debian) kernel")
 		minimal  = flag.String("boot-minimal", "_output/boot-minimal", "boot files of the minimal kernel; measured as a second macvm variant when present")
 		outDir   = flag.String("out", "bench/results", "where the results go")
-		only     = flag.String("only", "", "comma-separated measurements to run (run,output,exec,stream,memory,density,micro); default all")
+		only     = flag.String("only", "", "comma-separated measurements to run (run,output,net,exec,stream,memory,density,micro); default all")
 		keep     = flag.Bool("keep", false, "keep containerd's log after the run")
 		readme   = flag.String("readme", "", "also put the summary table into this README, between its bench markers")
 		warm     = flag.Bool("warm", true, "also measure macvm started from a warm-start template (warm_start = \"template\") and from the pool (\"pool\") beside cold boots")

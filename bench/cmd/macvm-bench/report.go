@@ -262,9 +262,9 @@ func nsLabel(ns float64) string {
 
 // headline lists the metrics of the summary table, in the order.
 var headline = []string{
-	"run.wall", "run.first_output", "exec.wall", "stream.stdout", "stream.stdin",
+	"run.wall", "run.first_output", "net.wall", "net.first_output", "exec.wall", "stream.stdout", "stream.stdin",
 	"mem.shim_rss", "mem.hv_rss", "mem.hv_pss", "mem.agent_rss", "mem.guest_used",
-	"density.up", "density.total_pss", "density.hv_pss_each",
+	"density.up", "density.total_pss", "density.hv_pss_each", "density.hv_tcg_each", "density.hv_pss_each_notcg",
 }
 
 // renderSummary renders the headline table: medians only, each VM variant
