@@ -335,26 +335,34 @@ func (b *bench) fillPool(ctx context.Context, v *variant) error {
 	if _, err := b.ctr(ctx, nil, b.runArgs(v, []string{"--rm"}, b.id(v, "warmup-pool"), "true")...); err != nil {
 		return fmt.Errorf("warm-up of %s: %w", v.info.Name, err)
 	}
+	return b.waitPoolKeys(ctx, v, 1)
+}
+
+// waitPoolKeys waits until v's pool daemon serves keys keys, each with
+// poolSize VMs ready.
+func (b *bench) waitPoolKeys(ctx context.Context, v *variant, keys int) error {
 	dir := filepath.Join(v.templateDir, "pool")
 	deadline := time.Now().Add(templateWait)
 	for {
 		sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		st, err := vm.PoolStatus(sctx, dir)
 		cancel()
+		full := 0
 		for _, k := range st {
 			if k.Ready >= v.poolSize {
-				logf("warm-up: %s has %d VMs ready", v.info.Name, k.Ready)
-				return nil
+				full++
 			}
+		}
+		if full >= keys {
+			logf("warm-up: %s's pool is full for %d keys: %v", v.info.Name, full, st)
+			return nil
 		}
 		if time.Now().After(deadline) {
 			log, _ := os.ReadFile(filepath.Join(dir, "pool.log"))
-			return fmt.Errorf("warm-up of %s: pool not full after %v (%v %v); pool log:\n%s", v.info.Name, templateWait, st, err, log)
+			return fmt.Errorf("warm-up of %s: pool not full for %d keys after %v (%v %v); pool log:\n%s", v.info.Name, keys, templateWait, st, err, log)
 		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(500 * time.Millisecond):
+		if err := sleepCtx(ctx, 500*time.Millisecond); err != nil {
+			return err
 		}
 	}
 }

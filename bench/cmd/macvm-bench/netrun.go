@@ -13,7 +13,6 @@ import (
 	"time"
 
 	"github.com/macvm/macvm/e2e/harness"
-	"github.com/macvm/macvm/pkg/vm"
 )
 
 // The networked start: `nerdctl run --rm` on nerdctl's default bridge
@@ -367,35 +366,6 @@ func (b *bench) netWarmUp(ctx context.Context) error {
 		}
 	}
 	return nil
-}
-
-// waitPoolKeys waits until v's pool daemon serves keys keys, each with
-// poolSize VMs ready.
-func (b *bench) waitPoolKeys(ctx context.Context, v *variant, keys int) error {
-	dir := filepath.Join(v.templateDir, "pool")
-	deadline := time.Now().Add(templateWait)
-	for {
-		sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		st, err := vm.PoolStatus(sctx, dir)
-		cancel()
-		full := 0
-		for _, k := range st {
-			if k.Ready >= v.poolSize {
-				full++
-			}
-		}
-		if full >= keys {
-			logf("warm-up: %s's pool is full for %d keys: %v", v.info.Name, full, st)
-			return nil
-		}
-		if time.Now().After(deadline) {
-			log, _ := os.ReadFile(filepath.Join(dir, "pool.log"))
-			return fmt.Errorf("warm-up of %s: pool not full for %d keys after %v (%v %v); pool log:\n%s", v.info.Name, keys, templateWait, st, err, log)
-		}
-		if err := sleepCtx(ctx, 500*time.Millisecond); err != nil {
-			return err
-		}
-	}
 }
 
 // templateKeys lists the finished templates in dir (see hasTemplate).
