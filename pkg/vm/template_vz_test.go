@@ -243,21 +243,10 @@ func TestVZTemplateNICsDisks(t *testing.T) {
 	defer cancel()
 	startVZ := func() *warmVZ {
 		t.Helper()
-		w, err := newWarmVZ(cfg, create)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := w.Start(ctx); err != nil {
-			t.Fatalf("Start: %v", err)
-		}
+		w := startWarmVZ(ctx, t, cfg, create)
 		if _, err := w.AgentConn(ctx); err != nil {
 			t.Fatalf("AgentConn: %v", err)
 		}
-		t.Cleanup(func() {
-			sctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
-			defer cancel()
-			w.Stop(sctx)
-		})
 		return w
 	}
 
@@ -406,19 +395,7 @@ func TestVZTemplateRefusedRestore(t *testing.T) {
 	defer cancel()
 	start := func() StartMode {
 		t.Helper()
-		w, err := newWarmVZ(cfg, create)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := w.Start(ctx); err != nil {
-			t.Fatalf("Start: %v", err)
-		}
-		t.Cleanup(func() {
-			sctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
-			defer cancel()
-			w.Stop(sctx)
-		})
-		return w.StartMode()
+		return startWarmVZ(ctx, t, cfg, create).StartMode()
 	}
 	build := func() {
 		t.Helper()

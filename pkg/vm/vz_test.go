@@ -404,21 +404,10 @@ func TestVZTemplate(t *testing.T) {
 	defer cancel()
 	startVZ := func() *warmVZ {
 		t.Helper()
-		w, err := newWarmVZ(cfg, create)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := w.Start(ctx); err != nil {
-			t.Fatalf("Start: %v", err)
-		}
+		w := startWarmVZ(ctx, t, cfg, create)
 		if _, err := w.AgentConn(ctx); err != nil {
 			t.Fatalf("AgentConn: %v", err)
 		}
-		t.Cleanup(func() {
-			sctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
-			defer cancel()
-			w.Stop(sctx)
-		})
 		return w
 	}
 
@@ -494,4 +483,23 @@ func TestPlanVZNICs(t *testing.T) {
 			t.Errorf("%s: got %v, want %v", tc.name, err, tc.want)
 		}
 	}
+}
+
+// startWarmVZ starts a warm-start vz machine of cfg on the fake framework
+// create and stops it when the test ends.
+func startWarmVZ(ctx context.Context, t *testing.T, cfg Config, create func(vzPlan) (vzInstance, error)) *warmVZ {
+	t.Helper()
+	w, err := newWarmVZ(cfg, create)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := w.Start(ctx); err != nil {
+		t.Fatalf("Start: %v", err)
+	}
+	t.Cleanup(func() {
+		sctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+		defer cancel()
+		w.Stop(sctx)
+	})
+	return w
 }
