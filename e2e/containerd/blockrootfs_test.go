@@ -60,7 +60,7 @@ func TestErofsBlockRootfs(t *testing.T) {
 		}
 		img := active[0]
 		t.Logf("writable image: %s", img)
-		got, err := exec.Command("debugfs", "-R", "cat /upper/root/new", img).Output()
+		got, err := harness.Output(exec.Command("debugfs", "-R", "cat /upper/root/new", img))
 		if err != nil || string(got) != "written\n" {
 			t.Errorf("the write in %s: %q, %v; want %q", img, got, err, "written\n")
 		}

@@ -62,7 +62,7 @@ func cniPlugin(t *testing.T, command, netns, conf string) []byte {
 	cmd.Stdin = strings.NewReader(conf)
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
-	out, err := cmd.Output()
+	out, err := harness.Output(cmd)
 	if err != nil {
 		t.Fatalf("CNI bridge %s: %v\n%s%s\n(build the plugins with `make cni`)", command, err, out, stderr.String())
 	}
@@ -97,7 +97,7 @@ func TestNetworkCNIBridge(t *testing.T) {
 		}
 		t.Cleanup(func() {
 			cniPlugin(t, "DEL", netns, conf)
-			exec.Command("ip", "link", "del", bridge).Run()
+			harness.RunCmd(exec.Command("ip", "link", "del", bridge))
 		})
 		ip, _, _ := strings.Cut(result.IPs[0].Address, "/")
 		gw := result.IPs[0].Gateway
@@ -137,7 +137,7 @@ func TestNetworkCNIBridge(t *testing.T) {
 // so enter it with nsenter).
 func linksIn(t *testing.T, path string) string {
 	t.Helper()
-	out, err := exec.Command("nsenter", "--net="+path, "ip", "-o", "link").CombinedOutput()
+	out, err := harness.CombinedOutput(exec.Command("nsenter", "--net="+path, "ip", "-o", "link"))
 	if err != nil {
 		t.Fatalf("nsenter ip link: %v\n%s", err, out)
 	}
@@ -182,7 +182,7 @@ func TestNerdctlPublish(t *testing.T) {
 // root would refuse its subnet).
 func newNerdctl(t *testing.T, d *harness.Containerd, bin string) func(args ...string) harness.Result {
 	dir := t.TempDir()
-	t.Cleanup(func() { exec.Command("ip", "link", "del", "nerdctl0").Run() })
+	t.Cleanup(func() { harness.RunCmd(exec.Command("ip", "link", "del", "nerdctl0")) })
 	return func(args ...string) harness.Result {
 		t.Helper()
 		full := append([]string{"--address", d.Address, "--namespace", d.Namespace,
@@ -192,7 +192,7 @@ func newNerdctl(t *testing.T, d *harness.Containerd, bin string) func(args ...st
 		cmd.Env = append(os.Environ(), "PATH="+suite.Paths.BinDir+":"+os.Getenv("PATH"))
 		var stdout, stderr bytes.Buffer
 		cmd.Stdout, cmd.Stderr = &stdout, &stderr
-		err := cmd.Run()
+		err := harness.RunCmd(cmd)
 		res := harness.Result{Stdout: stdout.Bytes(), Stderr: stderr.Bytes()}
 		if ee, ok := err.(*exec.ExitError); ok {
 			res.ExitCode = ee.ExitCode()

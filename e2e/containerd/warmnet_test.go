@@ -88,7 +88,7 @@ func TestWarmStartNetwork(t *testing.T) {
 	bridge := fmt.Sprintf("mvmwarm%d", n)
 	conf := fmt.Sprintf(`{"cniVersion": "1.0.0", "name": "e2e-warm", "type": "bridge", "bridge": %q, "isGateway": true,
  "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.98.%d.0/24"}]], "dataDir": %q}}`, bridge, n, filepath.Join(dir, "ipam"))
-	t.Cleanup(func() { exec.Command("ip", "link", "del", bridge).Run() })
+	t.Cleanup(func() { harness.RunCmd(exec.Command("ip", "link", "del", bridge)) })
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "hello-from-host\n") }))
 	defer srv.Close()
 	natScript := fmt.Sprintf("wget -q -O - http://%s:%d/ && nslookup host.macvm.internal %s",

@@ -238,7 +238,7 @@ func linksIn(t *testing.T, path string) string {
 // run runs a host command and fails the test unless it succeeds; it returns its output.
 func run(t *testing.T, name string, args ...string) string {
 	t.Helper()
-	out, err := exec.Command(name, args...).CombinedOutput()
+	out, err := harness.CombinedOutput(exec.Command(name, args...))
 	if err != nil {
 		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
 	}

@@ -93,6 +93,23 @@ func RunCmd(cmd *exec.Cmd) error {
 	return WaitCmd(cmd)
 }
 
+// Output is cmd.Output for a harness-using test binary: the command runs
+// through RunCmd, so the reaper cannot take its exit from os/exec.
+func Output(cmd *exec.Cmd) ([]byte, error) {
+	var out bytes.Buffer
+	cmd.Stdout = &out
+	err := RunCmd(cmd)
+	return out.Bytes(), err
+}
+
+// CombinedOutput is cmd.CombinedOutput, run through RunCmd.
+func CombinedOutput(cmd *exec.Cmd) ([]byte, error) {
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	err := RunCmd(cmd)
+	return out.Bytes(), err
+}
+
 func reapLoop() {
 	for {
 		reapOrphans()
