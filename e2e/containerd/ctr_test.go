@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -608,5 +609,39 @@ func TestConcurrentContainers(t *testing.T) {
 				t.Errorf("container %d: %v\nwant stdout %q, exit %d", i, results[i], want, 10+i)
 			}
 		}
+	})
+}
+
+// TestVMSizedByResources: a container's VM gets the vCPUs its CPU quota asks
+// for (rounded up) and its memory limit plus the configured overhead; without
+// resources the defaults (1 vCPU, 512 MiB). The guest's /proc shows the VM
+// itself, so its processor count and MemTotal are the VM's size.
+func TestVMSizedByResources(t *testing.T) {
+	forEachRuntime(t, true, func(t *testing.T, rt harness.Runtime) {
+		d := daemon(t, rt)
+		size := func(id string, extra ...string) (cpus int, memKiB int) {
+			t.Helper()
+			res := run(t, d, rt, nil, extra, id, "sh", "-c", "grep -c ^processor /proc/cpuinfo; grep MemTotal /proc/meminfo")
+			var n, kib int
+			if res.ExitCode != 0 {
+				t.Fatalf("%s: %v", id, res)
+			}
+			if _, err := fmt.Sscanf(string(res.Stdout), "%d\nMemTotal: %d kB", &n, &kib); err != nil {
+				t.Fatalf("%s: %v: %v", id, err, res)
+			}
+			return n, kib
+		}
+		check := func(id string, gotCPUs, gotKiB, wantCPUs, wantMiB int) {
+			t.Helper()
+			// MemTotal is the VM's RAM less what the kernel keeps for itself.
+			if gotCPUs != wantCPUs || gotKiB > wantMiB<<10 || gotKiB < (wantMiB-128)<<10 {
+				t.Errorf("%s: the guest has %d CPUs and MemTotal %d KiB; want %d CPUs and MemTotal in (%d, %d] MiB",
+					id, gotCPUs, gotKiB, wantCPUs, wantMiB-128, wantMiB)
+			}
+		}
+		cpus, kib := size("size-default")
+		check("size-default", cpus, kib, 1, 512)
+		cpus, kib = size("size-limits", "--cpus", "1.5", "--memory-limit", strconv.Itoa(256<<20))
+		check("size-limits", cpus, kib, min(2, runtime.NumCPU()), 256+96)
 	})
 }

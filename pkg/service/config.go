@@ -32,7 +32,7 @@ const (
 //	kernel = "/usr/local/share/macvm/vmlinux"
 //	initrd = "/usr/local/share/macvm/initrd.img"
 //	hypervisor = "/usr/bin/qemu-system-x86_64"
-//	cpus = 1
+//	cpus = 0                  # 0: the CPU quota rounded up (at most the host's CPUs), else 1
 //	memory_mib = 0            # 0: the OCI memory limit + memory_overhead_mib
 //	default_memory_mib = 512  # when the container has no memory limit
 //	memory_overhead_mib = 96  # guest kernel + agent, on top of the limit
@@ -164,10 +164,9 @@ func bootDirCandidates(exeDir string) []string {
 // resolve fills in the defaults and checks that the boot files and the
 // hypervisor exist, so that Create fails with an error that names the
 // missing path and how to fix it rather than with a hypervisor's exit.
+// It leaves an unset cpus at 0: that means "size by the container's CPU
+// quota", which vmSize decides per VM.
 func (c *Config) resolve(exeDir string, lookupHypervisor func(string) (string, string, error)) error {
-	if c.CPUs == 0 {
-		c.CPUs = defaultCPUs
-	}
 	if c.DefaultMemoryMiB == 0 {
 		c.DefaultMemoryMiB = defaultMemoryMiB
 	}

@@ -148,6 +148,37 @@ func TestVMSize(t *testing.T) {
 	}
 }
 
+// TestVMSizeAfterResolve: the shim sizes VMs with a resolved config, and
+// resolving must not turn an unset cpus into a fixed one (it did: every
+// CPU quota, a container's or a pod's, then gave one vCPU).
+func TestVMSizeAfterResolve(t *testing.T) {
+	boot := t.TempDir()
+	t.Setenv("MACVM_BOOT_DIR", boot)
+	os.WriteFile(filepath.Join(boot, "vmlinux"), nil, 0o644)
+	os.WriteFile(filepath.Join(boot, "initrd.img"), nil, 0o644)
+	quota, period := int64(150000), uint64(100000)
+	spec := &specs.Spec{Linux: &specs.Linux{Resources: &specs.LinuxResources{
+		CPU: &specs.LinuxCPU{Quota: &quota, Period: &period}}}}
+	for body, want := range map[string]int{
+		``:         min(2, runtime.NumCPU()),
+		`cpus = 1`: 1,
+	} {
+		cfg, err := parseConfig([]byte(body), "t.toml")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := cfg.resolve(t.TempDir(), nil); err != nil {
+			t.Fatal(err)
+		}
+		if cpus, _, err := cfg.vmSize(spec); err != nil || cpus != want {
+			t.Errorf("config %q, quota 1.5 CPUs: got %d vCPUs (%v), want %d", body, cpus, err, want)
+		}
+		if cpus, _, err := cfg.vmSize(&specs.Spec{}); err != nil || cpus != 1 {
+			t.Errorf("config %q, no quota: got %d vCPUs (%v), want 1", body, cpus, err)
+		}
+	}
+}
+
 func TestWarmStartConfig(t *testing.T) {
 	for body, want := range map[string]string{
 		``:                                     WarmTemplate,
