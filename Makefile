@@ -1,7 +1,7 @@
 # macvm: containerd-shim-macvm-v1. Everything built or downloaded goes to _output/.
 #
 # The targets a newcomer uses: `make demo` and `make test` (the README's two
-# commands wrap them with hack/setup.sh, which installs what they need).
+# commands wrap them with hack/with-deps, which installs what they need).
 
 OUT        := $(CURDIR)/_output
 BIN        := $(OUT)/bin

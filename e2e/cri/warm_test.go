@@ -19,7 +19,8 @@ import (
 // templateWait bounds the background template build (a cold boot and a save) on a loaded TCG machine.
 const templateWait = 10 * time.Minute
 
-// TestWarmStartPod is the Kubernetes path with warm start (warm_start = "template"; macvm only): the first
+// TestWarmStartPod is the Kubernetes path with warm start (warm_start = "pool" with pool_size = 0, so
+// template clones, until the pool part; macvm only): the first
 // pod on the CNI bridge boots its VM cold and leaves a template with a tap NIC behind; the second pod's VM
 // is a clone of it, with the NIC the template was built with a stand-in for now on the pod's tap. In the
 // clone the pod IP CRI reports is on eth0 with the MAC of the pod namespace's interface (not the
