@@ -37,8 +37,13 @@ endif
 
 # macvm-usernet (the user-space network of VMs without a network namespace)
 # goes beside the shim, where the shim looks for it.
+# The shim is built against containerd's task API without its gRPC stubs
+# (hack/shim-modfile.sh says why: ~3.8 MiB less RSS per running shim);
+# -s -w only make the file smaller (symbols and DWARF are never mapped).
+SHIM_MOD := $(OUT)/shim-mod
 shim:
-	CGO_ENABLED=$(SHIM_CGO) go build -o $(BIN)/containerd-shim-macvm-v1 ./cmd/containerd-shim-macvm-v1
+	hack/shim-modfile.sh $(SHIM_MOD)
+	CGO_ENABLED=$(SHIM_CGO) go build -modfile=$(SHIM_MOD)/go.mod -ldflags '-s -w' -o $(BIN)/containerd-shim-macvm-v1 ./cmd/containerd-shim-macvm-v1
 	CGO_ENABLED=0 go build -o $(BIN)/macvm-usernet ./cmd/macvm-usernet
 ifeq ($(shell uname -s),Darwin)
 	codesign -f --entitlements $(ENTITLEMENTS) -s - $(BIN)/containerd-shim-macvm-v1

@@ -1,13 +1,11 @@
 package service
 
 import (
-	"bytes"
 	"fmt"
 	"os"
 	"path"
 	"path/filepath"
 	"strings"
-	"text/template"
 
 	apitypes "github.com/containerd/containerd/api/types"
 	"github.com/containerd/containerd/v2/core/mount"
@@ -269,53 +267,4 @@ func isUnder(p string, devs []*agent.BlockDevice) bool {
 		}
 	}
 	return false
-}
-
-// formatTemplate applies containerd's "format" transform
-// (core/mount/manager/format.go) with the guest mount points: {{ mount i }}
-// and {{ target i }} are disk i's mount point, {{ source i }} its image,
-// {{ overlay a b }} the mount points a..b joined by ':' (in reverse when
-// a > b).
-func formatTemplate(s string, active, sources []string) (string, error) {
-	if !strings.Contains(s, "{{") {
-		return s, nil
-	}
-	at := func(list []string, i int) (string, error) {
-		if i < 0 || i >= len(list) {
-			return "", fmt.Errorf("template %q: index %d out of range (%d disks): %w", s, i, len(list), errdefs.ErrInvalidArgument)
-		}
-		return list[i], nil
-	}
-	funcs := template.FuncMap{
-		"mount":  func(i int) (string, error) { return at(active, i) },
-		"target": func(i int) (string, error) { return at(active, i) },
-		"source": func(i int) (string, error) { return at(sources, i) },
-		"overlay": func(a, b int) (string, error) {
-			var dirs []string
-			step := 1
-			if a > b {
-				step = -1
-			}
-			for i := a; ; i += step {
-				d, err := at(active, i)
-				if err != nil {
-					return "", err
-				}
-				dirs = append(dirs, d)
-				if i == b {
-					break
-				}
-			}
-			return strings.Join(dirs, ":"), nil
-		},
-	}
-	t, err := template.New("").Funcs(funcs).Parse(s)
-	if err != nil {
-		return "", fmt.Errorf("template %q: %v: %w", s, err, errdefs.ErrInvalidArgument)
-	}
-	var b bytes.Buffer
-	if err := t.Execute(&b, nil); err != nil {
-		return "", fmt.Errorf("template %q: %w", s, err)
-	}
-	return b.String(), nil
 }

@@ -43,7 +43,7 @@ const (
 	syncResendMax   = time.Second
 )
 
-// syncPadding precedes the second SYNC copy (one padded copy is enough:
+// The sync padding precedes the second SYNC copy (one padded copy is enough:
 // once the old session is dead, the guest's scanner reads what follows). A guest session left
 // over from a host that went away while it was sending may be inside a
 // data frame whose body will never come, and read our SYNC as body bytes;
@@ -51,7 +51,14 @@ const (
 // padding completes any such body. Its bytes are not a yamux version (0),
 // so the old session then fails on the first header it reads instead of
 // parsing the padding or the token as frames, and the scanners skip them.
-var syncPadding = bytes.Repeat([]byte{0xff}, maxFrameBody+frameHeaderLen)
+//
+// The padding is built only when a second copy is sent (most handshakes are
+// answered at the first): as a package variable its 256 KiB stayed resident
+// in every shim and agent.
+const (
+	syncPadByte = 0xff
+	syncPadLen  = maxFrameBody + frameHeaderLen
+)
 
 func formatToken(kind, nonce string) []byte {
 	return []byte(tokenPrefix + kind + ":" + nonce + "\n")
@@ -209,14 +216,14 @@ func Connect(ctx context.Context, conn net.Conn, opts ...Option) (*Session, erro
 // resendSync writes token at once and then again at growing intervals
 // until stop is closed. The first copy goes bare unless padFirst: a fresh
 // guest, or one that saw the previous host hang up, answers it at once. The
-// second is padded (see syncPadding); later ones go bare again so that a
+// second is padded (see syncPadByte); later ones go bare again so that a
 // slow boot does not queue much for the guest to scan. padFirst pads the
 // first copy too (WithStaleSession).
 func resendSync(w io.Writer, token []byte, padFirst bool, stop <-chan struct{}) error {
 	interval := syncResendFirst
 	timer := time.NewTimer(0)
 	defer timer.Stop()
-	padded := append(append([]byte(nil), syncPadding...), token...)
+	var padded []byte
 	for copies := 0; ; copies++ {
 		select {
 		case <-stop:
@@ -225,6 +232,9 @@ func resendSync(w io.Writer, token []byte, padFirst bool, stop <-chan struct{}) 
 		}
 		msg := token
 		if copies == 1 || (copies == 0 && padFirst) {
+			if padded == nil {
+				padded = append(bytes.Repeat([]byte{syncPadByte}, syncPadLen), token...)
+			}
 			msg = padded
 		}
 		if _, err := w.Write(msg); err != nil {

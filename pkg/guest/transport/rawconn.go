@@ -98,10 +98,10 @@ func (c *rawConn) skipSyncs() error {
 		if err != nil {
 			return err
 		}
-		if b[0] == syncPadding[0] {
+		if b[0] == syncPadByte {
 			run, _ := c.r.Peek(c.r.Buffered())
 			n := 0
-			for n < len(run) && run[n] == syncPadding[0] {
+			for n < len(run) && run[n] == syncPadByte {
 				n++
 			}
 			c.r.Discard(n)

@@ -14,7 +14,7 @@
 //
 //	host  -> guest  "\x00MACVM-SYNC1:<nonce>\n"   nonce: 16 lowercase hex digits, new per Connect;
 //	                 resent at 50 ms, 100 ms, ... 1 s intervals until answered; the second copy
-//	                 (and the first, with WithStaleSession) is preceded by 256 KiB of 0xff (see syncPadding)
+//	                 (and the first, with WithStaleSession) is preceded by 256 KiB of 0xff (see syncPadByte)
 //	guest -> host   "\x00MACVM-READY1:<nonce>\n"  once per SYNC it scans
 //	both            yamux from the next byte on; each side first skips repeats of the token
 //	                 that started its session, and 0xff padding
@@ -55,7 +55,7 @@ const maxNameLen = 1024
 // maxFrameBody caps the body of the data frames this side sends (yamux
 // would otherwise send up to a whole window in one frame). A receiver cut
 // off in the middle of a frame then waits for at most this many bytes that
-// will never come, which syncPadding can fill; see resendSync.
+// will never come, which the sync padding (syncPadByte) can fill; see resendSync.
 const maxFrameBody = 256 << 10
 
 // frameHeaderLen is the size of a yamux frame header.
@@ -101,7 +101,7 @@ func WithWriteTimeout(d time.Duration) Option { return func(o *options) { o.writ
 // restored from a warm-start template, or handed over by the pool daemon,
 // resumes with the agent inside the session of the template build or of
 // the pool's warm-up. Connect then pads its first SYNC as it does the
-// second (syncPadding): the stale session reads the padding as a bad yamux
+// second (syncPadByte): the stale session reads the padding as a bad yamux
 // header and ends, and the guest's next Accept finds the token behind it,
 // instead of the first copy being lost to that session and the handshake
 // waiting syncResendFirst for the second. The padding costs a guest that

@@ -22,6 +22,9 @@ import (
 	"github.com/macvm/macvm/internal/testutil"
 )
 
+// syncPadding is what resendSync puts before a padded SYNC copy.
+var syncPadding = bytes.Repeat([]byte{syncPadByte}, syncPadLen)
+
 func TestConnectAccept(t *testing.T) {
 	for _, tc := range []struct {
 		name string
