@@ -35,11 +35,11 @@ else
 SHIM_CGO := 0
 endif
 
-# macvm-usernet (the user-space network of VMs without a network namespace)
-# goes beside the shim, where the shim looks for it.
 # The shim is built against containerd's task API without its gRPC stubs
 # (hack/shim-modfile.sh says why: ~3.8 MiB less RSS per running shim);
 # -s -w only make the file smaller (symbols and DWARF are never mapped).
+# macvm-usernet (the user-space network of VMs without a network namespace)
+# goes beside the shim, where the shim looks for it.
 SHIM_MOD := $(OUT)/shim-mod
 shim:
 	hack/shim-modfile.sh $(SHIM_MOD)
