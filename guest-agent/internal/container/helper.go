@@ -285,15 +285,21 @@ func setupContainer(cfg *helperConfig, tr *helperTrace) error {
 		return fmt.Errorf("bind rootfs: %w", err)
 	}
 	tr.mark("namespaces and rootfs bind")
+	rootFD, err := unix.Open(root, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("open rootfs: %w", err)
+	}
 	devIsTmpfs := false
 	for _, m := range spec.Mounts {
-		if err := mountInRoot(root, m); err != nil {
+		if err := mountInRoot(rootFD, root, m); err != nil {
+			unix.Close(rootFD)
 			return err
 		}
 		if cleanDest(m.Destination) == "/dev" && m.Type != "bind" && !hasOption(m.Options, "bind", "rbind") {
 			devIsTmpfs = true
 		}
 	}
+	unix.Close(rootFD)
 	tr.mark("mounts")
 	if devIsTmpfs {
 		if err := setupDev(root, spec); err != nil {

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
@@ -62,40 +63,180 @@ func securePath(root, unsafe string) (string, error) {
 	return filepath.Join(root, resolved), nil
 }
 
-// mountInRoot performs one OCI spec mount under root.
-func mountInRoot(root string, m specs.Mount) error {
+// mountInRoot performs one OCI spec mount under the container's root,
+// open as rootFD (root is its path). The mount point is resolved once, by
+// openInRoot, and the mount goes onto that open file: resolving a path in
+// the pod share costs a 9p round trip per component under emulation (the
+// share is mounted cache=mmap, which keeps no unused dentries), and a
+// path-based securePath, MkdirAll and mount resolved each mount point
+// three times.
+func mountInRoot(rootFD int, root string, m specs.Mount) error {
 	opts := parseMountOptions(m.Options)
 	if m.Type == "bind" {
 		opts.bind = true
 	}
-	dest, err := securePath(root, m.Destination)
+	fd, err := mountPoint(rootFD, root, m, opts.bind)
 	if err != nil {
+		if opts.bind {
+			return fmt.Errorf("bind mount %s on %s: %w", m.Source, m.Destination, err)
+		}
 		return fmt.Errorf("mount %s: %w", m.Destination, err)
 	}
+	defer unix.Close(fd)
 	if opts.bind {
-		if err := bindMount(m.Source, dest, opts); err != nil {
+		flags := uintptr(unix.MS_BIND)
+		if opts.rec {
+			flags |= unix.MS_REC
+		}
+		if err := unix.Mount(m.Source, fdPath(fd), "", flags, ""); err != nil {
 			return fmt.Errorf("bind mount %s on %s: %w", m.Source, m.Destination, err)
 		}
 	} else {
-		if err := os.MkdirAll(dest, 0o755); err != nil {
-			return fmt.Errorf("mount %s: %w", m.Destination, err)
-		}
 		typ, data := m.Type, opts.data
 		if typ == "cgroup" || typ == "cgroup2" {
 			// cgroup v2 only: the guest has no v1 hierarchies.
 			typ, data = "cgroup2", ""
 		}
-		if err := unix.Mount(m.Source, dest, typ, opts.flags, data); err != nil {
+		if err := unix.Mount(m.Source, fdPath(fd), typ, opts.flags, data); err != nil {
 			return fmt.Errorf("mount %s (%s) on %s: %w", m.Source, typ, m.Destination, err)
 		}
 	}
+	remount := opts.bind && opts.flags&^unix.MS_REMOUNT != 0
+	if !remount && opts.propagation == 0 {
+		return nil
+	}
+	// fd is the directory the new mount covers: a remount or a change of
+	// propagation must name the mount itself, which a fresh walk (through
+	// dentries the mounts now pin, so no round trips) reaches.
+	top, err := openInRoot(rootFD, m.Destination)
+	if err != nil {
+		return fmt.Errorf("mount %s: %w", m.Destination, err)
+	}
+	defer unix.Close(top)
+	if remount {
+		// A bind mount ignores every flag but MS_REC: apply ro/nosuid/...
+		// by a remount of the new mount.
+		flags := unix.MS_BIND | unix.MS_REMOUNT | opts.flags&^unix.MS_REMOUNT | keptFlagsFd(top)
+		if err := unix.Mount("", fdPath(top), "", flags, ""); err != nil {
+			return fmt.Errorf("bind mount %s on %s: remount: %w", m.Source, m.Destination, err)
+		}
+	}
 	if opts.propagation != 0 {
-		if err := unix.Mount("", dest, "", opts.propagation, ""); err != nil {
+		if err := unix.Mount("", fdPath(top), "", opts.propagation, ""); err != nil {
 			return fmt.Errorf("propagation of %s: %w", m.Destination, err)
 		}
 	}
 	return nil
 }
+
+// mountPoint opens m's destination inside the container's root (see
+// openInRoot), creating it when missing: a directory, or for a bind mount
+// of a file an empty file.
+func mountPoint(rootFD int, root string, m specs.Mount, bind bool) (int, error) {
+	fd, err := openInRoot(rootFD, m.Destination)
+	if !errors.Is(err, unix.ENOENT) {
+		return fd, err
+	}
+	dir := true
+	if bind {
+		fi, err := os.Stat(m.Source)
+		if err != nil {
+			return -1, err
+		}
+		dir = fi.IsDir()
+	}
+	if fd, err := createInParent(rootFD, m.Destination, dir); err == nil || !errors.Is(err, unix.ENOENT) && !errors.Is(err, unix.EEXIST) {
+		return fd, err
+	}
+	// More than the last component is missing, or the last one is a
+	// dangling symlink: securePath follows the image's symlinks inside
+	// root as openat2's RESOLVE_IN_ROOT does, so what it creates is what
+	// openInRoot then finds.
+	dest, err := securePath(root, m.Destination)
+	if err != nil {
+		return -1, err
+	}
+	if dir {
+		err = os.MkdirAll(dest, 0o755)
+	} else {
+		err = createFile(dest)
+	}
+	if err != nil {
+		return -1, err
+	}
+	return openInRoot(rootFD, m.Destination)
+}
+
+// createInParent creates p's last component (a directory when dir, else an
+// empty file) in its parent, resolved inside the root, and opens it: the
+// common case of a missing mount point (an image without /run), in the
+// fewest 9p round trips. ENOENT: the parent is missing too; EEXIST: the
+// name is there, as a dangling symlink or made meanwhile.
+func createInParent(rootFD int, p string, dir bool) (int, error) {
+	parent, base := filepath.Split(cleanDest(p))
+	if base == "" {
+		return -1, unix.EEXIST // "/" exists
+	}
+	pfd := rootFD
+	if parent != "/" {
+		var err error
+		if pfd, err = openInRoot(rootFD, parent); err != nil {
+			return -1, err
+		}
+		defer unix.Close(pfd)
+	}
+	if dir {
+		if err := unix.Mkdirat(pfd, base, 0o755); err != nil {
+			return -1, err
+		}
+	} else {
+		fd, err := unix.Openat(pfd, base, unix.O_CREAT|unix.O_EXCL|unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o644)
+		if err != nil {
+			return -1, err
+		}
+		unix.Close(fd)
+	}
+	fd, err := unix.Openat2(pfd, base, &unix.OpenHow{
+		Flags:   unix.O_PATH | unix.O_NOFOLLOW | unix.O_CLOEXEC,
+		Resolve: unix.RESOLVE_BENEATH | unix.RESOLVE_NO_SYMLINKS,
+	})
+	if err != nil {
+		return -1, &os.PathError{Op: "open created mount point", Path: p, Err: err}
+	}
+	return fd, nil
+}
+
+// openInRoot opens p (a path as the container sees it) as an O_PATH file
+// below rootFD, resolving it as if rootFD were "/": the kernel keeps
+// symlinks and ".." of the image inside the root (openat2 with
+// RESOLVE_IN_ROOT), and the file, unlike a path, cannot be swapped for a
+// symlink between the check and the mount.
+func openInRoot(rootFD int, p string) (int, error) {
+	rel := strings.TrimPrefix(cleanDest(p), "/")
+	if rel == "" {
+		rel = "."
+	}
+	how := &unix.OpenHow{
+		Flags:   unix.O_PATH | unix.O_CLOEXEC,
+		Resolve: unix.RESOLVE_IN_ROOT | unix.RESOLVE_NO_MAGICLINKS,
+	}
+	for tries := 0; ; tries++ {
+		fd, err := unix.Openat2(rootFD, rel, how)
+		// EAGAIN: a rename raced with a ".." in the walk; the kernel asks
+		// for a retry.
+		if (err == unix.EAGAIN && tries < 16) || err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return -1, &os.PathError{Op: "resolve in container root", Path: p, Err: err}
+		}
+		return fd, nil
+	}
+}
+
+// fdPath names an open file for a syscall that takes paths (mount): the
+// kernel follows the magic link to the file itself, not to a path.
+func fdPath(fd int) string { return "/proc/self/fd/" + strconv.Itoa(fd) }
 
 func bindMount(src, dest string, opts mountOptions) error {
 	fi, err := os.Stat(src)
@@ -138,6 +279,18 @@ func createFile(p string) error {
 	return f.Close()
 }
 
+// keptFlagsFd is keptFlags of the mount fd is open on.
+func keptFlagsFd(fd int) uintptr {
+	var st unix.Statfs_t
+	if err := unix.Fstatfs(fd, &st); err != nil {
+		return 0
+	}
+	return uintptr(st.Flags) & keptMountFlags
+}
+
+// keptMountFlags are the per-mount flags a bind remount must repeat.
+const keptMountFlags = unix.MS_RDONLY | unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC | unix.MS_NOATIME | unix.MS_NODIRATIME | unix.MS_RELATIME
+
 // keptFlags are the per-mount flags of the mount at p that a bind remount
 // must repeat or the kernel clears them (statfs reports them with the same
 // values as the MS_ flags).
@@ -146,8 +299,7 @@ func keptFlags(p string) uintptr {
 	if err := unix.Statfs(p, &st); err != nil {
 		return 0
 	}
-	const keep = unix.MS_RDONLY | unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC | unix.MS_NOATIME | unix.MS_NODIRATIME | unix.MS_RELATIME
-	return uintptr(st.Flags) & keep
+	return uintptr(st.Flags) & keptMountFlags
 }
 
 type device struct {
