@@ -33,12 +33,6 @@ var Differences = map[string]string{
 	"[k8s.io] Container Mount Readonly runtime should support readonly mounts should support recursive readonly mounts": "" +
 		"the same: the mount semantics pass (the tmpfs below the volume's top is read-only too), the spec's cleanup " +
 		"cannot remove its tmpfs mount point on the host while the container runs (EBUSY)",
-	"[k8s.io] Security Context SeccompProfilePath runtime should support an seccomp profile that blocks setting hostname with SYS_ADMIN": "" +
-		"seccomp profiles are not applied in the guest yet (README, \"Not applied yet\"); the VM is the isolation boundary",
-	"[k8s.io] Security Context SeccompProfilePath should support seccomp default on the container": "" +
-		"seccomp profiles are not applied in the guest yet (README, \"Not applied yet\"); the VM is the isolation boundary",
-	"[k8s.io] Security Context SeccompProfilePath should support seccomp localhost profile on the container": "" +
-		"seccomp profiles are not applied in the guest yet (README, \"Not applied yet\"); the VM is the isolation boundary",
 }
 
 // Known says, one line each, why a spec fails on runc on this machine too: a limit of the harness or

@@ -34,9 +34,11 @@ const (
 
 // defaultFocus is the subset `make test` runs when EnvFocus is unset (the whole suite takes ~9 minutes on
 // runc alone here, and far longer on VMs under TCG): pod and container basic operations, a pod of several
-// containers (network, logs, exec), and exec streaming.
+// containers (network, logs, exec), exec streaming, and three seccomp specs (RuntimeDefault, a localhost profile,
+// one that blocks sethostname: the filters the guest agent compiles and installs).
 const defaultFocus = `PodSandbox runtime should support basic operations|Container runtime should support basic operations|` +
-	`Multiple Containers|Streaming runtime should support streaming interfaces runtime should support exec`
+	`Multiple Containers|Streaming runtime should support streaming interfaces runtime should support exec|` +
+	`SeccompProfilePath.*(seccomp default on the container|localhost profile on the container|blocks setting hostname)`
 
 // TestCritest runs critest with the runc handler, then with the macvm handler, on one private containerd,
 // and fails when a spec passes on runc but not on macvm without an entry in Differences.

@@ -7,6 +7,8 @@ import (
 	"github.com/containerd/errdefs"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"golang.org/x/sys/unix"
+
+	"github.com/macvm/macvm/guest-agent/internal/seccomp"
 )
 
 // HelperArg0 is the argv[0] under which the agent binary runs as the
@@ -54,6 +56,9 @@ type helperConfig struct {
 	// to send the config).
 	Trace     bool  `json:"trace,omitempty"`
 	TraceFrom int64 `json:"trace_from,omitempty"`
+	// Seccomp is the container's compiled linux.seccomp, for the init and
+	// every exec (seccomp.go).
+	Seccomp *seccomp.Program `json:"seccomp,omitempty"`
 }
 
 // helperMsg is one packet on the sync socket.

@@ -29,6 +29,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/macvm/macvm/guest-agent/internal/reaper"
+	"github.com/macvm/macvm/guest-agent/internal/seccomp"
 )
 
 // Streams hands out the stdio streams the host opened, by name, waiting for
@@ -134,6 +135,8 @@ type Container struct {
 	// new IPC namespace, in the agent's mounts so that containers joining
 	// that namespace get the same /dev/shm.
 	shmDir string
+	// seccomp is the compiled linux.seccomp (nil: none), set at create.
+	seccomp *seccomp.Program
 
 	// mu guards execs and deleted.
 	mu      sync.Mutex
@@ -189,6 +192,10 @@ func (m *Manager) Create(ctx context.Context, id string, specJSON []byte, device
 	if err != nil {
 		return nil, err
 	}
+	filter, err := compileSeccomp(spec)
+	if err != nil {
+		return nil, err
+	}
 	// Reserve the id so a concurrent Create of the same id fails fast.
 	m.mu.Lock()
 	if _, ok := m.containers[id]; ok {
@@ -198,7 +205,7 @@ func (m *Manager) Create(ctx context.Context, id string, specJSON []byte, device
 	m.containers[id] = nil
 	m.mu.Unlock()
 
-	c := &Container{ID: id, m: m, dir: filepath.Join(m.cfg.RunDir, id), cgFD: -1, execs: map[string]*Process{}}
+	c := &Container{ID: id, m: m, dir: filepath.Join(m.cfg.RunDir, id), cgFD: -1, execs: map[string]*Process{}, seccomp: filter}
 	c.rootfs = filepath.Join(c.dir, "rootfs")
 	defer func() {
 		if retErr != nil {
@@ -256,7 +263,7 @@ func (m *Manager) Create(ctx context.Context, id string, specJSON []byte, device
 		}
 	}
 	c.init, err = spawn(ctx, m.reaper, m.streams, spawnSpec{
-		cfg:        &helperConfig{Init: true, Rootfs: c.rootfs, Spec: spec, Process: spec.Process, NewCgroupNS: newCgroup, NewNetNS: newNet, Trace: trace != nil},
+		cfg:        &helperConfig{Init: true, Rootfs: c.rootfs, Spec: spec, Process: spec.Process, NewCgroupNS: newCgroup, NewNetNS: newNet, Trace: trace != nil, Seccomp: filter},
 		trace:      trace,
 		stdio:      stdio,
 		cloneflags: cloneflags,
@@ -747,7 +754,7 @@ func (c *Container) Exec(ctx context.Context, execID string, processJSON []byte,
 		}
 	}()
 	p, err := spawn(ctx, c.m.reaper, c.m.streams, spawnSpec{
-		cfg:      &helperConfig{Process: proc, Join: nsTypes},
+		cfg:      &helperConfig{Process: proc, Join: nsTypes, Seccomp: c.seccomp},
 		stdio:    stdio,
 		join:     execJoins(c.init.Pid()),
 		cgroupFD: c.cgFD,

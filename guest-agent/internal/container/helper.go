@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/macvm/macvm/guest-agent/internal/boot"
+	"github.com/macvm/macvm/guest-agent/internal/seccomp"
 )
 
 // helperError carries the exit code the helper dies with and the errdefs
@@ -117,6 +118,9 @@ func runHelper() error {
 			return err
 		}
 	}
+	if err := seccompBeforeCaps(&cfg); err != nil {
+		return err
+	}
 	if err := setupProcess(p); err != nil {
 		return err
 	}
@@ -140,7 +144,7 @@ func runHelper() error {
 	if msg.Type != "start" {
 		return fmt.Errorf("helper: unexpected %q message", msg.Type)
 	}
-	return execProcess(p, target)
+	return execProcess(p, target, cfg.Seccomp)
 }
 
 // execTarget is the program a helper will execve, looked up once the
@@ -189,7 +193,7 @@ func prepareExec(p *specs.Process) *execTarget {
 }
 
 // execProcess replaces the helper with the container's program.
-func execProcess(p *specs.Process, t *execTarget) error {
+func execProcess(p *specs.Process, t *execTarget, filter *seccomp.Program) error {
 	args, path := t.args, t.path
 	if t.err != nil {
 		if len(args) == 0 {
@@ -204,6 +208,9 @@ func execProcess(p *specs.Process, t *execTarget) error {
 		if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
 			return fmt.Errorf("set no_new_privs: %w", err)
 		}
+	}
+	if err := seccompBeforeExec(p, filter); err != nil {
+		return err
 	}
 	err := unix.Exec(path, args, p.Env)
 	exit := 126
