@@ -115,10 +115,11 @@ test-macos-kernel: kernel-debs
 
 generate:
 	hack/protoc.sh
+	cd guest-agent/internal/seccomp && go generate .
 
 # Fails when the committed generated code differs from what `make generate` produces.
 check-generated: generate
-	git diff --exit-code -- pkg/guest/api || (echo 'generated code is stale: run make generate and commit' >&2; exit 1)
+	git diff --exit-code -- pkg/guest/api guest-agent/internal/seccomp/zsyscalls.go || (echo 'generated code is stale: run make generate and commit' >&2; exit 1)
 
 vet:
 	go vet ./...

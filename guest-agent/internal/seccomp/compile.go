@@ -1,8 +1,9 @@
 // Package seccomp compiles an OCI linux.seccomp profile to a classic BPF
 // program and installs it. The agent is a static Go binary without cgo, so
 // libseccomp (what runc uses) is not available: the compiler is pure Go,
-// with the syscall tables of github.com/elastic/go-seccomp-bpf/arch and the
-// instruction encoding of golang.org/x/net/bpf. It follows runc's reading
+// with the syscall tables of github.com/elastic/go-seccomp-bpf/arch
+// (generated into static arrays, zsyscalls.go) and the instruction encoding
+// of golang.org/x/net/bpf. It follows runc's reading
 // of the spec: unknown syscall names are skipped (the kernel lacks them),
 // a rule with the default action is dropped, conditions on distinct
 // arguments are ANDed, and several conditions on one argument become one
@@ -16,7 +17,6 @@ import (
 	"slices"
 
 	"github.com/containerd/errdefs"
-	"github.com/elastic/go-seccomp-bpf/arch"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"golang.org/x/net/bpf"
 	"golang.org/x/sys/unix"
@@ -49,12 +49,12 @@ func (p *Program) Instructions() []bpf.RawInstruction {
 // archs maps the OCI architecture names to syscall tables. Only the
 // guest's native architecture and the compat ABIs its kernel runs matter;
 // names for others are accepted and ignored.
-var archs = map[specs.Arch]*arch.Info{
-	specs.ArchX86_64:  arch.X86_64,
-	specs.ArchX86:     arch.I386,
-	specs.ArchX32:     arch.X32,
-	specs.ArchAARCH64: arch.AARCH64,
-	specs.ArchARM:     arch.ARM,
+var archs = map[specs.Arch]*archTable{
+	specs.ArchX86_64:  &tableX86_64,
+	specs.ArchX86:     &tableI386,
+	specs.ArchX32:     &tableX32,
+	specs.ArchAARCH64: &tableAARCH64,
+	specs.ArchARM:     &tableARM,
 }
 
 // x32Bit marks an x32 syscall number on x86_64 (__X32_SYSCALL_BIT).
@@ -62,12 +62,12 @@ const x32Bit = 0x40000000
 
 // nativeArchs are the architectures a kernel of this GOARCH runs: the
 // native one first, which every filter allows, as libseccomp does.
-func nativeArchs() ([]*arch.Info, error) {
+func nativeArchs() ([]*archTable, error) {
 	switch runtime.GOARCH {
 	case "amd64":
-		return []*arch.Info{arch.X86_64, arch.I386, arch.X32}, nil
+		return []*archTable{&tableX86_64, &tableI386, &tableX32}, nil
 	case "arm64":
-		return []*arch.Info{arch.AARCH64, arch.ARM}, nil
+		return []*archTable{&tableAARCH64, &tableARM}, nil
 	}
 	return nil, fmt.Errorf("seccomp on %s: %w", runtime.GOARCH, errdefs.ErrNotImplemented)
 }
@@ -156,14 +156,14 @@ func Compile(s *specs.LinuxSeccomp) (*Program, error) {
 		return nil, err
 	}
 	// The native architecture always, plus the listed ones this kernel runs.
-	use := []*arch.Info{runnable[0]}
+	use := []*archTable{runnable[0]}
 	for _, name := range s.Architectures {
 		if a, ok := archs[name]; ok && slices.Contains(runnable, a) && !slices.Contains(use, a) {
 			use = append(use, a)
 		}
 	}
 	// Rules per architecture and syscall number, in profile order.
-	rules := make(map[*arch.Info]map[int][]rule, len(use))
+	rules := make(map[*archTable]map[int][]rule, len(use))
 	for _, a := range use {
 		rules[a] = map[int][]rule{}
 	}
@@ -181,12 +181,9 @@ func Compile(s *specs.LinuxSeccomp) (*Program, error) {
 		}
 		for _, name := range sc.Names {
 			for _, a := range use {
-				nr, ok := a.SyscallNames[name]
+				nr, ok := a.lookup(name)
 				if !ok {
 					continue // unknown to this architecture: skipped, like runc
-				}
-				if a == arch.X32 {
-					nr |= x32Bit
 				}
 				rules[a][nr] = append(rules[a][nr], rs...)
 			}
@@ -257,38 +254,38 @@ const maxChunk = 200
 // followed by the return), the syscalls with argument conditions (a test,
 // then its rules, conditional ones first: libseccomp lets the more
 // specific rule win), and the default action.
-func generate(use []*arch.Info, rules map[*arch.Info]map[int][]rule, def uint32) ([]bpf.RawInstruction, error) {
+func generate(use []*archTable, rules map[*archTable]map[int][]rule, def uint32) ([]bpf.RawInstruction, error) {
 	var a asm
-	blocks := map[*arch.Info]label{}
+	blocks := map[*archTable]label{}
 	for _, ar := range use {
 		blocks[ar] = a.newLabel()
 	}
 	a.emit(bpf.LoadAbsolute{Off: offArch, Size: 4})
 	for _, ar := range use {
-		if ar == arch.X32 {
+		if ar.x32 {
 			continue // shares x86_64's audit arch: dispatched on the number
 		}
 		next := a.newLabel()
-		a.jump(bpf.JumpEqual, uint32(ar.ID), blocks[ar], next)
+		a.jump(bpf.JumpEqual, ar.audit, blocks[ar], next)
 		a.define(next)
 	}
 	a.emit(bpf.RetConstant{Val: badArch})
 	for _, ar := range use {
 		a.define(blocks[ar])
 		a.emit(bpf.LoadAbsolute{Off: offNr, Size: 4})
-		if ar == arch.X86_64 {
+		if ar == &tableX86_64 {
 			// Numbers with the x32 bit belong to the x32 ABI (-1, a
 			// syscall a tracer skipped, stays here and gets the default).
 			x32 := a.newLabel()
 			native := a.newLabel()
-			if slices.Contains(use, arch.X32) {
-				x32 = blocks[arch.X32]
+			if slices.Contains(use, &tableX32) {
+				x32 = blocks[&tableX32]
 			}
 			check := a.newLabel()
 			a.jump(bpf.JumpGreaterOrEqual, x32Bit, check, native)
 			a.define(check)
 			a.jump(bpf.JumpEqual, 0xffffffff, native, x32)
-			if !slices.Contains(use, arch.X32) {
+			if !slices.Contains(use, &tableX32) {
 				a.define(x32)
 				a.emit(bpf.RetConstant{Val: badArch})
 			}

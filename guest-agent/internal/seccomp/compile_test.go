@@ -7,7 +7,6 @@ import (
 	"testing"
 
 	"github.com/containerd/errdefs"
-	"github.com/elastic/go-seccomp-bpf/arch"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"golang.org/x/net/bpf"
 	"golang.org/x/sys/unix"
@@ -15,7 +14,7 @@ import (
 
 // call is one syscall as the filter sees it.
 type call struct {
-	arch *arch.Info
+	arch *archTable
 	nr   int
 	args [6]uint64
 }
@@ -37,11 +36,8 @@ func run(t *testing.T, p *Program, c call) uint32 {
 	}
 	data := make([]byte, 64)
 	nr := uint32(c.nr)
-	if c.arch == arch.X32 {
-		nr |= x32Bit
-	}
 	binary.BigEndian.PutUint32(data[0:], nr)
-	binary.BigEndian.PutUint32(data[4:], uint32(c.arch.ID))
+	binary.BigEndian.PutUint32(data[4:], c.arch.audit)
 	for i, a := range c.args {
 		binary.BigEndian.PutUint32(data[16+8*i:], uint32(a))
 		binary.BigEndian.PutUint32(data[20+8*i:], uint32(a>>32))
@@ -53,7 +49,7 @@ func run(t *testing.T, p *Program, c call) uint32 {
 	return uint32(v)
 }
 
-func native(t *testing.T) *arch.Info {
+func native(t *testing.T) *archTable {
 	as, err := nativeArchs()
 	if err != nil {
 		t.Fatal(err)
@@ -61,11 +57,11 @@ func native(t *testing.T) *arch.Info {
 	return as[0]
 }
 
-func nr(t *testing.T, a *arch.Info, name string) int {
+func nr(t *testing.T, a *archTable, name string) int {
 	t.Helper()
-	n, ok := a.SyscallNames[name]
+	n, ok := a.lookup(name)
 	if !ok {
-		t.Fatalf("%s has no syscall %s", a.Name, name)
+		t.Fatalf("%s has no syscall %s", a.name, name)
 	}
 	return n
 }
@@ -93,9 +89,9 @@ func TestAllowList(t *testing.T) {
 	a := native(t)
 	denied := map[string]bool{"sethostname": true, "mkdirat": true, "uname": true}
 	var names []string
-	for name := range a.SyscallNames {
-		if !denied[name] {
-			names = append(names, name)
+	for _, sc := range a.syscalls {
+		if !denied[sc.name] {
+			names = append(names, sc.name)
 		}
 	}
 	names = append(names, "no_such_syscall_in_any_kernel")
@@ -123,18 +119,18 @@ func TestAllowList(t *testing.T) {
 		return
 	}
 	for _, c := range []struct {
-		arch *arch.Info
+		arch *archTable
 		name string
 		want uint32
 	}{
-		{arch.I386, "getpid", allow},
-		{arch.I386, "sethostname", eperm},
-		{arch.X32, "getpid", allow},
-		{arch.X32, "uname", eperm},
-		{arch.AARCH64, "getpid", badArch}, // not an x86 kernel's ABI
+		{&tableI386, "getpid", allow},
+		{&tableI386, "sethostname", eperm},
+		{&tableX32, "getpid", allow},
+		{&tableX32, "uname", eperm},
+		{&tableAARCH64, "getpid", badArch}, // not an x86 kernel's ABI
 	} {
-		if got := run(t, p, call{arch: c.arch, nr: c.arch.SyscallNames[c.name]}); got != c.want {
-			t.Errorf("%s %s: got %#x, want %#x", c.arch.Name, c.name, got, c.want)
+		if got := run(t, p, call{arch: c.arch, nr: nr(t, c.arch, c.name)}); got != c.want {
+			t.Errorf("%s %s: got %#x, want %#x", c.arch.name, c.name, got, c.want)
 		}
 	}
 }
@@ -151,15 +147,15 @@ func TestArchitectures(t *testing.T) {
 		call call
 		want uint32
 	}{
-		{call{arch: arch.X86_64, nr: nr(t, arch.X86_64, "getpid")}, eperm},
-		{call{arch: arch.X86_64, nr: nr(t, arch.X86_64, "getppid")}, allow},
-		{call{arch: arch.I386, nr: nr(t, arch.I386, "getppid")}, badArch},
-		{call{arch: arch.X32, nr: nr(t, arch.X32, "getppid")}, badArch},
+		{call{arch: &tableX86_64, nr: nr(t, &tableX86_64, "getpid")}, eperm},
+		{call{arch: &tableX86_64, nr: nr(t, &tableX86_64, "getppid")}, allow},
+		{call{arch: &tableI386, nr: nr(t, &tableI386, "getppid")}, badArch},
+		{call{arch: &tableX32, nr: nr(t, &tableX32, "getppid")}, badArch},
 		// -1 is a syscall a tracer skipped: the default, not x32.
-		{call{arch: arch.X86_64, nr: -1}, allow},
+		{call{arch: &tableX86_64, nr: -1}, allow},
 	} {
 		if got := run(t, p, c.call); got != c.want {
-			t.Errorf("%s %d: got %#x, want %#x", c.call.arch.Name, c.call.nr, got, c.want)
+			t.Errorf("%s %d: got %#x, want %#x", c.call.arch.name, c.call.nr, got, c.want)
 		}
 	}
 }
