@@ -60,16 +60,16 @@ var archs = map[specs.Arch]*archTable{
 // x32Bit marks an x32 syscall number on x86_64 (__X32_SYSCALL_BIT).
 const x32Bit = 0x40000000
 
-// nativeArchs are the architectures a kernel of this GOARCH runs: the
-// native one first, which every filter allows, as libseccomp does.
-func nativeArchs() ([]*archTable, error) {
-	switch runtime.GOARCH {
+// archsFor are the architectures a kernel of goarch runs: the native one
+// first, which every filter allows, as libseccomp does.
+func archsFor(goarch string) ([]*archTable, error) {
+	switch goarch {
 	case "amd64":
 		return []*archTable{&tableX86_64, &tableI386, &tableX32}, nil
 	case "arm64":
 		return []*archTable{&tableAARCH64, &tableARM}, nil
 	}
-	return nil, fmt.Errorf("seccomp on %s: %w", runtime.GOARCH, errdefs.ErrNotImplemented)
+	return nil, fmt.Errorf("seccomp on %s: %w", goarch, errdefs.ErrNotImplemented)
 }
 
 // flags maps the OCI filter flags to seccomp(2)'s.
@@ -133,6 +133,12 @@ type rule struct {
 // architecture. It refuses what it cannot enforce (an unknown action,
 // operator or flag, a notify listener), naming it.
 func Compile(s *specs.LinuxSeccomp) (*Program, error) {
+	return compileFor(s, runtime.GOARCH)
+}
+
+// compileFor is Compile for a kernel of goarch (the tests compile for
+// both guests: arm64 under Virtualization.framework, amd64 under QEMU).
+func compileFor(s *specs.LinuxSeccomp, goarch string) (*Program, error) {
 	if s == nil {
 		return nil, nil
 	}
@@ -151,7 +157,7 @@ func Compile(s *specs.LinuxSeccomp) (*Program, error) {
 		}
 		fl |= v
 	}
-	runnable, err := nativeArchs()
+	runnable, err := archsFor(goarch)
 	if err != nil {
 		return nil, err
 	}

@@ -50,7 +50,7 @@ func run(t *testing.T, p *Program, c call) uint32 {
 }
 
 func native(t *testing.T) *archTable {
-	as, err := nativeArchs()
+	as, err := archsFor(runtime.GOARCH)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -329,5 +329,45 @@ func TestRefused(t *testing.T) {
 	}
 	if p.Flags != unix.SECCOMP_FILTER_FLAG_LOG|unix.SECCOMP_FILTER_FLAG_SPEC_ALLOW {
 		t.Errorf("flags %#x", p.Flags)
+	}
+}
+
+// TestArm64Guest compiles for the arm64 guest (macOS, Virtualization.framework)
+// whatever the test machine is: aarch64 numbers, the arm compat ABI when
+// listed, x86 killed.
+func TestArm64Guest(t *testing.T) {
+	s := &specs.LinuxSeccomp{
+		DefaultAction: specs.ActAllow,
+		Architectures: []specs.Arch{specs.ArchX86_64, specs.ArchAARCH64, specs.ArchARM},
+		Syscalls: []specs.LinuxSyscall{
+			// aarch64 has no mkdir, only mkdirat: the unknown name is skipped.
+			{Names: []string{"mkdir", "mkdirat"}, Action: specs.ActErrno, ErrnoRet: uintp(uint(unix.EACCES))},
+			{Names: []string{"clone"}, Action: specs.ActErrno, Args: []specs.LinuxSeccompArg{
+				{Index: 0, Op: specs.OpMaskedEqual, Value: unix.CLONE_NEWUSER, ValueTwo: unix.CLONE_NEWUSER}}},
+		},
+	}
+	p, err := compileFor(s, "arm64")
+	if err != nil {
+		t.Fatal(err)
+	}
+	eacces := unix.SECCOMP_RET_ERRNO | uint32(13)
+	for _, c := range []struct {
+		call call
+		want uint32
+	}{
+		{call{arch: &tableAARCH64, nr: nr(t, &tableAARCH64, "mkdirat")}, eacces},
+		{call{arch: &tableAARCH64, nr: nr(t, &tableAARCH64, "getpid")}, allow},
+		{call{arch: &tableAARCH64, nr: nr(t, &tableAARCH64, "clone"), args: [6]uint64{unix.CLONE_NEWUSER | 17}}, eperm},
+		{call{arch: &tableAARCH64, nr: nr(t, &tableAARCH64, "clone"), args: [6]uint64{17}}, allow},
+		{call{arch: &tableARM, nr: nr(t, &tableARM, "mkdir")}, eacces},
+		{call{arch: &tableARM, nr: nr(t, &tableARM, "getpid")}, allow},
+		{call{arch: &tableX86_64, nr: nr(t, &tableX86_64, "getpid")}, badArch},
+	} {
+		if got := run(t, p, c.call); got != c.want {
+			t.Errorf("%s %d: got %#x, want %#x", c.call.arch.name, c.call.nr, got, c.want)
+		}
+	}
+	if _, err := compileFor(s, "riscv64"); !errors.Is(err, errdefs.ErrNotImplemented) {
+		t.Errorf("riscv64: %v, want not implemented", err)
 	}
 }
