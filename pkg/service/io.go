@@ -162,6 +162,7 @@ func newProcessIO(ctx context.Context, so streamOpener, prefix string, spec stdi
 		if err != nil {
 			return nil, fmt.Errorf("open stdin fifo: %w", err)
 		}
+		growStdinFifo(f)
 		pio.stdinSrc = f
 		name := prefix + "-stdin"
 		if pio.stdinStream, err = so.OpenStream(name); err != nil {
@@ -262,10 +263,16 @@ func (p *processIO) startStdin() {
 	p.stdinStart.Do(func() { go p.copyStdin(p.ctx) })
 }
 
+// stdinChunk is the largest stdin read, the transport's largest frame body.
+const stdinChunk = 256 << 10
+
 func (p *processIO) copyStdin(ctx context.Context) {
 	defer close(p.stdinDone)
 	defer p.stdinSrc.Close()
-	buf := make([]byte, 32<<10)
+	// One read is one transport frame. Under TCG the guest pays per frame
+	// (its agent's wake-up and pipe write, the process's read), so reads
+	// take up to a whole frame's worth rather than io.Copy's 32 KiB.
+	buf := make([]byte, stdinChunk)
 	for {
 		n, err := p.stdinSrc.Read(buf)
 		if n > 0 {

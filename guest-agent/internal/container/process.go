@@ -426,7 +426,7 @@ func (p *Process) startCopiers(outConn, errConn net.Conn) {
 				io.Copy(p.console, p.stdinConn)
 				return // a terminal has no EOF of its own to pass on
 			}
-			io.Copy(p.stdinW, p.stdinConn)
+			copyInput(p.stdinW, p.stdinConn)
 			p.stdinW.Close()
 		}()
 	}

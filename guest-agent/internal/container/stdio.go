@@ -47,6 +47,16 @@ func growPipe(f *os.File) error {
 	return ferr
 }
 
+// copyInput copies the host's stdin stream into the process's pipe in
+// chunks of up to outputCopySize: the host sends frames of up to that
+// size, and io.Copy's 32 KiB (through os.File's ReadFrom, which it would
+// take) would cost eight pipe writes and reader wake-ups per frame.
+func copyInput(dst io.Writer, src io.Reader) (int64, error) {
+	bp := copyBufs.Get().(*[]byte)
+	defer copyBufs.Put(bp)
+	return io.CopyBuffer(struct{ io.Writer }{dst}, struct{ io.Reader }{src}, *bp)
+}
+
 // copyOutput copies a process's output to its host stream in chunks of up
 // to outputCopySize. dst is wrapped so that io.CopyBuffer cannot bypass
 // the buffer through a ReaderFrom.

@@ -90,3 +90,18 @@ func TestCopyOutput(t *testing.T) {
 		t.Errorf("first write carried %d bytes, want %d (a full copy buffer)", rec.chunks[0], outputCopySize)
 	}
 }
+
+// TestCopyInput: stdin goes to the pipe in writes as large as what the
+// stream delivers, up to one frame, not io.Copy's 32 KiB.
+func TestCopyInput(t *testing.T) {
+	data := make([]byte, 1<<20+999)
+	rand.NewChaCha8([32]byte{3}).Read(data)
+	var rec chunkRecorder
+	n, err := copyInput(&rec, bytes.NewReader(data))
+	if err != nil || n != int64(len(data)) || !bytes.Equal(rec.buf.Bytes(), data) {
+		t.Fatalf("copyInput = %d, %v (%d bytes arrived); want %d intact bytes", n, err, rec.buf.Len(), len(data))
+	}
+	if rec.chunks[0] != outputCopySize {
+		t.Errorf("first write carried %d bytes, want %d", rec.chunks[0], outputCopySize)
+	}
+}
