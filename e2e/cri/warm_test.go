@@ -51,12 +51,7 @@ func TestWarmStartPod(t *testing.T) {
 	wantVMs(t, d, 1, "the clone pod")
 	ip, netns := podNetwork(t, d, podID)
 	// Hold the pod's namespace open: CRI removes its path at stopp, and what stays in it is checked after rmp.
-	nsf, err := os.Open(netns)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nsf.Close()
-	nsPath := fmt.Sprintf("/proc/%d/fd/%d", os.Getpid(), nsf.Fd())
+	nsPath := holdNetns(t, netns)
 	links := linksIn(t, nsPath)
 	t.Logf("links in the pod's network namespace:\n%s", links)
 	if !strings.Contains(links, "macvm") {
@@ -141,12 +136,7 @@ func testPoolPod(t *testing.T, d *harness.Containerd, rt harness.Runtime, key st
 		t.Errorf("pod after the pool filled: start_mode=%s, want pool", mode)
 	}
 	ip, netns := podNetwork(t, d, podID)
-	nsf, err := os.Open(netns)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nsf.Close()
-	nsPath := fmt.Sprintf("/proc/%d/fd/%d", os.Getpid(), nsf.Fd())
+	nsPath := holdNetns(t, netns)
 	if links := linksIn(t, nsPath); !strings.Contains(links, "macvmp") {
 		t.Errorf("pod namespace %s has no adopted tap (macvmp*) while the pooled pod runs:\n%s", netns, links)
 	}
@@ -228,6 +218,18 @@ func podNetwork(t *testing.T, d *harness.Containerd, podID string) (ip, netns st
 		t.Fatalf("pod %s: IP %q, network namespace %q in crictl inspectp; want both:\n%s", podID, st.Status.Network.IP, netns, out)
 	}
 	return st.Status.Network.IP, netns
+}
+
+// holdNetns keeps the network namespace at netns open until the test ends
+// (CRI removes that path at stopp) and returns a path to it that stays.
+func holdNetns(t *testing.T, netns string) string {
+	t.Helper()
+	f, err := os.Open(netns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	return fmt.Sprintf("/proc/%d/fd/%d", os.Getpid(), f.Fd())
 }
 
 // linksIn is `ip -o link` in the network namespace at path.

@@ -19,6 +19,7 @@ import (
 	"github.com/containerd/log"
 
 	agent "github.com/macvm/macvm/pkg/guest/api/v1"
+	"github.com/macvm/macvm/pkg/guest/transport"
 )
 
 const (
@@ -264,7 +265,7 @@ func (p *processIO) startStdin() {
 }
 
 // stdinChunk is the largest stdin read, the transport's largest frame body.
-const stdinChunk = 256 << 10
+const stdinChunk = transport.MaxFrameBody
 
 func (p *processIO) copyStdin(ctx context.Context) {
 	defer close(p.stdinDone)

@@ -28,12 +28,10 @@ func listen(t *testing.T, path string) *net.UnixListener {
 	return l
 }
 
-// TestShutdownReleasesSocket: the Shutdown that ends the shim unlinks its
-// socket before it returns, while the VM's teardown still keeps the shim
-// alive; creates are refused from then on; and the shim's exit leaves alone
-// the socket another shim has bound at the same path meanwhile.
-func TestShutdownReleasesSocket(t *testing.T) {
-	h := newHarness(t, nil)
+// ownSocket binds a socket in a temp dir and makes it h's shim's own, as
+// the shim's bootstrap does; it returns the socket's path.
+func ownSocket(t *testing.T, h *harness) string {
+	t.Helper()
 	path := filepath.Join(t.TempDir(), "shim.sock")
 	listen(t, path)
 	sock, err := socketAt(path)
@@ -41,6 +39,16 @@ func TestShutdownReleasesSocket(t *testing.T) {
 		t.Fatal(err)
 	}
 	h.svc.socket = sock
+	return path
+}
+
+// TestShutdownReleasesSocket: the Shutdown that ends the shim unlinks its
+// socket before it returns, while the VM's teardown still keeps the shim
+// alive; creates are refused from then on; and the shim's exit leaves alone
+// the socket another shim has bound at the same path meanwhile.
+func TestShutdownReleasesSocket(t *testing.T) {
+	h := newHarness(t, nil)
+	path := ownSocket(t, h)
 
 	// A teardown in flight keeps the shim's shutdown (shutdownAll) waiting.
 	teardown := make(chan struct{})
@@ -60,7 +68,7 @@ func TestShutdownReleasesSocket(t *testing.T) {
 	default:
 	}
 
-	_, err = h.svc.Create(h.ctx, &taskAPI.CreateTaskRequest{ID: "late", Bundle: h.bundle("late", nil), Options: h.opts})
+	_, err := h.svc.Create(h.ctx, &taskAPI.CreateTaskRequest{ID: "late", Bundle: h.bundle("late", nil), Options: h.opts})
 	if err = errgrpc.ToNative(err); !errdefs.IsUnavailable(err) || !strings.Contains(err.Error(), "shim is shutting down") {
 		t.Fatalf("create after Shutdown: %v, want ErrUnavailable (shim is shutting down)", err)
 	}
@@ -91,13 +99,7 @@ func TestShutdownReleasesSocket(t *testing.T) {
 // later containers share the shim) is a no-op: socket and creates stay.
 func TestShutdownBusyKeepsSocket(t *testing.T) {
 	h := newHarness(t, nil)
-	path := filepath.Join(t.TempDir(), "shim.sock")
-	listen(t, path)
-	sock, err := socketAt(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	h.svc.socket = sock
+	path := ownSocket(t, h)
 	h.create("c1", nil)
 	if _, err := h.svc.Shutdown(h.ctx, &taskAPI.ShutdownRequest{ID: "c1"}); err != nil {
 		t.Fatal(err)
@@ -149,13 +151,7 @@ func TestReleaseLeavesReplacedSocket(t *testing.T) {
 // rather than started in a VM about to be torn down.
 func TestShutdownNowRefusesExec(t *testing.T) {
 	h := newHarness(t, nil)
-	path := filepath.Join(t.TempDir(), "shim.sock")
-	listen(t, path)
-	sock, err := socketAt(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	h.svc.socket = sock
+	path := ownSocket(t, h)
 	h.create("c1", nil)
 	if _, err := h.svc.Shutdown(h.ctx, &taskAPI.ShutdownRequest{ID: "c1", Now: true}); err != nil {
 		t.Fatal(err)

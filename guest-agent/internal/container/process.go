@@ -393,7 +393,7 @@ func (p *Process) startCopiers(outConn, errConn net.Conn) {
 		p.ioWG.Add(1)
 		go func() {
 			defer p.ioWG.Done()
-			copyOutput(dst, ttyReader{src})
+			copyStream(dst, ttyReader{src})
 			closeWrite(dst)
 			if src != p.console {
 				src.Close()
@@ -426,7 +426,7 @@ func (p *Process) startCopiers(outConn, errConn net.Conn) {
 				io.Copy(p.console, p.stdinConn)
 				return // a terminal has no EOF of its own to pass on
 			}
-			copyInput(p.stdinW, p.stdinConn)
+			copyStream(p.stdinW, p.stdinConn)
 			p.stdinW.Close()
 		}()
 	}

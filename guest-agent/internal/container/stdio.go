@@ -6,6 +6,8 @@ import (
 	"sync"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/macvm/macvm/pkg/guest/transport"
 )
 
 // Bulk stdio under TCG is bound by the guest's CPU, which the emulator
@@ -22,13 +24,13 @@ import (
 // allocated as data arrives, so an idle process costs nothing extra.
 const stdioPipeSize = 1 << 20
 
-// outputCopySize is the buffer of one output copier: the transport's
-// largest data frame (maxFrameBody in pkg/guest/transport).
-const outputCopySize = 256 << 10
+// streamCopySize is the buffer of one stdio copier: the transport's
+// largest data frame.
+const streamCopySize = transport.MaxFrameBody
 
-// copyBufs recycles output copy buffers: short-lived execs would otherwise
+// copyBufs recycles stdio copy buffers: short-lived execs would otherwise
 // each allocate two of them.
-var copyBufs = sync.Pool{New: func() any { b := make([]byte, outputCopySize); return &b }}
+var copyBufs = sync.Pool{New: func() any { b := make([]byte, streamCopySize); return &b }}
 
 // growPipe raises the capacity of the pipe f is an end of. It goes through
 // SyscallConn rather than Fd, which would switch the file to blocking mode
@@ -47,20 +49,12 @@ func growPipe(f *os.File) error {
 	return ferr
 }
 
-// copyInput copies the host's stdin stream into the process's pipe in
-// chunks of up to outputCopySize: the host sends frames of up to that
-// size, and io.Copy's 32 KiB (through os.File's ReadFrom, which it would
-// take) would cost eight pipe writes and reader wake-ups per frame.
-func copyInput(dst io.Writer, src io.Reader) (int64, error) {
-	bp := copyBufs.Get().(*[]byte)
-	defer copyBufs.Put(bp)
-	return io.CopyBuffer(struct{ io.Writer }{dst}, struct{ io.Reader }{src}, *bp)
-}
-
-// copyOutput copies a process's output to its host stream in chunks of up
-// to outputCopySize. dst is wrapped so that io.CopyBuffer cannot bypass
-// the buffer through a ReaderFrom.
-func copyOutput(dst io.Writer, src io.Reader) (int64, error) {
+// copyStream copies between a process's pipe and its host stream in chunks
+// of up to streamCopySize, the transport's largest frame, both ways: io.Copy
+// would take 32 KiB at a time (through os.File's ReadFrom for stdin), eight
+// pipe writes and reader wake-ups per frame. Both ends are wrapped so that
+// io.CopyBuffer cannot bypass the buffer through a ReaderFrom or WriterTo.
+func copyStream(dst io.Writer, src io.Reader) (int64, error) {
 	bp := copyBufs.Get().(*[]byte)
 	defer copyBufs.Put(bp)
 	return io.CopyBuffer(struct{ io.Writer }{dst}, struct{ io.Reader }{src}, *bp)

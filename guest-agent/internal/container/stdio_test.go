@@ -53,7 +53,7 @@ func (c *chunkRecorder) Write(p []byte) (int, error) {
 	return c.buf.Write(p)
 }
 
-// ReadFrom would let io.CopyBuffer bypass the buffer; copyOutput must not use it.
+// ReadFrom would let io.CopyBuffer bypass the buffer; copyStream must not use it.
 func (c *chunkRecorder) ReadFrom(r io.Reader) (int64, error) { panic("ReadFrom used") }
 
 func TestCopyOutput(t *testing.T) {
@@ -79,15 +79,15 @@ func TestCopyOutput(t *testing.T) {
 	// src is the *os.File itself (it has a WriteTo), dst has a ReadFrom:
 	// neither may bypass the buffer.
 	var rec chunkRecorder
-	n, err := copyOutput(&rec, r)
+	n, err := copyStream(&rec, r)
 	if err != nil || n != int64(len(data)) {
-		t.Fatalf("copyOutput = %d, %v; want %d, nil", n, err, len(data))
+		t.Fatalf("copyStream = %d, %v; want %d, nil", n, err, len(data))
 	}
 	if !bytes.Equal(rec.buf.Bytes(), data) {
 		t.Fatal("copied bytes differ from the input")
 	}
-	if rec.chunks[0] != outputCopySize {
-		t.Errorf("first write carried %d bytes, want %d (a full copy buffer)", rec.chunks[0], outputCopySize)
+	if rec.chunks[0] != streamCopySize {
+		t.Errorf("first write carried %d bytes, want %d (a full copy buffer)", rec.chunks[0], streamCopySize)
 	}
 }
 
@@ -97,11 +97,11 @@ func TestCopyInput(t *testing.T) {
 	data := make([]byte, 1<<20+999)
 	rand.NewChaCha8([32]byte{3}).Read(data)
 	var rec chunkRecorder
-	n, err := copyInput(&rec, bytes.NewReader(data))
+	n, err := copyStream(&rec, bytes.NewReader(data))
 	if err != nil || n != int64(len(data)) || !bytes.Equal(rec.buf.Bytes(), data) {
-		t.Fatalf("copyInput = %d, %v (%d bytes arrived); want %d intact bytes", n, err, rec.buf.Len(), len(data))
+		t.Fatalf("copyStream = %d, %v (%d bytes arrived); want %d intact bytes", n, err, rec.buf.Len(), len(data))
 	}
-	if rec.chunks[0] != outputCopySize {
-		t.Errorf("first write carried %d bytes, want %d", rec.chunks[0], outputCopySize)
+	if rec.chunks[0] != streamCopySize {
+		t.Errorf("first write carried %d bytes, want %d", rec.chunks[0], streamCopySize)
 	}
 }

@@ -47,7 +47,7 @@ const (
 // once the old session is dead, the guest's scanner reads what follows). A guest session left
 // over from a host that went away while it was sending may be inside a
 // data frame whose body will never come, and read our SYNC as body bytes;
-// frames are at most maxFrameBody long (see streamConn.Write), so this
+// frames are at most MaxFrameBody long (see streamConn.Write), so this
 // padding completes any such body. Its bytes are not a yamux version (0),
 // so the old session then fails on the first header it reads instead of
 // parsing the padding or the token as frames, and the scanners skip them.
@@ -57,7 +57,7 @@ const (
 // in every shim and agent.
 const (
 	syncPadByte = 0xff
-	syncPadLen  = maxFrameBody + frameHeaderLen
+	syncPadLen  = MaxFrameBody + frameHeaderLen
 )
 
 func formatToken(kind, nonce string) []byte {

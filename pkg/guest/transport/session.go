@@ -52,11 +52,11 @@ const ControlStream = "ttrpc"
 // allocate or wait for much.
 const maxNameLen = 1024
 
-// maxFrameBody caps the body of the data frames this side sends (yamux
+// MaxFrameBody caps the body of the data frames this side sends (yamux
 // would otherwise send up to a whole window in one frame). A receiver cut
 // off in the middle of a frame then waits for at most this many bytes that
 // will never come, which the sync padding (syncPadByte) can fill; see resendSync.
-const maxFrameBody = 256 << 10
+const MaxFrameBody = 256 << 10
 
 // frameHeaderLen is the size of a yamux frame header.
 const frameHeaderLen = 12
@@ -349,11 +349,11 @@ func (c *streamConn) Read(p []byte) (int, error) {
 	return n, err
 }
 
-// Write sends p in frames of at most maxFrameBody bytes.
+// Write sends p in frames of at most MaxFrameBody bytes.
 func (c *streamConn) Write(p []byte) (int, error) {
 	var n int
 	for len(p) > 0 {
-		w, err := c.Stream.Write(p[:min(len(p), maxFrameBody)])
+		w, err := c.Stream.Write(p[:min(len(p), MaxFrameBody)])
 		n += w
 		p = p[w:]
 		if err != nil {

@@ -451,7 +451,7 @@ func TestReconnectMidFrame(t *testing.T) {
 	hdr := make([]byte, frameHeaderLen)
 	hdr[1] = 0 // typeData
 	binary.BigEndian.PutUint32(hdr[4:], 1)
-	binary.BigEndian.PutUint32(hdr[8:], maxFrameBody)
+	binary.BigEndian.PutUint32(hdr[8:], MaxFrameBody)
 	if _, err := h1.Write(append(hdr, make([]byte, 1000)...)); err != nil {
 		t.Fatal(err)
 	}

@@ -82,7 +82,7 @@ func leaveStale(t *testing.T, rnd *rand.Rand, s1 *Session, h1 net.Conn, held <-c
 			<-held
 			stream = 3 // the session's second stream (after the round trip's)
 		}
-		body := 1 + rnd.IntN(maxFrameBody)
+		body := 1 + rnd.IntN(MaxFrameBody)
 		sent := rnd.IntN(body)
 		if _, err := h1.Write(append(frameHeader(0, 0, stream, uint32(body)), make([]byte, sent)...)); err != nil {
 			t.Fatal(err)
